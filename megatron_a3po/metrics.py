@@ -1,0 +1,40 @@
+"""TensorBoard tag names: the one list the trainer writes and tools/report reads.
+
+Loss stats come from ``megatron_a3po.loss`` under the keys below (without the ``train/`` prefix the
+trainer adds). Times are seconds per training step.
+"""
+
+PREFIX = "train/"
+
+# loss statistics (spec/loss.md, "Statistics to log every step")
+PG_LOSS = "loss/pg"
+ENTROPY_LOSS = "loss/entropy"
+RATIO_MAX, RATIO_MIN, RATIO_MEAN = "ratio/max", "ratio/min", "ratio/mean"  # r = pi_theta / pi_prox
+BEHAVE_W_MAX, BEHAVE_W_MEAN = "behave_w/max", "behave_w/mean"  # w = pi_prox / pi_behave
+BEHAVE_W_CAPPED, BEHAVE_W_CAPPED_FRAC = "behave_w/capped_count", "behave_w/capped_frac"
+CLIP_COUNT, CLIP_FRAC, DUAL_CLIP_COUNT = "clip/count", "clip/frac", "clip/dual_count"
+ENTROPY = "entropy/mean"
+APPROX_KL = "approx_kl"
+ALPHA_MEAN = "alpha/mean"
+STALENESS_MEAN, STALENESS_MAX, STALENESS_HIST = "staleness/mean", "staleness/max", "staleness/hist"
+NUM_TOKENS = "tokens/masked"
+GRAD_NORM = "grad_norm"
+# metrics mode: error of each approximation against the recomputed proximal log-probs
+APPROX_ERR_ABS = "approx_err/{method}/abs"
+APPROX_ERR_REL = "approx_err/{method}/rel"
+
+# rollout / throughput
+REWARD_MEAN = "reward/mean"
+RESPONSE_LEN = "response/length_mean"
+TRAIN_TOK_S = "throughput/train_tokens_per_s"
+GEN_TOK_S = "throughput/gen_tokens_per_s"
+POLICY_VERSION = "policy/version"
+
+# per-step time breakdown (seconds)
+TIME_PROX = "time/prox_logp"
+TIME_WAIT = "time/wait_rollout"
+TIME_FWD_BWD = "time/fwd_bwd"
+TIME_OPT = "time/optimizer"
+TIME_SYNC = "time/weight_sync"
+TIME_STEP = "time/step"
+TIME_TOTAL = "time/elapsed"  # wall-clock seconds since the run started, at the end of this step

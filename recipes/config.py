@@ -1,0 +1,203 @@
+"""The recipe schema: one typed tree that every component reads.
+
+A recipe is a YAML file of these sections; the command line adds dotted overrides
+(``trainer.mode=recompute``). Unknown keys and impossible combinations are errors that name the key.
+The launcher (launch/) and the trainer (megatron_a3po.trainer) read the same object, so a layout that
+validates here is the one that runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+RECIPES_DIR = Path(__file__).resolve().parent
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TinyModel(_Strict):
+    """A Qwen2-shaped model built locally with random weights (CPU demos and tests)."""
+
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = 128
+    tie_word_embeddings: bool = True
+    seed: int = 0
+
+
+class ModelCfg(_Strict):
+    # Where the initial weights come from: an HF directory, a Megatron torch_dist checkpoint, or a tiny
+    # random Qwen2-shaped model built locally (``tiny``), with the recipe's task tokenizer.
+    hf_path: str | None = None
+    mcore_path: str | None = None
+    tiny: TinyModel | None = None
+    params_dtype: Literal["float32", "bfloat16"] = "float32"
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        n = sum(x is not None for x in (self.hf_path, self.mcore_path, self.tiny))
+        if n != 1:
+            raise ValueError("model: set exactly one of model.hf_path, model.mcore_path, model.tiny")
+        return self
+
+
+class ParallelCfg(_Strict):
+    tp: int = Field(1, ge=1)
+    pp: int = Field(1, ge=1)
+    # Data-parallel size is derived: world_size / (tp * pp).
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = True
+
+
+class LossCfg(_Strict):
+    eps_clip: float = Field(0.2, gt=0)
+    eps_clip_high: float | None = None
+    dual_clip: float | None = None
+    behave_weight_cap: float | None = None
+    behave_weight_cap_mode: Literal["mask", "clamp"] = "mask"
+    alpha_schedule: Literal["inverse", "linear", "fixed"] = "inverse"
+    entropy_coef: float = 0.0
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.dual_clip is not None and self.dual_clip <= 1:
+            raise ValueError(f"loss.dual_clip must be > 1, got {self.dual_clip}")
+        return self
+
+
+class TrainerCfg(_Strict):
+    # coupled: GRPO/PPO baseline; recompute: decoupled PPO with an extra forward pass; loglinear: A-3PO;
+    # metrics: recompute + approximation-error logs.
+    mode: Literal["coupled", "recompute", "loglinear", "linear", "metrics"] = "loglinear"
+    steps: int = Field(100, ge=1)
+    lr: float = 1e-6
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    lr_warmup_steps: int = 0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    ppo_n_minibatches: int = Field(4, ge=1)
+    max_tokens_per_mb: int = Field(10240, ge=1)
+    save_every: int = 0
+    save_dir: str | None = None
+    resume: bool = False
+    log_dir: str = "runs/default"
+    seed: int = 1234
+    # Optional supervised warm start (demo only): steps of next-token training on task answers.
+    warm_start_steps: int = 0
+    warm_start_lr: float = 1e-3
+
+
+class RolloutCfg(_Strict):
+    backend: Literal["cpu", "sglang"] = "cpu"
+    # Engine URLs; empty = the trainer (or launcher) starts ``num_engines`` itself.
+    engine_urls: list[str] = []
+    router_url: str | None = None
+    num_engines: int = Field(1, ge=1)
+    engine_tp: int = Field(1, ge=1)
+    max_staleness: int = Field(4, ge=0)
+    max_inflight_groups: int = Field(64, ge=1)
+    batch_prompts: int = Field(256, ge=1)
+    n_samples: int = Field(4, ge=1)
+    max_new_tokens: int = Field(1024, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = -1
+    request_timeout_s: float = 600.0
+    weight_sync: Literal["disk", "nccl"] = "disk"
+    weight_sync_bucket_mb: int = 512
+
+
+class DataCfg(_Strict):
+    task: Literal["gsm8k", "synthetic"] = "gsm8k"
+    train_path: str | None = None
+    eval_path: str | None = None
+    # synthetic task knobs (CPU demo)
+    synthetic: dict = {}
+    shuffle: bool = True
+
+
+class ClusterCfg(_Strict):
+    """Where a launch puts things; read by launch/ only."""
+
+    trainer_nodes: int = Field(1, ge=1)
+    rollout_nodes: int = Field(0, ge=0)
+    gpus_per_node: int = Field(8, ge=0)
+    container_image: str | None = None
+    container_mounts: list[str] = []
+    account: str | None = None
+    partition: str | None = None
+    time: str = "04:00:00"
+    memory_estimate: str | None = None  # free text: how the layout fits 80 GB cards
+
+
+class Recipe(_Strict):
+    name: str
+    description: str = ""
+    model: ModelCfg
+    parallel: ParallelCfg = ParallelCfg()
+    loss: LossCfg = LossCfg()
+    trainer: TrainerCfg = TrainerCfg()
+    rollout: RolloutCfg = RolloutCfg()
+    data: DataCfg = DataCfg()
+    cluster: ClusterCfg = ClusterCfg()
+
+    @model_validator(mode="after")
+    def _combinations(self):
+        if self.rollout.weight_sync == "nccl" and self.rollout.backend != "sglang":
+            raise ValueError("rollout.weight_sync=nccl needs rollout.backend=sglang (the CPU engine loads from disk)")
+        if self.data.task == "gsm8k" and self.model.tiny is not None:
+            raise ValueError("data.task=gsm8k needs a real tokenizer: set model.hf_path, not model.tiny")
+        return self
+
+
+class RecipeError(ValueError):
+    pass
+
+
+def resolve_recipe_path(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") and p.exists():
+        return p
+    cand = RECIPES_DIR / f"{name_or_path}.yaml"
+    if cand.exists():
+        return cand
+    known = sorted(x.stem for x in RECIPES_DIR.glob("*.yaml"))
+    raise RecipeError(f"recipe {name_or_path!r} not found (a .yaml path or one of: {', '.join(known)})")
+
+
+def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read a recipe YAML, apply ``a.b=c`` overrides, validate. Errors name the file and the key."""
+    from omegaconf import OmegaConf
+
+    path = resolve_recipe_path(name_or_path)
+    try:
+        base = OmegaConf.load(path)
+    except Exception as e:  # yaml syntax
+        raise RecipeError(f"{path}: cannot parse YAML: {e}") from e
+    for ov in overrides:
+        if "=" not in ov:
+            raise RecipeError(f"override {ov!r} is not of the form key.path=value")
+    try:
+        merged = OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides)))
+        raw = OmegaConf.to_container(merged, resolve=True)
+    except Exception as e:
+        raise RecipeError(f"{path}: bad override: {e}") from e
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            key = ".".join(str(x) for x in err["loc"]) or "<root>"
+            lines.append(f"  {key}: {err['msg']}")
+        raise RecipeError(f"{path}: invalid recipe\n" + "\n".join(lines)) from None
