@@ -1,0 +1,96 @@
+"""Start N local processes that form a torch.distributed group (gloo on CPU, NCCL on GPU).
+
+Used by the tests (TP/PP on CPU), the checkpoint CLI (which starts its own ranks so users never call
+torchrun) and the CPU demo. ``fn`` must be a module-level function: it is pickled into spawned
+processes. Its return values come back in rank order; an exception in any rank is re-raised here with
+that rank's traceback, and the other ranks are terminated.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+from typing import Any, Callable
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class WorkerError(RuntimeError):
+    pass
+
+
+def _entry(rank, world_size, port, backend, fn, args, kwargs, queue, env):
+    os.environ.update(env)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(int(env.get("A3PO_THREADS_PER_RANK", "1")))
+    try:
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+        out = fn(rank, world_size, *args, **kwargs)
+        queue.put((rank, True, out))
+    except BaseException:  # noqa: BLE001 - forwarded to the parent
+        queue.put((rank, False, traceback.format_exc()))
+    finally:
+        try:
+            from megatron.core import parallel_state
+
+            parallel_state.destroy_model_parallel()
+        except Exception:
+            pass
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_distributed(fn: Callable[..., Any], world_size: int, *args, backend: str | None = None,
+                    timeout: float = 600.0, env: dict | None = None, **kwargs) -> list[Any]:
+    """Run ``fn(rank, world_size, *args, **kwargs)`` in ``world_size`` spawned processes."""
+    import queue as _q
+
+    import torch
+    import torch.multiprocessing as mp
+
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= world_size else "gloo"
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = free_port()
+    child_env = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    procs = [ctx.Process(target=_entry, args=(r, world_size, port, backend, fn, args, kwargs, q, child_env),
+                         daemon=False) for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results: dict[int, Any] = {}
+    try:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while len(results) < world_size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise WorkerError(f"distributed run timed out after {timeout:.0f}s ({len(results)}/{world_size} ranks done)")
+            try:
+                rank, ok, payload = q.get(timeout=min(remaining, 1.0))
+            except _q.Empty:
+                dead = [i for i, p in enumerate(procs) if p.exitcode not in (None, 0) and i not in results]
+                if dead:
+                    raise WorkerError(f"rank {dead[0]} exited with code {procs[dead[0]].exitcode} before reporting")
+                continue
+            if not ok:
+                raise WorkerError(f"rank {rank} failed:\n{payload}")
+            results[rank] = payload
+    finally:
+        for p in procs:
+            p.join(timeout=5 if len(results) == world_size else 0.1)
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+                p.join(timeout=5)
+    return [results[r] for r in range(world_size)]
