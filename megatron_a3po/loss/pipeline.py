@@ -69,10 +69,11 @@ def policy_forward_step(*, mode: str, current_version: int, num_tokens_global: i
         loss, stats = decoupled_ppo_loss(logp, behave, prox, mb.advantages.to(logp.device), mask,
                                          num_tokens=num_tokens_global, **loss_kwargs)
         stats = dict(stats)
-        ent_sum = (ent.detach() * mask).sum()
-        stats["_entropy_sum"] = ent_sum
+        stats["_entropy_sum"] = (ent.detach() * mask).sum()
+        stats["_pg_loss"] = loss.detach()  # this micro-batch's share of the minibatch token mean
         if entropy_coef:
             loss = loss - entropy_coef * (ent * mask).sum() / num_tokens_global
+        stats["_loss"] = loss.detach()
         if mode == "metrics":
             from megatron_a3po.loss import approximation_errors
 

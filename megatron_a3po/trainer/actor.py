@@ -128,7 +128,7 @@ class Actor:
         loss_kwargs = dict(eps_clip=lc.eps_clip, eps_clip_high=lc.eps_clip_high, dual_clip=lc.dual_clip,
                            behave_weight_cap=lc.behave_weight_cap, behave_weight_cap_mode=lc.behave_weight_cap_mode)
         self.set_lr(lr_at(self.step_count, tc))
-        mb_stats, grad_norms, ent_sum, tok_sum = [], [], 0.0, 0
+        mb_stats, grad_norms, ent_sum, tok_sum, pg_loss = [], [], 0.0, 0, 0.0
         for mbs in minibatches:
             n_global = self._global_tokens(mbs)
             if n_global == 0:
@@ -147,10 +147,13 @@ class Actor:
             for o in out:
                 o = dict(o)
                 ent_sum += float(o.pop("_entropy_sum"))
+                pg_loss += float(o.pop("_pg_loss"))
+                o.pop("_loss", None)
                 mb_stats.append(o)
             tok_sum += sum(m.num_tokens for m in mbs)
         self.step_count += 1
-        gathered = self._gather_to_rank0((mb_stats, ent_sum, tok_sum, prox_timer[0]))
+        pg_loss /= max(1, len(minibatches))  # mean over this step's minibatch updates
+        gathered = self._gather_to_rank0((mb_stats, ent_sum, tok_sum, prox_timer[0], pg_loss))
         if dist.is_initialized() and dist.get_rank() != 0:
             return {}
         all_mb = [s for g in gathered for s in g[0]]
@@ -158,6 +161,7 @@ class Actor:
         ents = sum(g[1] for g in gathered)
         toks = sum(g[2] for g in gathered)
         stats[M.ENTROPY] = ents / max(toks, 1)
+        stats[M.PG_LOSS] = sum(g[4] for g in gathered)  # DP ranks hold disjoint parts of each token mean
         stats[M.GRAD_NORM] = max(grad_norms) if grad_norms else 0.0
         # recompute: the forward pass (timed on every rank, same wall time); approximations: last stage
         stats[M.TIME_PROX] = prox_timer[0] if mode in ("recompute", "metrics") else max(g[3] for g in gathered)
