@@ -271,7 +271,7 @@ class Controller:
                 self.counters["requests_aborted_resumed"] += 1
                 if out and self.trainer_version - min(vers) > cfg.max_staleness:
                     self.counters["samples_restarted_stale"] += 1
-                    out, lps, vers = [], [], []
+                    out, lps, vers, rids = [], [], [], []
                 if len(out) < cfg.max_new_tokens:
                     continue
                 fr = "length"
