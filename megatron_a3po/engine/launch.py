@@ -68,8 +68,9 @@ def launch_engine(model_path, *, port: int | None = None, host: str = "127.0.0.1
     port = port or free_port()
     cmd = [sys.executable, "-m", "megatron_a3po.engine", "--model-path", str(model_path), "--host", host,
            "--port", str(port), "--weight-version", str(version), "--threads", str(threads)]
-    if version_log:
-        cmd += ["--version-log", str(version_log)]
+    if version_log:  # "{port}" in the path is replaced by the port (one file per engine)
+        version_log = str(version_log).replace("{port}", str(port))
+        cmd += ["--version-log", version_log]
     if test_hooks:
         cmd += ["--enable-test-hooks"]
     cmd += list(extra_args)

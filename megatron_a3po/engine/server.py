@@ -316,10 +316,13 @@ class Engine:
             except Exception as e:  # noqa: BLE001
                 return 400, {"success": False, "message": f"failed to load weights from {path!r}: {e}",
                              "num_paused_requests": 0}
-            old = self.sched.model.config
-            if model.config.vocab_size != old.vocab_size or model.config.hidden_size != old.hidden_size:
-                return 400, {"success": False, "message": f"{path!r} has a different architecture than the served "
-                             "model", "num_paused_requests": 0}
+            old_shapes = {k: tuple(v.shape) for k, v in self.sched.model.state_dict().items()}
+            new_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+            if type(model) is not type(self.sched.model) or old_shapes != new_shapes:
+                diff = sorted(set(old_shapes.items()) ^ set(new_shapes.items()))[:3]
+                return 400, {"success": False, "message": f"{path!r} does not match the served model's architecture "
+                             f"({type(model).__name__} vs {type(self.sched.model).__name__}; differing params: {diff})",
+                             "num_paused_requests": 0}
             version = body.get("weight_version")
             n = self.sched.command("swap", model, None if version is None else str(version),
                                    bool(body.get("abort_all_requests", False)))
