@@ -276,3 +276,53 @@ def test_health_gate(tmp_path):
         assert rc == 3 and not marker.exists()  # a dead server: the command never starts
     finally:
         srv.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------
+# local executor
+
+
+def test_local_dryrun_cpu_fleet(home, tmp_path, capsys):
+    # an HF directory on a CPU machine: the launcher starts the CPU engines, the trainer waits for them
+    d = tmp_path / "hf"
+    d.mkdir()
+    (d / "config.json").write_text('{"num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2,'
+                                   ' "hidden_size": 64, "intermediate_size": 128, "vocab_size": 50}')
+    rc = launch_main(["--recipe", "demo_cpu", "--dryrun", "model.tiny=null", f"model.hf_path={d}",
+                      "rollout.num_engines=2", "trainer.steps=2"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    lines = out.out.splitlines()
+    tr = shlex.split(next(ln for ln in lines if " -m launch.health " in ln))
+    fl = shlex.split(next(ln for ln in lines if " -m launch.fleet " in ln))
+    assert fl[fl.index("--backend") + 1] == "cpu" and fl[fl.index("--model-path") + 1] == str(d)
+    assert [fl[i + 1] for i, a in enumerate(fl) if a == "--engine"] == ["0:0:-1:30000", "1:0:-1:30001"]
+    assert "--router-port" not in fl  # no router on CPU
+    urls = ["http://127.0.0.1:30000", "http://127.0.0.1:30001"]
+    assert [tr[i + 1] for i, a in enumerate(tr) if a == "--url"] == urls
+    assert f"rollout.engine_urls=[{','.join(urls)}]" in tr and "--nproc-per-node=1" in tr
+    assert tr[tr.index("-m", tr.index("--")) + 1] == "torch.distributed.run"
+
+
+@pytest.mark.slow
+def test_local_launch_demo(tmp_path):
+    """The CPU demo through nemo-run's local executor, 2 steps; the trainer writes its TensorBoard logs."""
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    if not (repo / "recipes" / "demo_cpu.yaml").exists():
+        pytest.skip("recipes/demo_cpu.yaml not on this branch yet")
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "NEMORUN_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(repo)}
+    p = subprocess.run([sys.executable, "-m", "launch.run", "--recipe", "demo_cpu", "trainer.steps=2",
+                        "trainer.warm_start_steps=0", f"trainer.log_dir={run_dir}"],
+                       cwd=repo, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = sorted(run_dir.rglob("events.out.tfevents.*"))
+    assert events, f"no TensorBoard events under {run_dir}"
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    assert len(acc.Scalars("train/reward/mean")) == 2
