@@ -123,7 +123,8 @@ class RolloutCfg(_Strict):
 
 
 class DataCfg(_Strict):
-    task: Literal["gsm8k", "synthetic"] = "gsm8k"
+    # a module megatron_a3po/rollout/tasks/<task>.py (gsm8k, synthetic, ...): adding a task is one file
+    task: str = "gsm8k"
     train_path: str | None = None
     eval_path: str | None = None
     # synthetic task knobs (CPU demo)

@@ -62,15 +62,20 @@ def check_engines(urls: list[str], timeout: float = 5.0) -> None:
 def preflight(recipe) -> None:
     check_layout(_arch(recipe), recipe.parallel.tp, recipe.parallel.pp)
     d = recipe.data
-    if d.task != "synthetic":
-        if not d.train_path:
-            raise PreflightError(f"data.train_path is required for data.task={d.task}")
-        from megatron_a3po.rollout.data import load_prompts
+    from megatron_a3po.rollout.data import DataError, load_records
+    from megatron_a3po.rollout.tasks import get_task
 
+    try:
+        task = get_task(d.task)
+    except ValueError as e:
+        raise PreflightError(f"data.task: {e}") from None
+    if d.train_path:
         try:
-            load_prompts(d.train_path)
-        except (ValueError, FileNotFoundError) as e:
-            raise PreflightError(str(e)) from None
+            load_records(d.train_path, task.fields)
+        except DataError as e:
+            raise PreflightError(f"data.train_path: {e}") from None
+    elif not hasattr(__import__(f"megatron_a3po.rollout.tasks.{d.task}", fromlist=["x"]), "make_items"):
+        raise PreflightError(f"data.train_path is required for data.task={d.task}")
     if recipe.trainer.resume and recipe.trainer.save_dir and not Path(recipe.trainer.save_dir).exists():
         raise PreflightError(f"trainer.resume=true but trainer.save_dir={recipe.trainer.save_dir} does not exist")
     urls = list(recipe.rollout.engine_urls) + ([recipe.rollout.router_url] if recipe.rollout.router_url else [])

@@ -15,6 +15,8 @@ import json
 import random
 from pathlib import Path
 
+from megatron_a3po.rollout.tasks import Task, chat_prompt_ids
+
 DIGITS = "0123456789"
 
 
@@ -41,9 +43,16 @@ def write_jsonl(path, items) -> Path:
     return path
 
 
-def reward(response_text: str, answer: str) -> float:
+def reward(response_text: str, rec: dict) -> float:
     """1.0 iff the response (special tokens removed) is exactly the answer digit."""
-    return 1.0 if response_text.strip() == str(answer).strip() else 0.0
+    return 1.0 if response_text.strip() == str(rec["answer"]).strip() else 0.0
+
+
+def build_prompt(rec: dict, tokenizer) -> list[int]:
+    return chat_prompt_ids(tokenizer, rec["question"])
+
+
+TASK = Task(name="synthetic", fields=("question", "answer"), build_prompt=build_prompt, reward=reward)
 
 
 def warm_start_pairs(n: int, *, seed: int, num_digits: int = 3) -> list[tuple[str, str]]:
