@@ -112,7 +112,7 @@ def main(argv=None) -> int:
         stopping = True
 
     if args.stop_file and Path(args.stop_file).exists():
-        Path(args.stop_file).unlink()  # left by an earlier attempt of a requeued job
+        Path(args.stop_file).unlink(missing_ok=True)  # left by an earlier attempt of a requeued job
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     for e in args.engine:

@@ -71,7 +71,7 @@ _FLAG_KEYS = ("account", "partition", "time", "qos", "container_image", "job_dir
 
 
 def flag_layer(args) -> dict:
-    out = {k: getattr(args, k) for k in _FLAG_KEYS if getattr(args, k, None) is not None and k != "job_dir"}
+    out = {k: getattr(args, k) for k in _FLAG_KEYS if getattr(args, k, None) is not None}
     if args.mount:
         out["container_mounts"] = list(args.mount)
     return out
@@ -177,7 +177,7 @@ def build_slurm(run, recipe, layout, args, ref: str, overrides: list[str]):
     trainer = run.Script(path="launch.health", entrypoint="python", m=True, args=[sh(a) for a in t_args])
     fleet = run.Script(path="launch.fleet", entrypoint="python", m=True, args=[sh(a) for a in f_args])
 
-    job_dir = args.job_dir or c.job_dir or os.path.join(
+    job_dir = c.job_dir or os.path.join(
         os.environ.get("NEMORUN_HOME", os.path.expanduser("~/.nemo_run")), "slurm_jobs")
     if args.ssh:
         user, _, host = args.ssh.rpartition("@")

@@ -276,3 +276,156 @@ def test_health_gate(tmp_path):
         assert rc == 3 and not marker.exists()  # a dead server: the command never starts
     finally:
         srv.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------
+# local executor
+
+
+def test_local_dryrun_cpu_fleet(home, tmp_path, capsys):
+    # an HF directory on a CPU machine: the launcher starts the CPU engines, the trainer waits for them
+    d = tmp_path / "hf"
+    d.mkdir()
+    (d / "config.json").write_text('{"num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2,'
+                                   ' "hidden_size": 64, "intermediate_size": 128, "vocab_size": 50}')
+    rc = launch_main(["--recipe", "demo_cpu", "--dryrun", "model.tiny=null", f"model.hf_path={d}",
+                      "rollout.num_engines=2", "trainer.steps=2"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    lines = out.out.splitlines()
+    tr = shlex.split(next(ln for ln in lines if " -m launch.health " in ln))
+    fl = shlex.split(next(ln for ln in lines if " -m launch.fleet " in ln))
+    assert fl[fl.index("--backend") + 1] == "cpu" and fl[fl.index("--model-path") + 1] == str(d)
+    assert [fl[i + 1] for i, a in enumerate(fl) if a == "--engine"] == ["0:0:-1:30000", "1:0:-1:30001"]
+    assert "--router-port" not in fl  # no router on CPU
+    urls = ["http://127.0.0.1:30000", "http://127.0.0.1:30001"]
+    assert [tr[i + 1] for i, a in enumerate(tr) if a == "--url"] == urls
+    assert f"rollout.engine_urls=[{','.join(urls)}]" in tr and "--nproc-per-node=1" in tr
+    assert tr[tr.index("-m", tr.index("--")) + 1] == "torch.distributed.run"
+
+
+@pytest.mark.slow
+def test_local_launch_demo(tmp_path):
+    """The CPU demo through nemo-run's local executor, 2 steps; the trainer writes its TensorBoard logs."""
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    if not (repo / "recipes" / "demo_cpu.yaml").exists():
+        pytest.skip("recipes/demo_cpu.yaml not on this branch yet")
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "NEMORUN_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(repo)}
+    p = subprocess.run([sys.executable, "-m", "launch.run", "--recipe", "demo_cpu", "trainer.steps=2",
+                        "trainer.warm_start_steps=0", f"trainer.log_dir={run_dir}"],
+                       cwd=repo, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = sorted(run_dir.rglob("events.out.tfevents.*"))
+    assert events, f"no TensorBoard events under {run_dir}"
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    assert len(acc.Scalars("train/reward/mean")) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# launch.fleet against fake sglang / sglang_router modules (records its argv, serves /health)
+
+_FAKE_SERVER = r'''
+import http.server, json, os, sys
+argv = sys.argv[1:]
+port = int(argv[argv.index("--port") + 1])
+rec = os.environ["FAKE_RECORD"]
+with open(os.path.join(rec, f"{__spec__.name}-{port}.json"), "w") as f:
+    json.dump(argv, f)
+if os.environ.get("FAKE_DIE_PORT") == str(port):
+    sys.exit(7)
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200 if self.path == "/health" else 404); self.end_headers()
+    def log_message(self, *a): pass
+http.server.HTTPServer(("127.0.0.1", port), H).serve_forever()
+'''
+
+
+def _fake_modules(root: Path) -> Path:
+    for pkg, mod in (("sglang", "launch_server"), ("sglang_router", "launch_router")):
+        (root / pkg).mkdir(parents=True)
+        (root / pkg / "__init__.py").write_text("")
+        (root / pkg / f"{mod}.py").write_text(_FAKE_SERVER)
+    return root
+
+
+def _fleet(args, env):
+    import subprocess
+
+    return subprocess.Popen([sys.executable, "-m", "launch.fleet", *args], env=env,
+                            cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def test_fleet_starts_engines_router_and_stops(tmp_path):
+    import json
+    import time
+
+    from megatron_a3po.platform.procs import free_port
+
+    fake = _fake_modules(tmp_path / "fake")
+    rec = tmp_path / "rec"
+    rec.mkdir()
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{fake}{os.pathsep}{repo}", "FAKE_RECORD": str(rec)}
+    p0, p1, p2, pr = (free_port() for _ in range(4))
+    stop = tmp_path / "stop"
+    common = ["--backend", "sglang", "--model-path", "/models/m", "--engine-tp", "2", "--hosts", "127.0.0.1,localhost",
+              "--bind-host", "127.0.0.1", "--stop-file", str(stop), "--health-timeout", "60",
+              "--engine", f"0:0:0:{p0}", "--engine", f"1:0:2:{p1}", "--engine", f"2:1:0:{p2}",
+              "--router-port", str(pr), "--router-policy", "round_robin"]
+    stop.touch()  # left over from an earlier attempt: the fleet must ignore it
+    n0 = _fleet(["--node-index", "0", *common, "--", "--random-seed", "3"], env)
+    n1 = _fleet(["--node-index", "1", *common, "--", "--random-seed", "3"], env)
+    try:
+        deadline = time.monotonic() + 60
+        want = {f"sglang.launch_server-{p}.json" for p in (p0, p1, p2)} | {f"sglang_router.launch_router-{pr}.json"}
+        while {f.name for f in rec.iterdir()} != want:
+            assert time.monotonic() < deadline, sorted(f.name for f in rec.iterdir())
+            assert n0.poll() is None and n1.poll() is None
+            time.sleep(0.2)
+        for port, gpu in ((p0, 0), (p1, 2), (p2, 0)):
+            a = json.loads((rec / f"sglang.launch_server-{port}.json").read_text())
+            flags = dict(zip(a[0::2], a[1::2]))
+            assert flags == {"--model-path": "/models/m", "--tp-size": "2", "--host": "127.0.0.1",
+                             "--port": str(port), "--base-gpu-id": str(gpu), "--random-seed": "3"}
+        r = json.loads((rec / f"sglang_router.launch_router-{pr}.json").read_text())
+        i = r.index("--worker-urls")
+        assert r[i + 1:i + 4] == [f"http://127.0.0.1:{p0}", f"http://127.0.0.1:{p1}", f"http://localhost:{p2}"]
+        assert r[r.index("--policy") + 1] == "round_robin"
+        stop.touch()
+        assert n0.wait(timeout=60) == 0 and n1.wait(timeout=60) == 0
+        assert not health.healthy(f"http://127.0.0.1:{p0}") and not health.healthy(f"http://127.0.0.1:{pr}")
+    finally:
+        for p in (n0, n1):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def test_fleet_exits_when_an_engine_dies(tmp_path):
+    from megatron_a3po.platform.procs import free_port
+
+    fake = _fake_modules(tmp_path / "fake")
+    rec = tmp_path / "rec"
+    rec.mkdir()
+    repo = Path(__file__).resolve().parents[1]
+    p0, p1 = free_port(), free_port()
+    env = {**os.environ, "PYTHONPATH": f"{fake}{os.pathsep}{repo}", "FAKE_RECORD": str(rec),
+           "FAKE_DIE_PORT": str(p1)}
+    n = _fleet(["--model-path", "/m", "--bind-host", "127.0.0.1", "--engine", f"0:0:0:{p0}",
+                "--engine", f"1:0:1:{p1}", "--node-index", "0"], env)
+    try:
+        assert n.wait(timeout=60) == 7
+        assert not health.healthy(f"http://127.0.0.1:{p0}")  # the surviving engine was stopped
+    finally:
+        if n.poll() is None:
+            n.kill()
+            n.wait()
