@@ -42,7 +42,7 @@ def policy_forward_step(*, mode: str, current_version: int, num_tokens_global: i
     In recompute/metrics mode every micro-batch must carry ``prox_logp`` from ``logprob_forward_step``.
     ``prox_timer`` (a one-element list) accumulates seconds spent forming the proximal log-probs.
     """
-    from megatron_a3po.loss import approximate_prox_logp, decoupled_ppo_loss
+    from megatron_a3po.loss import approx_error_stats, approximate_prox_logp, decoupled_ppo_loss, staleness_stats
 
     if mode not in ("coupled", "loglinear", "linear", "recompute", "metrics"):
         raise ValueError(f"trainer.mode: unknown mode {mode!r}")
@@ -54,6 +54,7 @@ def policy_forward_step(*, mode: str, current_version: int, num_tokens_global: i
                                                     temperature=temperature, vocab_size=vocab_size)
         mask = mb.loss_mask.to(logp.device)
         behave = mb.behave_logp.to(logp.device)
+        versions = mb.versions.to(logp.device)
         t0 = time.perf_counter()
         if mode == "coupled":
             prox = behave
@@ -62,23 +63,21 @@ def policy_forward_step(*, mode: str, current_version: int, num_tokens_global: i
                 raise RuntimeError(f"trainer.mode={mode}: micro-batch has no recomputed prox_logp")
             prox = mb.prox_logp.to(logp.device)
         else:
-            prox = approximate_prox_logp(behave, logp.detach(), mb.versions.to(logp.device), current_version,
-                                         method=mode, alpha_schedule=alpha_schedule, loss_mask=mask)
+            prox = approximate_prox_logp(behave, logp.detach(), versions, current_version, method=mode,
+                                         alpha_schedule=alpha_schedule)
         if prox_timer is not None:
             prox_timer[0] += time.perf_counter() - t0
         loss, stats = decoupled_ppo_loss(logp, behave, prox, mb.advantages.to(logp.device), mask,
-                                         num_tokens=num_tokens_global, **loss_kwargs)
+                                         num_tokens=num_tokens_global, entropy=ent.detach(), **loss_kwargs)
         stats = dict(stats)
-        stats["_entropy_sum"] = (ent.detach() * mask).sum()
-        stats["_pg_loss"] = loss.detach()  # this micro-batch's share of the minibatch token mean
+        stats.update(staleness_stats(versions, current_version, mask, alpha_schedule=alpha_schedule,
+                                     num_tokens=num_tokens_global))
         if entropy_coef:
             loss = loss - entropy_coef * (ent * mask).sum() / num_tokens_global
-        stats["_loss"] = loss.detach()
         if mode == "metrics":
-            from megatron_a3po.loss import approximation_errors
-
-            stats.update(approximation_errors(behave, logp.detach(), mb.versions.to(logp.device),
-                                              current_version, prox, mask, alpha_schedule=alpha_schedule))
+            stats.update(approx_error_stats(prox, behave, logp.detach(), versions, current_version, mask,
+                                            alpha_schedule=alpha_schedule, num_tokens=num_tokens_global))
+        stats["_loss"] = loss.detach()  # this micro-batch's share of the minibatch loss
         return loss, mask.sum().to(torch.int), stats
 
     def forward_step(data_iterator, model):

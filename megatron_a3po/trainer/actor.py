@@ -23,6 +23,29 @@ from megatron_a3po.trainer.optim import build_optimizer, lr_at
 from megatron_a3po.trainer.packing import pack_microbatches, split_minibatches
 
 
+def combine_minibatches(mbs_stats: list[dict]) -> dict:
+    """One step's value of each stat over its minibatch updates: counts and histograms add up,
+    extrema take the extreme, token means average over the minibatches."""
+    from megatron_a3po.loss import stat_reduction
+
+    out = {}
+    if not mbs_stats:
+        return out
+    for key in mbs_stats[0]:
+        vals = [s[key] for s in mbs_stats]
+        op = stat_reduction(key)
+        if op == "max":
+            v = torch.stack([x.double() for x in vals]).amax(0)
+        elif op == "min":
+            v = torch.stack([x.double() for x in vals]).amin(0)
+        elif "count" in key or key in (M.STALENESS_HIST, M.NUM_TOKENS):
+            v = torch.stack([x.double() for x in vals]).sum(0)
+        else:
+            v = torch.stack([x.double() for x in vals]).mean(0)
+        out[key] = v.tolist() if v.ndim else float(v)
+    return out
+
+
 def _ps():
     from megatron.core import parallel_state as ps
 
@@ -128,7 +151,7 @@ class Actor:
         loss_kwargs = dict(eps_clip=lc.eps_clip, eps_clip_high=lc.eps_clip_high, dual_clip=lc.dual_clip,
                            behave_weight_cap=lc.behave_weight_cap, behave_weight_cap_mode=lc.behave_weight_cap_mode)
         self.set_lr(lr_at(self.step_count, tc))
-        mb_stats, grad_norms, ent_sum, tok_sum, pg_loss = [], [], 0.0, 0, 0.0
+        per_minibatch, grad_norms = [], []
         for mbs in minibatches:
             n_global = self._global_tokens(mbs)
             if n_global == 0:
@@ -144,27 +167,20 @@ class Actor:
             t0 = time.perf_counter()
             grad_norms.append(self.optim.step())
             times["opt"] += time.perf_counter() - t0
-            for o in out:
-                o = dict(o)
-                ent_sum += float(o.pop("_entropy_sum"))
-                pg_loss += float(o.pop("_pg_loss"))
-                o.pop("_loss", None)
-                mb_stats.append(o)
-            tok_sum += sum(m.num_tokens for m in mbs)
+            if out:  # last pipeline stage: combine its micro-batches (means are pre-divided by n_global)
+                per_minibatch.append(aggregate_stats({k: v for k, v in o.items() if not k.startswith("_")}
+                                                     for o in out))
         self.step_count += 1
-        pg_loss /= max(1, len(minibatches))  # mean over this step's minibatch updates
-        gathered = self._gather_to_rank0((mb_stats, ent_sum, tok_sum, prox_timer[0], pg_loss))
+        gathered = self._gather_to_rank0((per_minibatch, prox_timer[0]))
         if dist.is_initialized() and dist.get_rank() != 0:
             return {}
-        all_mb = [s for g in gathered for s in g[0]]
-        stats = {k: float(v) for k, v in aggregate_stats(all_mb).items()} if all_mb else {}
-        ents = sum(g[1] for g in gathered)
-        toks = sum(g[2] for g in gathered)
-        stats[M.ENTROPY] = ents / max(toks, 1)
-        stats[M.PG_LOSS] = sum(g[4] for g in gathered)  # DP ranks hold disjoint parts of each token mean
+        # data-parallel ranks hold disjoint token shares of each minibatch: combine them per minibatch
+        n_mb = len(gathered[0][0])
+        mbs_stats = [aggregate_stats(g[0][k] for g in gathered) for k in range(n_mb)]
+        stats = combine_minibatches(mbs_stats)
         stats[M.GRAD_NORM] = max(grad_norms) if grad_norms else 0.0
         # recompute: the forward pass (timed on every rank, same wall time); approximations: last stage
-        stats[M.TIME_PROX] = prox_timer[0] if mode in ("recompute", "metrics") else max(g[3] for g in gathered)
+        stats[M.TIME_PROX] = prox_timer[0] if mode in ("recompute", "metrics") else max(g[1] for g in gathered)
         stats[M.TIME_FWD_BWD] = times["fwd_bwd"]
         stats[M.TIME_OPT] = times["opt"]
         stats["time/train"] = time.perf_counter() - t_step

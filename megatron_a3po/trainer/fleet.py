@@ -88,9 +88,7 @@ class RolloutSide:
         out = {
             M.REWARD_MEAN: statistics.fmean(s["reward"] for s in samples),
             M.RESPONSE_LEN: statistics.fmean(len(s["response_ids"]) for s in samples),
-            M.STALENESS_MEAN: statistics.fmean(stale) if stale else 0.0,
-            M.STALENESS_MAX: float(max(stale)) if stale else 0.0,
-            "_staleness_values": stale,
+            "_staleness_values": stale,  # TensorBoard histogram; mean/max come from the loss stats
             M.GEN_TOK_S: float(m.get("rollout/gen_tokens_per_s", 0.0)),
         }
         for k, v in m.items():
