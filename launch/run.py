@@ -314,7 +314,15 @@ def main(argv=None) -> int:
 
 
 def _local_exit_code(stop_file: Path) -> int:
-    """The trainer's exit status, which launch.health writes into the stop file."""
+    """The trainer's exit status, which launch.health writes into the stop file.
+
+    nemo-run may report the job finished a moment before the file lands: wait for it briefly.
+    """
+    import time
+
+    deadline = time.monotonic() + 60
+    while not stop_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
     try:
         code = int(stop_file.read_text().strip())
     except (OSError, ValueError):
