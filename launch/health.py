@@ -4,8 +4,8 @@
         [--stop-file F] -- torchrun ... -m megatron_a3po.trainer ...
 
 Exit status: the command's; 3 when a server did not become healthy in time (nothing is started).
-With ``--stop-file`` the file is created when the command ends, which tells ``launch.fleet`` to stop
-its servers (local launches; on Slurm the job ends anyway).
+With ``--stop-file`` the file is created when the command ends, holding its exit status; it tells
+``launch.fleet`` to stop its servers (local launches; on Slurm the job ends anyway).
 """
 
 from __future__ import annotations
@@ -59,17 +59,23 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if not cmd:
         ap.error("no command after --")
+    code = 1
     try:
         down = wait_healthy(args.url, args.timeout)
         if down:
             print(f"[launch.health] not healthy after {args.timeout:.0f}s: {', '.join(down)}", file=sys.stderr)
-            return 3
+            code = 3
+            return code
         print(f"[launch.health] {len(args.url)} server(s) healthy; starting: {' '.join(cmd)}", flush=True)
-        return subprocess.call(cmd)
+        code = subprocess.call(cmd)
+        return code
     finally:
-        if args.stop_file:
-            Path(args.stop_file).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.stop_file).touch()
+        if args.stop_file:  # holds the command's exit status (the local launcher reports it)
+            stop = Path(args.stop_file)
+            stop.parent.mkdir(parents=True, exist_ok=True)
+            tmp = stop.with_name(stop.name + ".tmp")
+            tmp.write_text(f"{code}\n")
+            tmp.replace(stop)
 
 
 if __name__ == "__main__":

@@ -309,20 +309,28 @@ def main(argv=None) -> int:
             return 0
         exp.run(sequential=False, detach=args.executor == "slurm", tail_logs=args.executor == "local")
         if args.executor == "local":
-            return _local_exit_code(exp)
+            return _local_exit_code(Path(exp._exp_dir) / STOP_FILE_NAME)
     return 0
 
 
-def _local_exit_code(exp) -> int:
+def _local_exit_code(stop_file: Path) -> int:
+    """The trainer's exit status, which launch.health writes into the stop file.
+
+    nemo-run may report the job finished a moment before the file lands: wait for it briefly.
+    """
+    import time
+
+    deadline = time.monotonic() + 60
+    while not stop_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
     try:
-        states = exp.status(return_dict=True) or {}
-    except Exception:  # noqa: BLE001 - status is best effort
-        return 0
-    bad = {k: str(v.get("status")) for k, v in states.items() if "SUCCEEDED" not in str(v.get("status"))}
-    if bad:
-        print(f"[launch] task(s) did not succeed: {bad}", file=sys.stderr)
+        code = int(stop_file.read_text().strip())
+    except (OSError, ValueError):
+        print(f"[launch] the trainer left no exit status in {stop_file}", file=sys.stderr)
         return 1
-    return 0
+    if code != 0:
+        print(f"[launch] the trainer exited with status {code}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

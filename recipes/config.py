@@ -141,6 +141,8 @@ class ClusterCfg(_Strict):
 
     # Nodes of the Slurm heterogeneous job: group 0 runs the trainer (torchrun, one rank per GPU),
     # group 1 the rollout fleet (``num_engines`` SGLang servers + the router). Local launches use one node.
+    # Local launches: the trainer takes the first min(gpus_per_node, GPUs here) GPUs and the engines the
+    # ones after them (on a CPU machine: TP x PP trainer ranks and CPU engines).
     trainer_nodes: int = Field(1, ge=1)
     rollout_nodes: int = Field(0, ge=0)
     gpus_per_node: int = Field(8, ge=0)

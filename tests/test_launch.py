@@ -269,7 +269,7 @@ def test_health_gate(tmp_path):
         stop = tmp_path / "done"
         rc = health.main(["--url", url, "--timeout", "20", "--stop-file", str(stop), "--",
                           sys.executable, "-c", "import sys; sys.exit(5)"])
-        assert rc == 5 and stop.exists()  # the command ran; its status comes back; the stop file is made
+        assert rc == 5 and stop.read_text().strip() == "5"  # the command ran; its status comes back and is recorded
         marker = tmp_path / "ran"
         rc = health.main(["--url", url, "--url", "http://127.0.0.1:9", "--timeout", "1", "--",
                           sys.executable, "-c", f"open({str(marker)!r}, 'w')"])

@@ -6,7 +6,8 @@ One scheduler thread owns the model. Each loop iteration ("step"):
    weight update always lands *between* two decode steps and never inside a forward pass;
 2. admits queued requests (unless paused): one prefill forward over the prompt with a fresh KV cache,
    which samples the first output token;
-3. decodes one token for every active sequence, each with its own KV cache.
+3. decodes one token for every active sequence in one batched forward (each sequence keeps its own
+   KV cache; they are left-padded into a batch for the step, pads masked out).
 
 Every sampled token records the weight version current at that step, so a request that lives across
 an update reports ``weight_versions`` spans ``[{"version", "start", "end"}]`` (end exclusive) over its
@@ -115,13 +116,14 @@ class Scheduler:
 
     def __init__(self, model, *, weight_version: str = "default", eos_ids=(), tokenizer=None,
                  max_context: int | None = None, version_log: str | None = None, seed: int = 0,
-                 max_running: int = 256):
+                 max_running: int = 256, max_batch: int = 64):
         self.model = model
         self.weight_version = str(weight_version)
         self.eos_ids = set(int(e) for e in eos_ids)
         self.tokenizer = tokenizer
         self.max_context = max_context
         self.max_running = max_running
+        self.max_batch = max_batch
         self.global_gen = torch.Generator().manual_seed(seed)
         self._incoming: "queue.Queue[Seq]" = queue.Queue()
         self._commands: "queue.Queue[tuple]" = queue.Queue()
@@ -262,6 +264,10 @@ class Scheduler:
             return True
         return False
 
+    @staticmethod
+    def _kv_of(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(layer.keys, layer.values) for layer in cache.layers]
+
     @torch.inference_mode()
     def _prefill(self, s: Seq) -> bool:
         from transformers import DynamicCache
@@ -269,18 +275,45 @@ class Scheduler:
         ids = torch.tensor([s.prompt], dtype=torch.long)
         cache = DynamicCache()
         out = self.model(input_ids=ids, past_key_values=cache, use_cache=True)
-        s.cache = out.past_key_values
+        s.cache = self._kv_of(out.past_key_values)
         return self._emit(s, out.logits[0, -1])
 
     @torch.inference_mode()
+    def _decode_batch(self, seqs: list[Seq]) -> list[bool]:
+        """One decode step for all ``seqs`` together: their per-sequence KV caches are left-padded into
+        one batch (pads masked out), positions are each sequence's true positions."""
+        from transformers import DynamicCache
+
+        B = len(seqs)
+        lens = [s.cache[0][0].shape[2] for s in seqs]
+        Lmax = max(lens)
+        cache = DynamicCache()
+        for li in range(len(seqs[0].cache)):
+            k0, v0 = seqs[0].cache[li]
+            K = k0.new_zeros((B, k0.shape[1], Lmax, k0.shape[3]))
+            V = v0.new_zeros((B, v0.shape[1], Lmax, v0.shape[3]))
+            for b, s in enumerate(seqs):
+                k, v = s.cache[li]
+                K[b, :, Lmax - lens[b]:] = k[0]
+                V[b, :, Lmax - lens[b]:] = v[0]
+            cache.update(K, V, li)
+        mask = torch.ones((B, Lmax + 1), dtype=torch.long)
+        for b, L in enumerate(lens):
+            mask[b, :Lmax - L] = 0
+        ids = torch.tensor([[s.output[-1]] for s in seqs], dtype=torch.long)
+        pos = torch.tensor([[L] for L in lens], dtype=torch.long)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                         use_cache=True, cache_position=torch.tensor([Lmax], dtype=torch.long))
+        kv = self._kv_of(out.past_key_values)
+        done = []
+        for b, s in enumerate(seqs):
+            s.cache = [(K[b:b + 1, :, Lmax - lens[b]:].clone(), V[b:b + 1, :, Lmax - lens[b]:].clone()) for K, V in kv]
+            done.append(self._emit(s, out.logits[b, -1]))
+        return done
+
+    @torch.inference_mode()
     def _decode(self, s: Seq) -> bool:
-        ids = torch.tensor([[s.output[-1]]], dtype=torch.long)
-        pos = len(s.prompt) + len(s.output) - 1
-        out = self.model(input_ids=ids, past_key_values=s.cache, use_cache=True,
-                         position_ids=torch.tensor([[pos]], dtype=torch.long),
-                         cache_position=torch.tensor([pos], dtype=torch.long))
-        s.cache = out.past_key_values
-        return self._emit(s, out.logits[0, -1])
+        return self._decode_batch([s])[0]
 
     def _apply_commands(self):
         while True:
@@ -309,9 +342,9 @@ class Scheduler:
                         if not self._prefill(s):
                             self.running.append(s)
                     still = []
-                    for s in self.running:
-                        if not self._decode(s):
-                            still.append(s)
+                    for i in range(0, len(self.running), self.max_batch):
+                        chunk = self.running[i:i + self.max_batch]
+                        still += [s for s, fin in zip(chunk, self._decode_batch(chunk)) if not fin]
                     self.running = still
                     self.step_count += 1
                 if self.paused or not (self.running or self.waiting):

@@ -166,6 +166,7 @@ class Engine:
                                version_log=args.version_log, seed=args.random_seed)
         self.update_lock = threading.Lock()
         self.fault: dict[str, Any] = {}
+        self.groups: dict[str, Any] = {}  # weight-update process groups by name
         self.started = time.time()
         self.sched.start()
 
@@ -330,6 +331,74 @@ class Engine:
         return 200, {"success": True, "message": "Succeeded to update model weights.", "num_paused_requests": n}
 
 
+    # ---- distributed weight update (the NCCL path of SGLang; gloo on CPU)
+    def init_group(self, body: dict) -> tuple[int, dict]:
+        from megatron_a3po.rollout.weights import init_update_group
+
+        need = ("master_address", "master_port", "rank_offset", "world_size", "group_name")
+        missing = [k for k in need if k not in body]
+        if missing:
+            return 400, {"success": False, "message": f"init_weights_update_group: missing {missing}"}
+        backend = body.get("backend", "nccl")
+        if backend != "gloo":
+            return 400, {"success": False, "message": f"backend={backend!r}: the CPU engine joins weight-update "
+                         "groups with backend='gloo' only"}
+        name = str(body["group_name"])
+        if name in self.groups:
+            return 400, {"success": False, "message": f"group {name!r} already exists"}
+        try:
+            self.groups[name] = init_update_group(body["master_address"], int(body["master_port"]),
+                                                  int(body["rank_offset"]), int(body["world_size"]), name, backend)
+        except Exception as e:  # noqa: BLE001
+            return 400, {"success": False, "message": f"failed to join group {name!r}: {e}"}
+        return 200, {"success": True, "message": "Succeeded to initialize custom process group."}
+
+    def update_from_distributed(self, body: dict) -> tuple[int, dict]:
+        import copy
+
+        import torch.distributed as dist
+
+        name = body.get("group_name")
+        if name not in self.groups:
+            return 400, {"success": False, "message": f"group {name!r} not initialised (call /init_weights_update_group)"}
+        names, dtypes, shapes = body.get("names"), body.get("dtypes"), body.get("shapes")
+        if not (isinstance(names, list) and isinstance(dtypes, list) and isinstance(shapes, list)
+                and len(names) == len(dtypes) == len(shapes)):
+            return 400, {"success": False, "message": "names, dtypes and shapes must be lists of equal length"}
+        if body.get("load_format") not in (None, "auto"):
+            return 400, {"success": False, "message": f"load_format={body['load_format']!r} is not supported"}
+        with self.update_lock:
+            recv = []
+            for n, dt, shp in zip(names, dtypes, shapes):  # receive every tensor before any check can bail out
+                t = torch.empty(shp, dtype=getattr(torch, dt))
+                dist.broadcast(t, src=0, group=self.groups[name])
+                recv.append((n, t))
+            params = dict(self.sched.model.named_parameters())
+            bad = [n for n, t in recv if n not in params or tuple(params[n].shape) != tuple(t.shape)]
+            if bad:
+                return 400, {"success": False, "message": f"unknown parameter or wrong shape: {bad[:3]}"}
+            model = copy.deepcopy(self.sched.model)
+            new_params = dict(model.named_parameters())
+            with torch.no_grad():
+                for n, t in recv:
+                    new_params[n].copy_(t.to(new_params[n].dtype))
+            v = body.get("weight_version")
+            n_ab = self.sched.command("swap", model, None if v is None else str(v),
+                                      bool(body.get("abort_all_requests", False)))
+        return 200, {"success": True, "message": f"Succeeded to update {len(recv)} parameters.",
+                     "num_paused_requests": n_ab}
+
+    def destroy_group(self, body: dict) -> tuple[int, dict]:
+        import torch.distributed as dist
+
+        name = body.get("group_name")
+        pg = self.groups.pop(name, None)
+        if pg is None:
+            return 400, {"success": False, "message": f"group {name!r} does not exist"}
+        dist.destroy_process_group(pg)
+        return 200, {"success": True, "message": "Succeeded to destroy custom process group."}
+
+
 def build_app(engine: Engine):
 
     app = FastAPI(title="megatron-a3po CPU engine")
@@ -453,12 +522,29 @@ def build_app(engine: Engine):
     async def weight_version():
         return {"weight_version": engine.sched.weight_version}
 
-    for route in ("/init_weights_update_group", "/update_weights_from_distributed", "/update_weights_from_tensor",
-                  "/destroy_weights_update_group"):
-        async def _unsupported(route=route):
-            return JSONResponse({"success": False, "message": f"{route} needs a GPU SGLang server; the CPU engine "
-                                 "updates from disk"}, status_code=400)
-        app.post(route)(_unsupported)
+    @app.post("/init_weights_update_group")
+    async def init_group(request: Request):
+        body = await body_of(request)
+        code, out = await asyncio.to_thread(engine.init_group, body)
+        return JSONResponse(out, status_code=code)
+
+    @app.post("/update_weights_from_distributed")
+    async def update_dist(request: Request):
+        body = await body_of(request)
+        code, out = await asyncio.to_thread(engine.update_from_distributed, body)
+        return JSONResponse(out, status_code=code)
+
+    @app.post("/destroy_weights_update_group")
+    async def destroy_group(request: Request):
+        body = await body_of(request)
+        code, out = await asyncio.to_thread(engine.destroy_group, body)
+        return JSONResponse(out, status_code=code)
+
+    @app.post("/update_weights_from_tensor")
+    async def _from_tensor():
+        return JSONResponse({"success": False, "message": "update_weights_from_tensor is not supported by the CPU "
+                             "engine (use update_weights_from_disk or update_weights_from_distributed)"},
+                            status_code=400)
 
     if engine.args.enable_test_hooks:
         @app.post("/debug/fault")
