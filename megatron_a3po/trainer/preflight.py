@@ -41,8 +41,8 @@ def check_layout(arch: dict, tp: int, pp: int) -> None:
     src = arch.get("source", "model")
     if nh % tp:
         raise PreflightError(f"parallel.tp={tp} does not divide num_attention_heads={nh} ({src})")
-    if nkv % tp and tp % nkv:
-        raise PreflightError(f"parallel.tp={tp} and num_key_value_heads={nkv} ({src}): one must divide the other")
+    if nkv % tp:  # megatron-core shards whole query groups
+        raise PreflightError(f"parallel.tp={tp} does not divide num_key_value_heads={nkv} ({src})")
     if nl % pp:
         raise PreflightError(f"parallel.pp={pp} does not divide num_hidden_layers={nl} ({src})")
 
