@@ -49,7 +49,7 @@ def prepare_initial_model(recipe, run_dir: Path):
         if _rank() == 0 and not (init / "config.json").exists():
             from megatron_a3po.io import atomic_dir
             from megatron_a3po.models.tiny import build_tiny_hf_model, tiny_hf_config
-            from megatron_a3po.rollout import synthetic
+            from megatron_a3po.rollout.tasks import synthetic
 
             tok = synthetic.build_tokenizer()
             t = mc.tiny
