@@ -14,7 +14,7 @@ import pytest
 
 from megatron_a3po.engine.launch import launch_engine
 from megatron_a3po.rollout import ControllerConfig, DiskTransport, NcclTransport, RolloutManager
-from tests.rollout_util import model_dirs, toy_prompts, toy_task, tokenizer
+from rollout_util import model_dirs, toy_prompts, toy_task, tokenizer
 
 SGLANG = "0.5.23"
 CACHE = Path(os.environ.get("A3PO_SGLANG_WHEEL_CACHE", Path.home() / ".cache/megatron_a3po/sglang-wheel"))

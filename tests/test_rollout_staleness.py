@@ -8,7 +8,7 @@ import pytest
 
 from megatron_a3po.engine.launch import launch_engines
 from megatron_a3po.rollout import ControllerConfig, RolloutManager
-from tests.rollout_util import check_versions_against_logs, model_dirs, read_version_logs, toy_prompts, toy_task, tokenizer
+from rollout_util import check_versions_against_logs, model_dirs, read_version_logs, toy_prompts, toy_task, tokenizer
 
 pytestmark = pytest.mark.slow
 
