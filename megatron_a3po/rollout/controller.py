@@ -245,7 +245,7 @@ class Controller:
         lps: list[float] = []
         vers: list[int] = []
         rids: list[str] = []
-        seg = 0
+        seg = idle_aborts = 0
         while True:
             while not self._open.is_set():
                 await self._open.wait()
@@ -269,6 +269,10 @@ class Controller:
             fr = (meta.get("finish_reason") or {}).get("type")
             if fr == "abort":
                 self.counters["requests_aborted_resumed"] += 1
+                idle_aborts = 0 if toks else idle_aborts + 1
+                if idle_aborts > 20:  # the server keeps aborting without progress: give the group up
+                    raise RuntimeError(f"request {rid} aborted {idle_aborts} times without progress: "
+                                       f"{meta.get('finish_reason')}")
                 if out and self.trainer_version - min(vers) > cfg.max_staleness:
                     self.counters["samples_restarted_stale"] += 1
                     out, lps, vers, rids = [], [], [], []
@@ -285,7 +289,13 @@ class Controller:
             rs = []
             for s in samples:
                 s.text = self.tokenizer.decode(s.response_ids, skip_special_tokens=True) if self.tokenizer else ""
-                rs.append(float(self.task.reward(s.text, prompt.record)))
+                try:
+                    rs.append(float(self.task.reward(s.text, prompt.record)))
+                except Exception:  # noqa: BLE001 - a reward bug must not stall the run: 0 and counted
+                    log.exception("reward of task %s failed on prompt %d", getattr(self.task, "name", "?"),
+                                  prompt.index)
+                    self.counters["reward_errors"] += 1
+                    rs.append(0.0)
             return rs
 
         try:
@@ -360,7 +370,7 @@ class Controller:
                 wrong = {u: i.get("weight_version") for u, i in infos.items() if str(i.get("weight_version")) != str(version)}
                 if wrong:
                     raise FleetError(f"servers report other weight versions than {version}: {wrong}")
-            except (FleetError, OSError, RuntimeError) as e:
+            except Exception as e:  # noqa: BLE001 - any failure after the pause leaves the fleet paused
                 self.counters["weight_update_failures"] += 1
                 self._broken = WeightUpdateError(
                     f"weight update to version {version} failed: {e}. Every server is left paused, so none "
