@@ -37,11 +37,11 @@ def test_killed_503_and_hanging_engines(dirs, tmp_path):
     delivered = []
     try:
         rm.start()
-        for v in range(9):
+        for v in range(7):
             if v == 1:
                 _fault(eps[1].url, mode="503", duration_s=3)
             if v == 2:
-                _fault(eps[2].url, mode="hang", duration_s=5)
+                _fault(eps[2].url, mode="hang", duration_s=4)
             if v == 3:  # crash engine 0 while a batch is being generated
                 threading.Timer(0.3, eps[0].kill).start()
             batch = rm.get_batch(GROUPS, v, timeout=120)
@@ -61,7 +61,7 @@ def test_killed_503_and_hanging_engines(dirs, tmp_path):
     assert m["rollout/retries"] >= 2
     # every prompt group accounted for: delivered once, or pending (to be regenerated)
     got = [s.prompt_index for s in delivered if s.sample_index == 0]
-    assert len(got) == len(set(got)) == 9 * GROUPS
+    assert len(got) == len(set(got)) == 7 * GROUPS
     assert not set(got) & set(sd["pending"])
     order = Controller(None, prompts, None, None, ControllerConfig(seed=1))._epoch_order(0)
     assert set(got) | set(sd["pending"]) == set(order[:sd["pos"]])
