@@ -273,7 +273,9 @@ class Controller:
                 if idle_aborts > 20:  # the server keeps aborting without progress: give the group up
                     raise RuntimeError(f"request {rid} aborted {idle_aborts} times without progress: "
                                        f"{meta.get('finish_reason')}")
-                if out and self.trainer_version - min(vers) > cfg.max_staleness:
+                # the earliest version this sample can be consumed at; past the bound -> start over
+                c0 = max(self.trainer_version, self.last_consumed_version + 1)
+                if out and c0 - min(vers) > cfg.max_staleness:
                     self.counters["samples_restarted_stale"] += 1
                     out, lps, vers, rids = [], [], [], []
                 if len(out) < cfg.max_new_tokens:
