@@ -47,8 +47,12 @@ def test_killed_503_and_hanging_engines(dirs, tmp_path):
             batch = rm.get_batch(GROUPS, v, timeout=120)
             delivered += batch.samples
             rm.update_weights(v + 1, hf_dir=dirs[(v + 1) % 2])
+        deadline = time.time() + 60  # the 503 and the hung server come back once their fault is over
+        while time.time() < deadline and any(s.state != "up" for s in rm.fleet.servers[1:]):
+            time.sleep(0.2)
         m = rm.metrics()
         sd = rm.state_dict()
+        events = list(rm.fleet.events)
     finally:
         rm.close()
         for e in eps:
@@ -57,7 +61,10 @@ def test_killed_503_and_hanging_engines(dirs, tmp_path):
     assert m["rollout/servers_dropped"] == 1 and m["rollout/servers_live"] == 2
     assert m["rollout/http_5xx"] >= 1
     assert m["rollout/timeouts"] >= 1
-    assert m["rollout/servers_recovered"] >= 2  # the 503 one and the hung one came back
+    ev = {e.url: [x for _, u, x in events if u == e.url] for e in eps}
+    assert any(x.startswith("dropped") for x in ev[eps[0].url]), events
+    assert any("HTTP 503" in x for x in ev[eps[1].url]) and "recovered" in ev[eps[1].url], events
+    assert any("timed out" in x for x in ev[eps[2].url]) and "recovered" in ev[eps[2].url], events
     assert m["rollout/retries"] >= 2
     # every prompt group accounted for: delivered once, or pending (to be regenerated)
     got = [s.prompt_index for s in delivered if s.sample_index == 0]
