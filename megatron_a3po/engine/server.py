@@ -6,6 +6,9 @@ tests in tests/test_engine_contract.py). Differences from SGLang, all deliberate
 * CPU only, HF transformers forward, one KV cache per sequence, no prefix cache (cached_tokens = 0);
 * no streaming, no text-in-logprobs, no penalties / grammars / logit bias (HTTP 400 if set to
   non-default values);
+* ``/pause_generation`` mode ``retract`` behaves like ``in_place`` (requests keep their KV caches and
+  resume on ``/continue_generation``); ``abort`` ends running and queued requests with finish_reason
+  ``abort`` and their partial output;
 * ``meta_info.weight_versions`` is always present when a request produced tokens (one span when the
   version did not change);
 * test hooks (only with ``--enable-test-hooks``): ``POST /debug/fault`` to make /generate and /health

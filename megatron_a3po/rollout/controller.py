@@ -346,7 +346,8 @@ class Controller:
                     assert all(s.staleness(current_version) <= self.cfg.max_staleness for s in g)
                 self.counters["groups_delivered"] += len(groups)
                 self.last_consumed_version = max(self.last_consumed_version, current_version)
-                self.timings["wait_s"] += time.monotonic() - t0
+                self.timings["last_wait_s"] = time.monotonic() - t0
+                self.timings["wait_s"] += self.timings["last_wait_s"]
                 self._tick()
                 return Batch(groups=groups, version=current_version)
             if not self.inflight and not self.requeue and self.cfg.epochs is not None and self.epoch >= self.cfg.epochs:
@@ -384,7 +385,8 @@ class Controller:
             self.served_version = version
             self.set_version(version)
             self.counters["weight_updates"] += 1
-            self.timings["weight_sync_s"] += time.monotonic() - t0
+            self.timings["last_weight_sync_s"] = time.monotonic() - t0
+            self.timings["weight_sync_s"] += self.timings["last_weight_sync_s"]
             self._open.set()
             self._tick()
 
@@ -398,5 +400,8 @@ class Controller:
             "rollout/servers_live": len(self.fleet.live()), "rollout/gen_tokens": self.gen_tokens,
             "rollout/gen_tokens_per_s": self.gen_tokens / el,
             "rollout/wait_s_total": self.timings["wait_s"], "rollout/weight_sync_s_total": self.timings["weight_sync_s"],
+            # the last get_batch wait and weight sync (metrics.TIME_WAIT / metrics.TIME_SYNC for this step)
+            "rollout/last_wait_s": self.timings["last_wait_s"],
+            "rollout/last_weight_sync_s": self.timings["last_weight_sync_s"],
         })
         return m
