@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from megatron_a3po.engine.launch import launch_engine
-from tests.rollout_util import model_dirs, read_version_logs
+from rollout_util import model_dirs, read_version_logs
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,7 @@ import pytest
 
 from megatron_a3po.engine.launch import launch_engine
 from megatron_a3po.rollout import ControllerConfig, DiskTransport, NcclTransport, RolloutManager
-from tests.rollout_util import model_dirs, toy_prompts, toy_task, tokenizer
+from rollout_util import model_dirs, toy_prompts, toy_task, tokenizer
 
 SGLANG = "0.5.23"
 CACHE = Path(os.environ.get("A3PO_SGLANG_WHEEL_CACHE", Path.home() / ".cache/megatron_a3po/sglang-wheel"))
@@ -173,3 +173,50 @@ def test_weight_update_bodies_match_spec_table():
     bs = list(buckets(((f"w{i}", torch.zeros(256)) for i in range(10)), bucket_bytes=3 * 1024))
     assert [len(x) for x in bs] == [3, 3, 3, 1]  # 1 KiB tensors in 3 KiB buckets, order kept
     assert [n for x in bs for n, _ in x] == [f"w{i}" for i in range(10)]
+
+
+def test_generation_through_a_router_control_calls_to_workers(engine):
+    """A stand-in router (forwards only /generate and /health, like sglang-router forwards no weight-update
+    call): generation goes through it, pause/update/continue go straight to the workers."""
+    import threading
+
+    import uvicorn
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, PlainTextResponse
+
+    from megatron_a3po.platform.procs import free_port
+
+    ep, d = engine
+    httpx.post(f"{ep.url}/update_weight_version", json={"new_version": "0"})
+    seen = []
+    app = FastAPI()
+
+    @app.post("/generate")
+    async def gen(request: Request):
+        body = await request.json()
+        seen.append(body["rid"])
+        async with httpx.AsyncClient(timeout=60) as c:
+            r = await c.post(f"{ep.url}/generate", json=body)
+        return JSONResponse(r.json(), status_code=r.status_code)
+
+    @app.get("/health")
+    async def health():
+        return PlainTextResponse("")
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    th = threading.Thread(target=server.run, daemon=True)
+    th.start()
+    try:
+        cfg = ControllerConfig(n_samples=2, max_inflight_groups=2, batch_groups=2, max_staleness=1, max_new_tokens=6)
+        rm = RolloutManager([ep.url], toy_prompts(20), toy_task(), tokenizer(), cfg,
+                            router_url=f"http://127.0.0.1:{port}")
+        with rm:
+            rm.get_batch(2, 0, timeout=60)
+            rm.update_weights(1, hf_dir=d)  # would fail if sent to the router (404)
+            b = rm.get_batch(2, 1, timeout=60)
+        assert seen and all(r in seen for s in b.samples for r in s.rids)
+        assert httpx.get(f"{ep.url}/model_info").json()["weight_version"] == "1"
+    finally:
+        server.should_exit = True
+        th.join(10)

@@ -10,7 +10,7 @@ import pytest
 from megatron_a3po.engine.launch import launch_engines
 from megatron_a3po.rollout import ControllerConfig, RolloutManager, WeightUpdateError
 from megatron_a3po.rollout.controller import Controller
-from tests.rollout_util import check_versions_against_logs, model_dirs, read_version_logs, toy_prompts, toy_task, tokenizer
+from rollout_util import check_versions_against_logs, model_dirs, read_version_logs, toy_prompts, toy_task, tokenizer
 
 pytestmark = pytest.mark.slow
 GROUPS = 3
@@ -37,18 +37,22 @@ def test_killed_503_and_hanging_engines(dirs, tmp_path):
     delivered = []
     try:
         rm.start()
-        for v in range(9):
+        for v in range(7):
             if v == 1:
                 _fault(eps[1].url, mode="503", duration_s=3)
             if v == 2:
-                _fault(eps[2].url, mode="hang", duration_s=5)
+                _fault(eps[2].url, mode="hang", duration_s=4)
             if v == 3:  # crash engine 0 while a batch is being generated
                 threading.Timer(0.3, eps[0].kill).start()
             batch = rm.get_batch(GROUPS, v, timeout=120)
             delivered += batch.samples
             rm.update_weights(v + 1, hf_dir=dirs[(v + 1) % 2])
+        deadline = time.time() + 60  # the 503 and the hung server come back once their fault is over
+        while time.time() < deadline and any(s.state != "up" for s in rm.fleet.servers[1:]):
+            time.sleep(0.2)
         m = rm.metrics()
         sd = rm.state_dict()
+        events = list(rm.fleet.events)
     finally:
         rm.close()
         for e in eps:
@@ -57,11 +61,14 @@ def test_killed_503_and_hanging_engines(dirs, tmp_path):
     assert m["rollout/servers_dropped"] == 1 and m["rollout/servers_live"] == 2
     assert m["rollout/http_5xx"] >= 1
     assert m["rollout/timeouts"] >= 1
-    assert m["rollout/servers_recovered"] >= 2  # the 503 one and the hung one came back
+    ev = {e.url: [x for _, u, x in events if u == e.url] for e in eps}
+    assert any(x.startswith("dropped") for x in ev[eps[0].url]), events
+    assert any("HTTP 503" in x for x in ev[eps[1].url]) and "recovered" in ev[eps[1].url], events
+    assert any("timed out" in x for x in ev[eps[2].url]) and "recovered" in ev[eps[2].url], events
     assert m["rollout/retries"] >= 2
     # every prompt group accounted for: delivered once, or pending (to be regenerated)
     got = [s.prompt_index for s in delivered if s.sample_index == 0]
-    assert len(got) == len(set(got)) == 9 * GROUPS
+    assert len(got) == len(set(got)) == 7 * GROUPS
     assert not set(got) & set(sd["pending"])
     order = Controller(None, prompts, None, None, ControllerConfig(seed=1))._epoch_order(0)
     assert set(got) | set(sd["pending"]) == set(order[:sd["pos"]])

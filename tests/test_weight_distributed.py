@@ -10,7 +10,7 @@ from megatron_a3po.engine.launch import launch_engine
 from megatron_a3po.platform.procs import free_port
 from megatron_a3po.rollout import ControllerConfig, NcclTransport, RolloutManager
 from megatron_a3po.rollout.weights import buckets
-from tests.rollout_util import model_dirs, toy_prompts, toy_task, tokenizer
+from rollout_util import model_dirs, toy_prompts, toy_task, tokenizer
 
 pytestmark = pytest.mark.slow
 

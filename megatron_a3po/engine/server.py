@@ -6,6 +6,9 @@ tests in tests/test_engine_contract.py). Differences from SGLang, all deliberate
 * CPU only, HF transformers forward, one KV cache per sequence, no prefix cache (cached_tokens = 0);
 * no streaming, no text-in-logprobs, no penalties / grammars / logit bias (HTTP 400 if set to
   non-default values);
+* ``/pause_generation`` mode ``retract`` behaves like ``in_place`` (requests keep their KV caches and
+  resume on ``/continue_generation``); ``abort`` ends running and queued requests with finish_reason
+  ``abort`` and their partial output;
 * ``meta_info.weight_versions`` is always present when a request produced tokens (one span when the
   version did not change);
 * test hooks (only with ``--enable-test-hooks``): ``POST /debug/fault`` to make /generate and /health
@@ -313,7 +316,9 @@ class Engine:
                 return 400, {"success": False, "message": "injected weight-update failure (test hook)",
                              "num_paused_requests": 0}
             try:
-                model = load_model(path, self.args.dtype)
+                model = self._load_same_arch(path)
+                if model is None:
+                    model = load_model(path, self.args.dtype)
             except Exception as e:  # noqa: BLE001
                 return 400, {"success": False, "message": f"failed to load weights from {path!r}: {e}",
                              "num_paused_requests": 0}
@@ -330,6 +335,37 @@ class Engine:
             self.model_path = path
         return 200, {"success": True, "message": "Succeeded to update model weights.", "num_paused_requests": n}
 
+
+    def _load_same_arch(self, path: str):
+        """Fast path: same architecture (config.json) and safetensors files -> a copy of the served model
+        with the new tensors loaded (no model re-construction). None if the fast path does not apply."""
+        import copy
+        import json
+
+        p = Path(path)
+        files = sorted(p.glob("*.safetensors"))
+        cfg_file = p / "config.json"
+        if not files or not cfg_file.exists():
+            return None
+        new_cfg = json.loads(cfg_file.read_text())
+        old_cfg = self.sched.model.config.to_dict()
+        keys = ("model_type", "architectures", "vocab_size", "hidden_size", "num_hidden_layers",
+                "num_attention_heads", "num_key_value_heads", "intermediate_size", "tie_word_embeddings")
+        if any(new_cfg.get(k) != old_cfg.get(k) for k in keys):
+            return None
+        from safetensors.torch import load_file
+
+        sd = {}
+        for f in files:
+            sd.update(load_file(str(f)))
+        model = copy.deepcopy(self.sched.model)
+        res = model.load_state_dict(sd, strict=False)  # raises on a shape mismatch
+        tied = {"lm_head.weight"} if old_cfg.get("tie_word_embeddings") else set()
+        if res.unexpected_keys or set(res.missing_keys) - tied:
+            raise ValueError(f"weights do not match the model: missing {sorted(set(res.missing_keys) - tied)[:3]}, "
+                             f"unexpected {res.unexpected_keys[:3]}")
+        model.eval()
+        return model
 
     # ---- distributed weight update (the NCCL path of SGLang; gloo on CPU)
     def init_group(self, body: dict) -> tuple[int, dict]:

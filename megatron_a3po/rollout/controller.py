@@ -245,7 +245,7 @@ class Controller:
         lps: list[float] = []
         vers: list[int] = []
         rids: list[str] = []
-        seg = 0
+        seg = idle_aborts = 0
         while True:
             while not self._open.is_set():
                 await self._open.wait()
@@ -269,7 +269,13 @@ class Controller:
             fr = (meta.get("finish_reason") or {}).get("type")
             if fr == "abort":
                 self.counters["requests_aborted_resumed"] += 1
-                if out and self.trainer_version - min(vers) > cfg.max_staleness:
+                idle_aborts = 0 if toks else idle_aborts + 1
+                if idle_aborts > 20:  # the server keeps aborting without progress: give the group up
+                    raise RuntimeError(f"request {rid} aborted {idle_aborts} times without progress: "
+                                       f"{meta.get('finish_reason')}")
+                # the earliest version this sample can be consumed at; past the bound -> start over
+                c0 = max(self.trainer_version, self.last_consumed_version + 1)
+                if out and c0 - min(vers) > cfg.max_staleness:
                     self.counters["samples_restarted_stale"] += 1
                     out, lps, vers, rids = [], [], [], []
                 if len(out) < cfg.max_new_tokens:
@@ -285,7 +291,13 @@ class Controller:
             rs = []
             for s in samples:
                 s.text = self.tokenizer.decode(s.response_ids, skip_special_tokens=True) if self.tokenizer else ""
-                rs.append(float(self.task.reward(s.text, prompt.record)))
+                try:
+                    rs.append(float(self.task.reward(s.text, prompt.record)))
+                except Exception:  # noqa: BLE001 - a reward bug must not stall the run: 0 and counted
+                    log.exception("reward of task %s failed on prompt %d", getattr(self.task, "name", "?"),
+                                  prompt.index)
+                    self.counters["reward_errors"] += 1
+                    rs.append(0.0)
             return rs
 
         try:
@@ -334,7 +346,8 @@ class Controller:
                     assert all(s.staleness(current_version) <= self.cfg.max_staleness for s in g)
                 self.counters["groups_delivered"] += len(groups)
                 self.last_consumed_version = max(self.last_consumed_version, current_version)
-                self.timings["wait_s"] += time.monotonic() - t0
+                self.timings["last_wait_s"] = time.monotonic() - t0
+                self.timings["wait_s"] += self.timings["last_wait_s"]
                 self._tick()
                 return Batch(groups=groups, version=current_version)
             if not self.inflight and not self.requeue and self.cfg.epochs is not None and self.epoch >= self.cfg.epochs:
@@ -360,7 +373,7 @@ class Controller:
                 wrong = {u: i.get("weight_version") for u, i in infos.items() if str(i.get("weight_version")) != str(version)}
                 if wrong:
                     raise FleetError(f"servers report other weight versions than {version}: {wrong}")
-            except (FleetError, OSError, RuntimeError) as e:
+            except Exception as e:  # noqa: BLE001 - any failure after the pause leaves the fleet paused
                 self.counters["weight_update_failures"] += 1
                 self._broken = WeightUpdateError(
                     f"weight update to version {version} failed: {e}. Every server is left paused, so none "
@@ -372,7 +385,8 @@ class Controller:
             self.served_version = version
             self.set_version(version)
             self.counters["weight_updates"] += 1
-            self.timings["weight_sync_s"] += time.monotonic() - t0
+            self.timings["last_weight_sync_s"] = time.monotonic() - t0
+            self.timings["weight_sync_s"] += self.timings["last_weight_sync_s"]
             self._open.set()
             self._tick()
 
@@ -386,5 +400,8 @@ class Controller:
             "rollout/servers_live": len(self.fleet.live()), "rollout/gen_tokens": self.gen_tokens,
             "rollout/gen_tokens_per_s": self.gen_tokens / el,
             "rollout/wait_s_total": self.timings["wait_s"], "rollout/weight_sync_s_total": self.timings["weight_sync_s"],
+            # the last get_batch wait and weight sync (metrics.TIME_WAIT / metrics.TIME_SYNC for this step)
+            "rollout/last_wait_s": self.timings["last_wait_s"],
+            "rollout/last_weight_sync_s": self.timings["last_weight_sync_s"],
         })
         return m

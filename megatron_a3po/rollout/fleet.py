@@ -83,6 +83,7 @@ class Fleet:
         self.dead_after = dead_after_connect_failures
         self.max_attempts = max_attempts
         self.counters: Counter = Counter()
+        self.events: list[tuple[float, str, str]] = []  # (time, url, event): the state changes, for logs/tests
         self._rr = itertools.count()
         self._changed: asyncio.Event | None = None
         self._client: httpx.AsyncClient | None = None
@@ -125,6 +126,7 @@ class Fleet:
         if s.state == UP:
             s.state = UNAVAILABLE
             self.counters["servers_unavailable"] += 1
+            self.events.append((time.time(), s.url, f"unavailable: {why}"))
             log.warning("server %s unavailable: %s", s.url, why)
         s.next_check = time.monotonic() + self.health_interval_s
         self._notify()
@@ -133,6 +135,7 @@ class Fleet:
         if s.state != DEAD:
             s.state = DEAD
             self.counters["servers_dropped"] += 1
+            self.events.append((time.time(), s.url, f"dropped: {why}"))
             log.warning("server %s dropped from the fleet: %s", s.url, why)
         self._notify()
 
@@ -167,6 +170,7 @@ class Fleet:
                     if await self._healthy(s):
                         s.state = UP
                         self.counters["servers_recovered"] += 1
+                        self.events.append((time.time(), s.url, "recovered"))
                         log.warning("server %s recovered", s.url)
                         self._notify()
                     elif s.connect_failures >= self.dead_after:

@@ -1,0 +1,71 @@
+"""Pure pieces of the rollout side, checked against hand-written expectations and numpy."""
+
+import numpy as np
+import pytest
+
+from megatron_a3po.rollout.controller import Controller, ControllerConfig, RolloutError, token_versions
+from megatron_a3po.rollout.fleet import Fleet
+from megatron_a3po.rollout.types import Batch, Sample, group_advantages
+
+
+def test_token_versions_from_spans_and_fallback():
+    meta = {"weight_version": "3", "weight_versions": [{"version": "2", "start": 0, "end": 2},
+                                                       {"version": "3", "start": 2, "end": 5}]}
+    assert token_versions(meta, 5) == [2, 2, 3, 3, 3]
+    assert token_versions({"weight_version": "4"}, 3) == [4, 4, 4]  # no spans: the request's version
+    with pytest.raises(RolloutError, match="do not cover"):
+        token_versions({"weight_versions": [{"version": "1", "start": 0, "end": 2}]}, 3)
+    with pytest.raises(RolloutError, match="not an integer"):
+        token_versions({"weight_version": "default"}, 1)
+
+
+def test_group_advantages_match_numpy():
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 4, 8):
+        r = rng.integers(0, 2, n).astype(float)
+        ref = (r - r.mean()) / (r.std() + 1e-6)
+        assert np.allclose(group_advantages(list(r)), ref)
+    assert group_advantages([1.0, 1.0, 1.0]) == [0.0, 0.0, 0.0]
+
+
+def test_batch_padding_and_staleness():
+    s1 = Sample(0, 0, 0, [1, 2], [3, 4, 5], [-0.1, -0.2, -0.3], [4, 5, 5], "stop", 1.0, 0.5)
+    s2 = Sample(0, 0, 1, [1, 2], [6], [-0.4], [5], "length", 0.0, -0.5)
+    b = Batch([[s1, s2]], version=6)
+    t = b.to_padded(pad_id=0)
+    assert t["input_ids"].tolist() == [[1, 2, 3, 4, 5], [1, 2, 6, 0, 0]]
+    assert t["loss_mask"].tolist() == [[0, 0, 1, 1, 1], [0, 0, 1, 0, 0]]
+    assert t["versions"].tolist() == [[-1, -1, 4, 5, 5], [-1, -1, 5, -1, -1]]
+    assert np.allclose(t["behave_logprobs"][0, 2:].numpy(), [-0.1, -0.2, -0.3])
+    assert b.staleness() == [2, 1, 1, 1] and b.num_tokens == 4
+
+
+def test_bad_configuration_errors():
+    with pytest.raises(ValueError, match="at least one engine URL"):
+        Fleet([])
+    with pytest.raises(ValueError, match="duplicate"):
+        Fleet(["http://a:1", "http://a:1/"])
+    c = Controller(None, [object()] * 3, None, None, ControllerConfig())
+    with pytest.raises(ValueError, match="dataset of 5 prompts"):
+        c.load_state_dict({"num_prompts": 5, "epoch": 0, "pos": 0, "seed": 0, "shuffle": True, "pending": [],
+                           "next_gid": 0})
+
+
+def test_data_cursor_wraps_epochs_and_requeue_first():
+    c = Controller(None, list(range(4)), None, None, ControllerConfig(seed=3, epochs=2))
+    seen = [c._next_prompt() for _ in range(8)]
+    assert sorted(seen[:4]) == [0, 1, 2, 3] and sorted(seen[4:]) == [0, 1, 2, 3]
+    assert c._next_prompt() is None
+    c.requeue.append(2)
+    assert c._next_prompt() == 2
+
+
+def test_engine_cli_help():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "megatron_a3po.engine", "--help"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0
+    for flag in ("--model-path", "--port", "--host", "--weight-version", "--version-log", "--enable-test-hooks"):
+        assert flag in out.stdout
