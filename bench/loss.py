@@ -1,0 +1,312 @@
+"""Loss-kernel benchmarks.
+
+(b) ``python -m bench.loss``: per-token log-prob + entropy, forward + backward, at T tokens x V vocab
+    (default 4096 x 151936; fp32 logits on CPU, bf16 on GPU), three/four ways:
+      ours      megatron_a3po.ops.vocab_parallel_logprobs_entropy (one fused autograd function)
+      naive     log_softmax over the full vocab + gather + entropy from the same log_softmax
+      mcore_ce  megatron.core.tensor_parallel.vocab_parallel_cross_entropy alone (no entropy)
+      mcore_ce+H Megatron CE on a clone of the logits (its forward modifies fp32 input in place, so RL
+                trainers clone) plus a separate entropy (logsumexp - sum softmax * z)
+    Each variant runs in a fresh subprocess. Peak memory on CPU = RSS high-water (Linux VmHWM, reset
+    after the logits are allocated) minus RSS at that point; on GPU = torch.cuda.max_memory_allocated
+    minus the allocation before the call. Both include the [T, V] logits gradient.
+(a) ``python -m bench.loss --part a``: cost of the proximal log-probs: one recompute forward pass of a
+    2-layer Megatron GPTModel vs ``approximate_prox_logp`` on the same batch (see :func:`bench_prox_cost`).
+
+Results: a rich table on stdout and JSON in bench/results/loss.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results" / "loss.json"
+VARIANTS = ("ours", "naive", "mcore_ce", "mcore_ce+H")
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+def _device():
+    import torch
+
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _rss_bytes() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def _reset_rss_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:   # "5": reset the peak RSS (VmHWM) to the current RSS
+        f.write("5")
+
+
+def _rss_peak_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("VmHWM not found")
+
+
+def _init_megatron_tp1(dev):
+    """World-size-1 process group + Megatron parallel state (Megatron's CE needs a TP group)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=0, world_size=1)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(1, 1)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------------------------------ part (b)
+
+def _variant_fn(name):
+    import torch
+
+    def ours(x, labels):
+        from megatron_a3po.ops import vocab_parallel_logprobs_entropy
+
+        return vocab_parallel_logprobs_entropy(x, labels, chunk_size=4096)
+
+    def naive(x, labels):
+        logsm = torch.log_softmax(x.float(), dim=-1)
+        logp = logsm.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        ent = -(logsm.exp() * logsm).sum(-1)
+        return logp, ent
+
+    def mcore_ce(x, labels):
+        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+        return -vocab_parallel_cross_entropy(x, labels), None
+
+    def mcore_ce_h(x, labels):
+        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+        logp = -vocab_parallel_cross_entropy(x.clone(), labels)
+        z = x.float()
+        ent = torch.logsumexp(z, dim=-1) - (torch.softmax(z, dim=-1) * z).sum(-1)
+        return logp, ent
+
+    return {"ours": ours, "naive": naive, "mcore_ce": mcore_ce, "mcore_ce+H": mcore_ce_h}[name]
+
+
+def run_variant(name: str, tokens: int, vocab: int, reps: int) -> dict:
+    """One variant in THIS process: returns seconds per fwd+bwd (median) and peak extra bytes."""
+    import torch
+
+    dev = _device()
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    if name.startswith("mcore"):
+        _init_megatron_tp1(dev)
+    fn = _variant_fn(name)
+    g = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(tokens, vocab, generator=g, device=dev, dtype=torch.float32).to(dtype).requires_grad_(True)
+    labels = torch.randint(0, vocab, (tokens,), generator=g, device=dev)
+    times = []
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        base = _rss_bytes()
+        _reset_rss_peak()
+    for _ in range(reps):
+        x.grad = None
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        logp, ent = fn(x, labels)
+        out = logp.sum() if ent is None else logp.sum() + ent.sum()
+        out.backward()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        del logp, ent, out
+    peak = (torch.cuda.max_memory_allocated() if dev.type == "cuda" else _rss_peak_bytes()) - base
+    times.sort()
+    return {"variant": name, "seconds": times[len(times) // 2], "peak_extra_bytes": int(peak),
+            "device": dev.type, "dtype": str(dtype).replace("torch.", ""), "tokens": tokens, "vocab": vocab}
+
+
+def bench_kernels(tokens: int, vocab: int, reps: int, threads: int) -> list[dict]:
+    rows = []
+    for name in VARIANTS:
+        cmd = [sys.executable, "-m", "bench.loss", "--one", name, "--tokens", str(tokens), "--vocab", str(vocab),
+               "--reps", str(reps), "--threads", str(threads)]
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env,
+                             cwd=Path(__file__).resolve().parent.parent)
+        if res.returncode != 0:
+            raise RuntimeError(f"variant {name} failed:\n{res.stderr[-3000:]}")
+        rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+    ref_t = {r["variant"]: r["seconds"] for r in rows}
+    ref_m = {r["variant"]: r["peak_extra_bytes"] for r in rows}
+    for r in rows:
+        r["time_vs_mcore_ce"] = r["seconds"] / ref_t["mcore_ce"]
+        r["mem_vs_naive"] = r["peak_extra_bytes"] / ref_m["naive"]
+        r["mem_vs_mcore_ce+H"] = r["peak_extra_bytes"] / ref_m["mcore_ce+H"]
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ part (a)
+
+def bench_prox_cost(batch: int = 4, seq: int = 512, hidden: int = 256, layers: int = 2, vocab: int = 32000,
+                    reps: int = 3) -> dict:
+    """PART (a): proximal log-prob cost, recompute vs A-3PO's approximation, on the same batch.
+
+    recompute = one forward-only pass of a ``layers``-layer Megatron GPTModel (local layer spec; on CPU the
+    core attention is swapped for torch SDPA, see :func:`_sdpa_attention_cls`) plus log-probs from its
+    logits; approx = ``approximate_prox_logp`` (loglinear) on per-token tensors of the same batch.
+    Built directly with megatron-core: the project's model builder (``megatron_a3po.models``) was not on
+    main when this was written. A real policy is far larger, so this ratio understates the saving.
+    """
+    import torch
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer import TransformerConfig
+
+    from megatron_a3po.loss import approximate_prox_logp
+    from megatron_a3po.ops import vocab_parallel_logprobs_entropy
+
+    dev = _device()
+    _init_megatron_tp1(dev)
+    torch.manual_seed(0)
+    cfg = TransformerConfig(num_layers=layers, hidden_size=hidden, num_attention_heads=4, ffn_hidden_size=4 * hidden,
+                            use_cpu_initialization=dev.type == "cpu", bf16=dev.type == "cuda",
+                            params_dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32,
+                            hidden_dropout=0.0, attention_dropout=0.0)
+    spec = get_gpt_layer_local_spec()
+    if dev.type == "cpu":
+        spec.submodules.self_attention.submodules.core_attention = _sdpa_attention_cls()
+    model = GPTModel(cfg, spec, vocab_size=vocab, max_sequence_length=seq, position_embedding_type="rope").to(dev)
+    model.eval()
+    tokens = torch.randint(0, vocab, (batch, seq), device=dev)
+    pos = torch.arange(seq, device=dev).unsqueeze(0).expand(batch, -1)
+    labels = torch.roll(tokens, -1, dims=1)
+
+    def recompute():
+        with torch.no_grad():
+            logits = model(tokens, pos, attention_mask=None)        # [b, s, V]
+            return vocab_parallel_logprobs_entropy(logits, labels)[0]
+
+    g = torch.Generator(device=dev).manual_seed(1)
+    lb = -torch.rand(batch, seq, generator=g, device=dev)
+    lt = lb + 0.1 * torch.randn(batch, seq, generator=g, device=dev)
+    versions = torch.randint(0, 5, (batch, seq), generator=g, device=dev)
+
+    def approx():
+        return approximate_prox_logp(lb, lt, versions, 5, "loglinear")
+
+    def timed(fn):
+        fn()
+        ts = []
+        for _ in range(reps):
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            ts.append(time.perf_counter() - t0)
+        return sorted(ts)[len(ts) // 2]
+
+    t_rec, t_apx = timed(recompute), timed(approx)
+    return {"batch": batch, "seq": seq, "hidden": hidden, "layers": layers, "vocab": vocab, "device": dev.type,
+            "recompute_s": t_rec, "approx_s": t_apx, "recompute_over_approx": t_rec / t_apx}
+
+
+def _sdpa_attention_cls():
+    """CPU stand-in for Megatron's DotProductAttention (which allocates a CUDA buffer): causal torch SDPA.
+
+    Shapes as Megatron's: q [sq, b, np, hn], k/v [sk, b, ng, hn] -> [sq, b, np * hn].
+    """
+    import torch
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    class SDPAAttention(DotProductAttention):
+        def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                    packed_seq_params=None):
+            rep = query.shape[2] // key.shape[2]
+            if rep > 1:
+                key, value = key.repeat_interleave(rep, dim=2), value.repeat_interleave(rep, dim=2)
+            q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))   # [b, h, s, d]
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
+            return out.permute(2, 0, 1, 3).reshape(query.shape[0], query.shape[1], -1)
+
+    return SDPAAttention
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+def _table(rows, prox):
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"log-prob + entropy, fwd+bwd, {rows[0]['tokens']} x {rows[0]['vocab']} {rows[0]['dtype']} "
+                    f"on {rows[0]['device']}")
+    for col in ("variant", "time (s)", "time / mcore CE", "peak extra (GiB)", "mem / naive", "mem / mcore CE+H"):
+        t.add_column(col, justify="right")
+    for r in rows:
+        t.add_row(r["variant"], f"{r['seconds']:.3f}", f"{r['time_vs_mcore_ce']:.2f}",
+                  f"{r['peak_extra_bytes'] / 2**30:.2f}", f"{r['mem_vs_naive']:.2f}", f"{r['mem_vs_mcore_ce+H']:.2f}")
+    Console().print(t)
+    if prox:
+        Console().print(f"prox cost: recompute {prox['recompute_s'] * 1e3:.1f} ms vs approx "
+                        f"{prox['approx_s'] * 1e3:.3f} ms  ->  {prox['recompute_over_approx']:.0f}x")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--part", choices=["a", "b", "ab"], default="ab")
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--vocab", type=int, default=151936)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--one", choices=VARIANTS, help=argparse.SUPPRESS)   # internal: run one variant, print JSON
+    args = ap.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.one:
+        print(json.dumps(run_variant(args.one, args.tokens, args.vocab, args.reps)))
+        return
+    rows = bench_kernels(args.tokens, args.vocab, args.reps, args.threads) if "b" in args.part else []
+    prox = bench_prox_cost() if "a" in args.part else None
+    if rows:
+        _table(rows, prox)
+    elif prox:
+        print(json.dumps(prox, indent=2))
+    from megatron_a3po.io import write_json_atomic
+
+    cpu = next((ln.split(":", 1)[1].strip() for ln in subprocess.run(["lscpu"], capture_output=True, text=True)
+                .stdout.splitlines() if ln.startswith("Model name")), platform.processor())
+    write_json_atomic(args.out, {"host": {"cpu": cpu, "cores": os.cpu_count(), "threads": args.threads,
+                                          "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+                                          "torch": torch.__version__},
+                                 "kernels": rows, "prox_cost": prox})
+
+
+if __name__ == "__main__":
+    main()
