@@ -81,13 +81,18 @@ def _free_port() -> int:
 
 # ------------------------------------------------------------------------------------------ part (b)
 
-def _variant_fn(name):
+def default_chunk(device_type: str) -> int:
+    """Token chunk for ``ours``: small on CPU (the fp32 workspaces stay cache-sized), larger on GPU."""
+    return 1024 if device_type == "cuda" else 16
+
+
+def _variant_fn(name, chunk):
     import torch
 
     def ours(x, labels):
         from megatron_a3po.ops import vocab_parallel_logprobs_entropy
 
-        return vocab_parallel_logprobs_entropy(x, labels, chunk_size=4096)
+        return vocab_parallel_logprobs_entropy(x, labels, chunk_size=chunk)
 
     def naive(x, labels):
         logsm = torch.log_softmax(x.float(), dim=-1)
@@ -111,7 +116,7 @@ def _variant_fn(name):
     return {"ours": ours, "naive": naive, "mcore_ce": mcore_ce, "mcore_ce+H": mcore_ce_h}[name]
 
 
-def run_variant(name: str, tokens: int, vocab: int, reps: int) -> dict:
+def run_variant(name: str, tokens: int, vocab: int, reps: int, chunk: int | None = None) -> dict:
     """One variant in THIS process: returns seconds per fwd+bwd (median) and peak extra bytes."""
     import torch
 
@@ -119,7 +124,8 @@ def run_variant(name: str, tokens: int, vocab: int, reps: int) -> dict:
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     if name.startswith("mcore"):
         _init_megatron_tp1(dev)
-    fn = _variant_fn(name)
+    chunk = chunk or default_chunk(dev.type)
+    fn = _variant_fn(name, chunk)
     g = torch.Generator(device=dev).manual_seed(0)
     x = torch.randn(tokens, vocab, generator=g, device=dev, dtype=torch.float32).to(dtype).requires_grad_(True)
     labels = torch.randint(0, vocab, (tokens,), generator=g, device=dev)
@@ -144,16 +150,18 @@ def run_variant(name: str, tokens: int, vocab: int, reps: int) -> dict:
         times.append(time.perf_counter() - t0)
         del logp, ent, out
     peak = (torch.cuda.max_memory_allocated() if dev.type == "cuda" else _rss_peak_bytes()) - base
+    all_times = list(times)
     times.sort()
-    return {"variant": name, "seconds": times[len(times) // 2], "peak_extra_bytes": int(peak),
-            "device": dev.type, "dtype": str(dtype).replace("torch.", ""), "tokens": tokens, "vocab": vocab}
+    return {"variant": name, "seconds": times[len(times) // 2], "all_seconds": all_times, "peak_extra_bytes": int(peak),
+            "device": dev.type, "dtype": str(dtype).replace("torch.", ""), "tokens": tokens, "vocab": vocab,
+            "chunk_size": chunk if name == "ours" else None, "reps": reps}
 
 
-def bench_kernels(tokens: int, vocab: int, reps: int, threads: int) -> list[dict]:
+def bench_kernels(tokens: int, vocab: int, reps: int, threads: int, chunk: int | None = None) -> list[dict]:
     rows = []
     for name in VARIANTS:
         cmd = [sys.executable, "-m", "bench.loss", "--one", name, "--tokens", str(tokens), "--vocab", str(vocab),
-               "--reps", str(reps), "--threads", str(threads)]
+               "--reps", str(reps), "--threads", str(threads)] + (["--chunk", str(chunk)] if chunk else [])
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         res = subprocess.run(cmd, capture_output=True, text=True, env=env,
                              cwd=Path(__file__).resolve().parent.parent)
@@ -176,7 +184,8 @@ def bench_prox_cost(batch: int = 4, seq: int = 512, hidden: int = 256, layers: i
     """PART (a): proximal log-prob cost, recompute vs A-3PO's approximation, on the same batch.
 
     recompute = one forward-only pass of a ``layers``-layer Megatron GPTModel (local layer spec; on CPU the
-    core attention is swapped for torch SDPA, see :func:`_sdpa_attention_cls`) plus log-probs from its
+    core attention is swapped for torch SDPA, see :func:`_sdpa_attention_cls`, and positions are learned
+    instead of RoPE, whose embedding code assumes CUDA) plus log-probs from its
     logits; approx = ``approximate_prox_logp`` (loglinear) on per-token tensors of the same batch.
     Built directly with megatron-core: the project's model builder (``megatron_a3po.models``) was not on
     main when this was written. A real policy is far larger, so this ratio understates the saving.
@@ -199,7 +208,9 @@ def bench_prox_cost(batch: int = 4, seq: int = 512, hidden: int = 256, layers: i
     spec = get_gpt_layer_local_spec()
     if dev.type == "cpu":
         spec.submodules.self_attention.submodules.core_attention = _sdpa_attention_cls()
-    model = GPTModel(cfg, spec, vocab_size=vocab, max_sequence_length=seq, position_embedding_type="rope").to(dev)
+    # RoPE's get_emb calls torch.cuda.current_device() (spec/megatron.md): learned positions on CPU
+    pos_type = "rope" if dev.type == "cuda" else "learned_absolute"
+    model = GPTModel(cfg, spec, vocab_size=vocab, max_sequence_length=seq, position_embedding_type=pos_type).to(dev)
     model.eval()
     tokens = torch.randint(0, vocab, (batch, seq), device=dev)
     pos = torch.arange(seq, device=dev).unsqueeze(0).expand(batch, -1)
@@ -232,7 +243,7 @@ def bench_prox_cost(batch: int = 4, seq: int = 512, hidden: int = 256, layers: i
         return sorted(ts)[len(ts) // 2]
 
     t_rec, t_apx = timed(recompute), timed(approx)
-    return {"batch": batch, "seq": seq, "hidden": hidden, "layers": layers, "vocab": vocab, "device": dev.type,
+    return {"model": f"GPTModel {layers} layers, hidden {hidden}, {pos_type} positions", "batch": batch, "seq": seq, "hidden": hidden, "layers": layers, "vocab": vocab, "device": dev.type,
             "recompute_s": t_rec, "approx_s": t_apx, "recompute_over_approx": t_rec / t_apx}
 
 
@@ -264,7 +275,7 @@ def _table(rows, prox):
     from rich.table import Table
 
     t = Table(title=f"log-prob + entropy, fwd+bwd, {rows[0]['tokens']} x {rows[0]['vocab']} {rows[0]['dtype']} "
-                    f"on {rows[0]['device']}")
+                    f"on {rows[0]['device']} (ours: chunk {rows[0]['chunk_size']})")
     for col in ("variant", "time (s)", "time / mcore CE", "peak extra (GiB)", "mem / naive", "mem / mcore CE+H"):
         t.add_column(col, justify="right")
     for r in rows:
@@ -283,6 +294,7 @@ def main(argv=None):
     ap.add_argument("--vocab", type=int, default=151936)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--chunk", type=int, default=None, help="token chunk of ours (default: 16 CPU, 1024 GPU)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--one", choices=VARIANTS, help=argparse.SUPPRESS)   # internal: run one variant, print JSON
     args = ap.parse_args(argv)
@@ -290,9 +302,9 @@ def main(argv=None):
 
     torch.set_num_threads(args.threads)
     if args.one:
-        print(json.dumps(run_variant(args.one, args.tokens, args.vocab, args.reps)))
+        print(json.dumps(run_variant(args.one, args.tokens, args.vocab, args.reps, args.chunk)))
         return
-    rows = bench_kernels(args.tokens, args.vocab, args.reps, args.threads) if "b" in args.part else []
+    rows = bench_kernels(args.tokens, args.vocab, args.reps, args.threads, args.chunk) if "b" in args.part else []
     prox = bench_prox_cost() if "a" in args.part else None
     if rows:
         _table(rows, prox)

@@ -17,10 +17,14 @@ Tensor parallelism: TP rank k holds the logit columns of vocab ids [k*Vp/TP, (k+
 padded vocab (Megatron's ColumnParallelLinear output layer). Columns with id >= ``vocab_size`` are padding
 and are left out of the softmax. Forward, per token chunk and in fp32: local max -> all-reduce MAX, then
 sum(exp(z - m)), sum(exp(z - m) * (z - m)) and the target logit (0 on ranks that do not own it) go through
-ONE stacked all-reduce SUM of shape [3, chunk]. Only the input reference and three per-token fp32 vectors
-(lse, H, and the labels) are saved; backward recomputes p per chunk and needs no collective (the output
-layer's own backward reduces the hidden-state gradient across TP). Peak extra memory is the gradient
-buffer (input dtype) plus about 12 bytes x chunk_size x V/TP of fp32 temporaries.
+ONE stacked all-reduce SUM of shape [3, chunk]. Only the input reference and per-token vectors (labels and
+fp32 lse, H) are saved; backward recomputes p per chunk and needs no collective (the output layer's own
+backward reduces the hidden-state gradient across TP). Peak extra memory is the gradient buffer (input
+dtype) plus two fp32 workspaces, 8 bytes x chunk_size x V/TP, reused by every chunk.
+
+Cost: two exp per logit (forward, and the recompute in backward) against one for a kernel that keeps the
+softmax; that is the price of not storing it. Chunk size: small on CPU (e.g. 16: the workspaces stay
+near cache size), large on GPU (1024-4096: fewer kernel launches and collectives).
 """
 
 from __future__ import annotations
