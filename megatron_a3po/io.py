@@ -29,12 +29,16 @@ def atomic_dir(final, *, overwrite: bool = True):
 
 
 def write_json_atomic(path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2))
+
+
+def atomic_write_text(path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

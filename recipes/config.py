@@ -116,10 +116,15 @@ class RolloutCfg(_Strict):
     request_timeout_s: float = 600.0
     weight_sync: Literal["disk", "nccl"] = "disk"
     weight_sync_bucket_mb: int = 512
+    # SGLang server knobs the launcher passes to every engine (launch/ only): the fraction of GPU memory
+    # for weights + KV cache (None = SGLang's default) and any further server flags, verbatim.
+    mem_fraction_static: float | None = Field(None, gt=0, lt=1)
+    engine_args: list[str] = []
 
 
 class DataCfg(_Strict):
-    task: Literal["gsm8k", "synthetic"] = "gsm8k"
+    # a module megatron_a3po/rollout/tasks/<task>.py (gsm8k, synthetic, ...): adding a task is one file
+    task: str = "gsm8k"
     train_path: str | None = None
     eval_path: str | None = None
     # synthetic task knobs (CPU demo)
@@ -128,16 +133,46 @@ class DataCfg(_Strict):
 
 
 class ClusterCfg(_Strict):
-    """Where a launch puts things; read by launch/ only."""
+    """Where a launch puts things; read by launch/ only (the trainer ignores this section).
 
+    A cluster YAML file (``python -m launch.run --cluster FILE``) holds any of these keys and is merged
+    over the recipe's ``cluster:`` section before the command line's dotted overrides.
+    """
+
+    # Nodes of the Slurm heterogeneous job: group 0 runs the trainer (torchrun, one rank per GPU),
+    # group 1 the rollout fleet (``num_engines`` SGLang servers + the router). Local launches use one node.
+    # Local launches: the trainer takes the first min(gpus_per_node, GPUs here) GPUs and the engines the
+    # ones after them (on a CPU machine: TP x PP trainer ranks and CPU engines).
     trainer_nodes: int = Field(1, ge=1)
     rollout_nodes: int = Field(0, ge=0)
     gpus_per_node: int = Field(8, ge=0)
+    # Largest job the partition accepts (trainer_nodes + rollout_nodes); None = not checked.
+    max_nodes: int | None = Field(None, ge=1)
     container_image: str | None = None
-    container_mounts: list[str] = []
+    container_mounts: list[str] = []  # "SRC:DST" pairs, as srun --container-mounts takes them
     account: str | None = None
     partition: str | None = None
+    qos: str | None = None
     time: str = "04:00:00"
+    job_name: str = "a3po"
+    # nemo-run's job directory (sbatch script, logs, shipped code) on the cluster's shared filesystem;
+    # None = $NEMORUN_HOME/slurm_jobs.
+    job_dir: str | None = None
+    # Extra environment for every task (e.g. HF_HOME, NCCL_* settings).
+    env_vars: dict[str, str] = {}
+    # Ports: torchrun rendezvous on the trainer's head node; SGLang servers on each rollout node use
+    # engine_port_base + (index of the engine on that node); the router listens on router_port on the
+    # first rollout node.
+    rdzv_port: int = Field(29500, ge=1, le=65535)
+    engine_port_base: int = Field(30000, ge=1, le=65535)
+    router_port: int = Field(30080, ge=1, le=65535)
+    use_router: bool = True
+    router_policy: Literal["random", "round_robin", "cache_aware", "power_of_two"] = "cache_aware"
+    # How long the trainer waits for every engine's /health (and the router's) before it starts.
+    health_timeout_s: float = Field(3600.0, gt=0)
+    # Architecture used by the launcher's layout checks when model.hf_path is neither a local directory
+    # with config.json nor a name in launch/arch.py: a name from that table, or a path to a config.json.
+    arch: str | None = None
     memory_estimate: str | None = None  # free text: how the layout fits 80 GB cards
 
 
@@ -176,8 +211,13 @@ def resolve_recipe_path(name_or_path: str) -> Path:
     raise RecipeError(f"recipe {name_or_path!r} not found (a .yaml path or one of: {', '.join(known)})")
 
 
-def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Read a recipe YAML, apply ``a.b=c`` overrides, validate. Errors name the file and the key."""
+def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = (), *,
+                layers: list[dict] | tuple[dict, ...] = ()) -> Recipe:
+    """Read a recipe YAML, apply ``a.b=c`` overrides, validate. Errors name the file and the key.
+
+    ``layers`` (nested dicts, e.g. ``{"cluster": {...}}`` from a cluster file) are merged over the file
+    in order, before the overrides.
+    """
     from omegaconf import OmegaConf
 
     path = resolve_recipe_path(name_or_path)
@@ -189,7 +229,8 @@ def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) 
         if "=" not in ov:
             raise RecipeError(f"override {ov!r} is not of the form key.path=value")
     try:
-        merged = OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(base, *[OmegaConf.create(x) for x in layers],
+                                 OmegaConf.from_dotlist(list(overrides)))
         raw = OmegaConf.to_container(merged, resolve=True)
     except Exception as e:
         raise RecipeError(f"{path}: bad override: {e}") from e

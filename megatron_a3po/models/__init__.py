@@ -1,1 +1,7 @@
-"""models."""
+"""Megatron models from HF configs (see builder.py) and tiny local test models (tiny.py)."""
+
+from megatron_a3po.models.builder import (SUPPORTED, Arch, UnsupportedModel, arch_from_hf, build_model, check_layout,
+                                          family_of, padded_vocab_size)
+
+__all__ = ["build_model", "arch_from_hf", "family_of", "padded_vocab_size", "check_layout", "Arch",
+           "UnsupportedModel", "SUPPORTED"]

@@ -1,0 +1,169 @@
+"""Start this node's share of the rollout fleet and supervise it.
+
+    python -m launch.fleet --backend sglang --model-path M --engine-tp 2 \
+        --hosts node17,node18 --engine 0:0:0:30000 --engine 1:0:2:30001 ... \
+        [--router-port 30080 --router-policy cache_aware] [--stop-file F] [-- extra server flags]
+
+``--engine INDEX:NODE:BASE_GPU:PORT`` places one engine (one SGLang server of ``--engine-tp`` GPUs starting
+at ``--base-gpu-id BASE_GPU``); every node of the rollout group gets the full list and starts the engines
+whose NODE is its own index in ``--hosts`` (matched by host name, else $SLURM_NODEID, else 0). The
+node of index 0 also starts the router once every engine of the fleet answers /health.
+With ``--backend cpu`` each engine is the project's CPU engine (``megatron_a3po.engine``).
+
+Exits when any server exits (with its status, or 1), on SIGTERM, or with 0 when ``--stop-file`` appears.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from launch.health import healthy
+
+
+@dataclass(frozen=True)
+class Engine:
+    index: int
+    node: int
+    base_gpu: int
+    port: int
+
+    @classmethod
+    def parse(cls, spec: str) -> "Engine":
+        try:
+            i, n, g, p = (int(x) for x in spec.split(":"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--engine {spec!r}: expected INDEX:NODE:BASE_GPU:PORT") from None
+        return cls(i, n, g, p)
+
+    def spec(self) -> str:
+        return f"{self.index}:{self.node}:{self.base_gpu}:{self.port}"
+
+
+def server_command(backend: str, model_path: str, engine: Engine, *, engine_tp: int, bind_host: str,
+                   python: str = sys.executable, mem_fraction_static: float | None = None,
+                   extra: list[str] = ()) -> list[str]:
+    if backend == "cpu":
+        return [python, "-m", "megatron_a3po.engine", "--model-path", model_path, "--port", str(engine.port),
+                "--host", bind_host, *extra]
+    cmd = [python, "-m", "sglang.launch_server", "--model-path", model_path, "--tp-size", str(engine_tp),
+           "--host", bind_host, "--port", str(engine.port), "--base-gpu-id", str(engine.base_gpu)]
+    if mem_fraction_static is not None:
+        cmd += ["--mem-fraction-static", str(mem_fraction_static)]
+    return cmd + list(extra)
+
+
+def router_command(worker_urls: list[str], *, port: int, policy: str, bind_host: str,
+                   python: str = sys.executable) -> list[str]:
+    return [python, "-m", "sglang_router.launch_router", "--worker-urls", *worker_urls, "--policy", policy,
+            "--host", bind_host, "--port", str(port)]
+
+
+def my_node_index(hosts: list[str], explicit: int | None) -> int:
+    if explicit is not None:
+        return explicit
+    me = socket.gethostname().split(".")[0]
+    short = [h.split(".")[0] for h in hosts]
+    if me in short:
+        return short.index(me)
+    if "SLURM_NODEID" in os.environ:
+        return int(os.environ["SLURM_NODEID"])
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, extra = argv[:i], argv[i + 1:]
+    ap = argparse.ArgumentParser(prog="python -m launch.fleet", description=__doc__.splitlines()[0])
+    ap.add_argument("--backend", choices=["sglang", "cpu"], default="sglang")
+    ap.add_argument("--model-path", required=True)
+    ap.add_argument("--engine-tp", type=int, default=1)
+    ap.add_argument("--engine", type=Engine.parse, action="append", default=[], required=True)
+    ap.add_argument("--hosts", default="127.0.0.1", help="comma-separated rollout node host names, node order")
+    ap.add_argument("--node-index", type=int, default=None)
+    ap.add_argument("--bind-host", default="0.0.0.0")
+    ap.add_argument("--mem-fraction-static", type=float, default=None)
+    ap.add_argument("--router-port", type=int, default=None)
+    ap.add_argument("--router-policy", default="cache_aware")
+    ap.add_argument("--health-timeout", type=float, default=3600.0)
+    ap.add_argument("--stop-file", default=None)
+    args = ap.parse_args(argv)
+
+    hosts = [h for h in args.hosts.split(",") if h]
+    node = my_node_index(hosts, args.node_index)
+    bad = [e for e in args.engine if e.node >= len(hosts)]
+    if bad:
+        ap.error(f"engine {bad[0].spec()} is on node {bad[0].node} but --hosts lists {len(hosts)} host(s)")
+    procs: list[tuple[str, subprocess.Popen]] = []
+    stopping = False
+
+    def stop(*_):
+        nonlocal stopping
+        stopping = True
+
+    if args.stop_file and Path(args.stop_file).exists():
+        Path(args.stop_file).unlink(missing_ok=True)  # left by an earlier attempt of a requeued job
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    for e in args.engine:
+        if e.node != node:
+            continue
+        cmd = server_command(args.backend, args.model_path, e, engine_tp=args.engine_tp, bind_host=args.bind_host,
+                             mem_fraction_static=args.mem_fraction_static, extra=extra)
+        print(f"[launch.fleet] node {node}: engine {e.index}: {' '.join(cmd)}", flush=True)
+        procs.append((f"engine {e.index}", subprocess.Popen(cmd)))
+
+    router_pending = args.router_port is not None and node == 0
+    worker_urls = [f"http://{hosts[e.node]}:{e.port}" for e in args.engine]
+    router_deadline = time.monotonic() + args.health_timeout
+    down: list[str] = []
+    code = 0
+    try:
+        while not stopping:
+            if args.stop_file and Path(args.stop_file).exists():
+                break
+            dead = [(n, p) for n, p in procs if p.poll() is not None]
+            if dead:
+                name, p = dead[0]
+                print(f"[launch.fleet] {name} exited with status {p.returncode}; stopping the fleet", flush=True)
+                code = p.returncode or 1
+                break
+            if router_pending:
+                down = [u for u in worker_urls if not healthy(u)]
+                if down and time.monotonic() > router_deadline:
+                    print(f"[launch.fleet] engines not healthy after {args.health_timeout:.0f}s: "
+                          f"{', '.join(down)}", file=sys.stderr, flush=True)
+                    code = 3
+                    break
+            if router_pending and not down:
+                cmd = router_command(worker_urls, port=args.router_port, policy=args.router_policy,
+                                     bind_host=args.bind_host)
+                print(f"[launch.fleet] router: {' '.join(cmd)}", flush=True)
+                procs.append(("router", subprocess.Popen(cmd)))
+                router_pending = False
+            time.sleep(1.0)
+    finally:
+        for _, p in procs:
+            if p.poll() is None:
+                p.terminate()
+        deadline = time.monotonic() + 30
+        for _, p in procs:
+            try:
+                p.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                p.kill()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""Cluster-aware layout checks and the placement plan, computed before anything is written or submitted.
+
+``plan_layout(recipe, executor)`` returns where every process goes (trainer ranks, one SGLang server per
+engine with its node, GPUs and port, the router) or raises ``LayoutError`` listing every problem, each
+naming the knob to change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from launch.arch import Arch, ArchError, memory_estimate, resolve_arch
+
+
+class LayoutError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class EngineSlot:
+    index: int  # engine number in the fleet
+    node: int  # rollout node (0-based within the rollout group; always 0 for local launches)
+    base_gpu: int  # first GPU of this engine on that node (--base-gpu-id), -1 on CPU
+    port: int
+
+
+@dataclass
+class Layout:
+    executor: str
+    arch: Arch
+    trainer_nodes: int
+    trainer_procs_per_node: int
+    tp: int
+    pp: int
+    dp: int
+    engine_tp: int
+    engines: list[EngineSlot] = field(default_factory=list)
+    rollout_nodes: int = 0
+    router_port: int | None = None
+    gpu: bool = True
+    memory: str | None = None
+
+    @property
+    def trainer_world(self) -> int:
+        return self.trainer_nodes * self.trainer_procs_per_node
+
+    def engine_gpus(self, e: EngineSlot) -> list[int]:
+        return [] if e.base_gpu < 0 else list(range(e.base_gpu, e.base_gpu + self.engine_tp))
+
+
+def _divides(errors, a: int, b: int, msg: str):
+    if a <= 0 or b % a != 0:
+        errors.append(msg)
+
+
+def plan_layout(recipe, executor: str, *, local_gpus: int | None = None) -> Layout:
+    """Check the recipe's layout for ``executor`` ("slurm" or "local") and place every process.
+
+    ``local_gpus``: GPUs on this machine (local executor); None = ask torch.
+    """
+    errors: list[str] = []
+    c, par, ro, tr = recipe.cluster, recipe.parallel, recipe.rollout, recipe.trainer
+    try:
+        arch = resolve_arch(recipe)
+    except ArchError as e:
+        raise LayoutError(str(e)) from None
+    tp, pp = par.tp, par.pp
+    heads, kv, layers = arch.num_attention_heads, arch.num_key_value_heads, arch.num_hidden_layers
+
+    # --- model shape vs parallelism (Megatron: heads and query groups split over TP, layers over PP)
+    _divides(errors, tp, heads, f"parallel.tp={tp} must divide the model's num_attention_heads={heads} "
+                                f"({arch.source})")
+    _divides(errors, tp, kv, f"parallel.tp={tp} must divide the model's num_key_value_heads={kv} "
+                             f"(Megatron splits query groups over TP; {arch.source})")
+    _divides(errors, pp, layers, f"parallel.pp={pp} must divide the model's num_hidden_layers={layers} "
+                                 f"({arch.source})")
+    _divides(errors, ro.engine_tp, heads, f"rollout.engine_tp={ro.engine_tp} must divide the model's "
+                                          f"num_attention_heads={heads} ({arch.source})")
+
+    external = bool(ro.engine_urls) or ro.router_url is not None
+    layout_gpu = True
+    engines: list[EngineSlot] = []
+    rollout_nodes = 0
+    router_port = None
+
+    if executor == "slurm":
+        g = c.gpus_per_node
+        if g < 1:
+            errors.append(f"cluster.gpus_per_node={g}: a Slurm launch needs GPU nodes")
+            g = 1
+        world = c.trainer_nodes * g
+        procs = g
+        if tp > g:
+            errors.append(f"parallel.tp={tp} exceeds cluster.gpus_per_node={g}: tensor parallelism must "
+                          "stay inside a node")
+        if world % (tp * pp) != 0:
+            errors.append(f"trainer GPUs = cluster.trainer_nodes x cluster.gpus_per_node = "
+                          f"{c.trainer_nodes} x {g} = {world} is not a multiple of parallel.tp x parallel.pp "
+                          f"= {tp} x {pp} = {tp * pp} (trainer GPUs = TP x PP x DP)")
+        dp = max(world // (tp * pp), 1)
+        if ro.backend != "sglang":
+            errors.append(f"rollout.backend={ro.backend!r}: a Slurm launch runs SGLang engines; set "
+                          "rollout.backend=sglang")
+        if recipe.model.hf_path is None:
+            errors.append("model.hf_path is not set: SGLang engines load Hugging Face weights")
+        if external:
+            errors.append("rollout.engine_urls / rollout.router_url are set: the Slurm launch starts its own "
+                          "fleet; leave them empty (run the trainer alone to use an external fleet)")
+        for key in ("account", "container_image"):
+            if not getattr(c, key):
+                errors.append(f"cluster.{key} is not set (recipe, --cluster FILE or --{key.replace('_', '-')})")
+        if c.rollout_nodes < 1:
+            errors.append(f"cluster.rollout_nodes={c.rollout_nodes}: the rollout fleet needs at least one node")
+        else:
+            rgpus = c.rollout_nodes * g
+            et = ro.engine_tp
+            if et > g:
+                errors.append(f"rollout.engine_tp={et} exceeds cluster.gpus_per_node={g}: an engine must "
+                              "fit on one node")
+            elif g % et != 0:
+                errors.append(f"rollout.engine_tp={et} must divide cluster.gpus_per_node={g} (engines may "
+                              "not straddle nodes)")
+            elif rgpus % et != 0:
+                errors.append(f"rollout.engine_tp={et} must divide the rollout GPUs = cluster.rollout_nodes x "
+                              f"cluster.gpus_per_node = {rgpus}")
+            else:
+                fit = rgpus // et
+                if ro.num_engines != fit:
+                    errors.append(f"rollout.num_engines={ro.num_engines} but the rollout GPUs "
+                                  f"(cluster.rollout_nodes x cluster.gpus_per_node = {rgpus}) hold "
+                                  f"{rgpus} / rollout.engine_tp={et} = {fit} engines; set "
+                                  f"rollout.num_engines={fit} or change cluster.rollout_nodes")
+                per_node = g // et
+                for i in range(min(ro.num_engines, fit)):
+                    node, k = divmod(i, per_node)
+                    engines.append(EngineSlot(i, node, k * et, c.engine_port_base + k))
+            rollout_nodes = c.rollout_nodes
+            if c.use_router:
+                router_port = c.router_port
+                if c.engine_port_base <= c.router_port < c.engine_port_base + max(g, 1):
+                    errors.append(f"cluster.router_port={c.router_port} collides with the engine ports "
+                                  f"{c.engine_port_base}..{c.engine_port_base + g - 1} (cluster.engine_port_base)")
+        total = c.trainer_nodes + c.rollout_nodes
+        if c.max_nodes is not None and total > c.max_nodes:
+            errors.append(f"the job needs cluster.trainer_nodes + cluster.rollout_nodes = {total} nodes but "
+                          f"cluster.max_nodes={c.max_nodes}")
+    elif executor == "local":
+        if local_gpus is None:
+            try:
+                import torch
+
+                local_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            except Exception:  # noqa: BLE001 - no torch / broken CUDA = no GPU
+                local_gpus = 0
+        if c.trainer_nodes != 1:
+            errors.append(f"cluster.trainer_nodes={c.trainer_nodes}: the local executor runs on this machine "
+                          "only; set cluster.trainer_nodes=1 (or use --executor slurm)")
+        layout_gpu = local_gpus > 0
+        if layout_gpu:
+            procs = min(c.gpus_per_node, local_gpus) if c.gpus_per_node else local_gpus
+        else:
+            procs = tp * pp  # CPU: one rank per model shard (data parallel size 1)
+        if procs % (tp * pp) != 0:
+            errors.append(f"trainer ranks on this machine = {procs} is not a multiple of parallel.tp x "
+                          f"parallel.pp = {tp * pp}")
+        dp = max(procs // (tp * pp), 1)
+        if not external and recipe.model.hf_path is not None:
+            et = ro.engine_tp
+            if layout_gpu:
+                if ro.backend != "sglang":
+                    errors.append(f"rollout.backend={ro.backend!r} on a GPU machine: set rollout.backend=sglang")
+                need = procs + ro.num_engines * et
+                if need > local_gpus:
+                    errors.append(f"this machine has {local_gpus} GPUs but the trainer ({procs}) + "
+                                  f"rollout.num_engines x rollout.engine_tp ({ro.num_engines} x {et}) need {need}; "
+                                  "lower cluster.gpus_per_node or rollout.num_engines")
+                for i in range(ro.num_engines):
+                    engines.append(EngineSlot(i, 0, procs + i * et, c.engine_port_base + i))
+            else:
+                if et != 1:
+                    errors.append(f"rollout.engine_tp={et}: the CPU engine has no tensor parallelism; set 1")
+                for i in range(ro.num_engines):
+                    engines.append(EngineSlot(i, 0, -1, c.engine_port_base + i))
+            if layout_gpu and c.use_router:
+                router_port = c.router_port
+            rollout_nodes = 1 if engines else 0
+    else:
+        raise LayoutError(f"--executor {executor!r}: expected local or slurm")
+
+    # --- batch: every data-parallel rank needs sequences in every PPO minibatch
+    seqs = ro.batch_prompts * ro.n_samples
+    if seqs % tr.ppo_n_minibatches != 0:
+        errors.append(f"rollout.batch_prompts x rollout.n_samples = {seqs} is not divisible by "
+                      f"trainer.ppo_n_minibatches={tr.ppo_n_minibatches}")
+    elif seqs // tr.ppo_n_minibatches < dp:
+        errors.append(f"a PPO minibatch holds {seqs // tr.ppo_n_minibatches} sequences, fewer than the "
+                      f"data-parallel size {dp}: raise rollout.batch_prompts or lower trainer.ppo_n_minibatches")
+
+    if errors:
+        raise LayoutError("invalid launch layout for recipe {!r} ({} executor):\n  - {}".format(
+            recipe.name, executor, "\n  - ".join(errors)))
+    mem = None
+    if arch.vocab_size and layout_gpu:
+        mem = memory_estimate(arch, tp, pp, dp, tr.max_tokens_per_mb).describe()
+    return Layout(executor, arch, c.trainer_nodes if executor == "slurm" else 1, procs, tp, pp, dp,
+                  ro.engine_tp, engines, rollout_nodes, router_port, layout_gpu, mem)

@@ -1,0 +1,337 @@
+"""Launch a recipe as ONE nemo-run Experiment: the trainer plus its rollout fleet.
+
+    python -m launch.run --recipe qwen2_5_7b_gsm8k --executor slurm --cluster my_cluster.yaml --dryrun
+    python -m launch.run --recipe demo_cpu trainer.steps=2            # local, this machine
+
+Slurm: one heterogeneous job. Group 0 (``cluster.trainer_nodes`` nodes) runs the trainer under torchrun
+(one rank per GPU, static rendezvous on the group's head node); group 1 (``cluster.rollout_nodes`` nodes)
+runs ``launch.fleet``: ``rollout.num_engines`` SGLang servers of ``rollout.engine_tp`` GPUs each on
+disjoint GPUs, plus sglang-router on the first rollout node. The trainer is started by ``launch.health``,
+which waits for every engine's and the router's /health, and it is told the fleet with
+``rollout.engine_urls=[...]`` and ``rollout.router_url=...``.
+
+Local: the same two tasks as local processes (the CPU engine when this machine has no GPU). A recipe with
+``model.tiny`` has no weights on disk before the trainer builds them, so there the trainer starts its
+own CPU engines and the launcher runs the trainer alone.
+
+The layout is checked against the model and the cluster before anything is written (launch/layout.py).
+``--dryrun`` writes the sbatch script (Slurm) and prints its path; nothing is submitted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TRAINER_MODULE = "megatron_a3po.trainer"
+STOP_FILE_NAME = "a3po_trainer_done"
+SLURM_RUNDIR = "/nemo_run"  # where nemo-run mounts the job directory inside the containers
+
+
+class LaunchError(ValueError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------
+# configuration: recipe + cluster file + flags + dotted overrides
+
+
+def read_cluster_file(path) -> dict:
+    """A YAML mapping of ClusterCfg keys (a top-level ``cluster:`` wrapper is accepted)."""
+    from omegaconf import OmegaConf
+
+    from recipes.config import ClusterCfg
+
+    p = Path(path)
+    if not p.is_file():
+        raise LaunchError(f"--cluster {path}: file not found")
+    try:
+        raw = OmegaConf.to_container(OmegaConf.load(p), resolve=True)
+    except Exception as e:  # noqa: BLE001 - yaml syntax
+        raise LaunchError(f"{p}: cannot parse YAML: {e}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise LaunchError(f"{p}: expected a mapping of cluster settings, got {type(raw).__name__}")
+    if set(raw) == {"cluster"} and isinstance(raw["cluster"], dict):
+        raw = raw["cluster"]
+    unknown = sorted(set(raw) - set(ClusterCfg.model_fields))
+    if unknown:
+        raise LaunchError(f"{p}: unknown cluster key(s) {', '.join(unknown)}; known: "
+                          f"{', '.join(ClusterCfg.model_fields)}")
+    return raw
+
+
+_FLAG_KEYS = ("account", "partition", "time", "qos", "container_image", "job_dir")
+
+
+def flag_layer(args) -> dict:
+    out = {k: getattr(args, k) for k in _FLAG_KEYS if getattr(args, k, None) is not None}
+    if args.mount:
+        out["container_mounts"] = list(args.mount)
+    return out
+
+
+def recipe_ref(path: Path, executor: str) -> str:
+    """What the trainer is given as --recipe: the name of a packaged recipe, else a path."""
+    from recipes.config import RECIPES_DIR
+
+    path = path.resolve()
+    if path.parent == RECIPES_DIR.resolve():
+        return path.stem
+    try:
+        return str(path.relative_to(REPO_ROOT))
+    except ValueError:
+        if executor == "slurm":
+            raise LaunchError(f"--recipe {path}: a Slurm job ships the repository (git archive), so the "
+                              f"recipe must be inside {REPO_ROOT}; copy it to recipes/ and commit") from None
+        return str(path)
+
+
+_SAFE = re.compile(r"^[\w@%+=:,./-]+$")
+
+
+def sh(arg: str) -> str:
+    """Quote one argument for an srun command line nemo-run writes verbatim into the sbatch script.
+
+    Arguments with ``$`` are double-quoted so the shell variables the script defines (host names)
+    expand; everything else is single-quoted when needed.
+    """
+    if _SAFE.match(arg):
+        return arg
+    if "$" in arg:
+        if any(ch in arg for ch in '"\\`'):
+            raise LaunchError(f"cannot quote argument {arg!r} for the sbatch script")
+        return f'"{arg}"'
+    return shlex.quote(arg)
+
+
+# ---------------------------------------------------------------------------------------------
+# the tasks
+
+
+def rollout_host_var(node: int) -> str:
+    return f"a3po_rollout_host_{node}"
+
+
+def slurm_setup_lines(rollout_nodes: int) -> str:
+    lines = ["# rollout node host names (het group 1), in node order: engine and router addresses",
+             'a3po_rollout_hosts=( $(scontrol show hostnames "$SLURM_JOB_NODELIST_HET_GROUP_1") )']
+    lines += [f"{rollout_host_var(i)}=${{a3po_rollout_hosts[{i}]}}" for i in range(rollout_nodes)]
+    return "\n".join(lines)
+
+
+def fleet_args(recipe, layout, *, backend: str, hosts: list[str], bind_host: str, stop_file: str,
+               health_timeout: float) -> list[str]:
+    ro = recipe.rollout
+    args = ["--backend", backend, "--model-path", recipe.model.hf_path, "--engine-tp", str(layout.engine_tp),
+            "--hosts", ",".join(hosts), "--bind-host", bind_host, "--stop-file", stop_file,
+            "--health-timeout", str(int(health_timeout))]
+    for e in layout.engines:
+        args += ["--engine", f"{e.index}:{e.node}:{e.base_gpu}:{e.port}"]
+    if layout.router_port is not None:
+        args += ["--router-port", str(layout.router_port), "--router-policy", recipe.cluster.router_policy]
+    if ro.mem_fraction_static is not None and backend == "sglang":
+        args += ["--mem-fraction-static", str(ro.mem_fraction_static)]
+    if ro.engine_args:
+        args += ["--", *ro.engine_args]
+    return args
+
+
+def fleet_urls(layout, hosts: list[str]) -> tuple[list[str], str | None]:
+    engines = [f"http://{hosts[e.node]}:{e.port}" for e in layout.engines]
+    router = None if layout.router_port is None else f"http://{hosts[0]}:{layout.router_port}"
+    return engines, router
+
+
+def trainer_args(ref: str, overrides: list[str], engine_urls: list[str], router_url: str | None,
+                 torchrun: list[str], *, health_timeout: float, stop_file: str) -> list[str]:
+    """Arguments of ``python -m launch.health``: wait for the fleet, then torchrun the trainer."""
+    out = ["--timeout", str(int(health_timeout)), "--stop-file", stop_file]
+    for u in engine_urls + ([router_url] if router_url else []):
+        out += ["--url", u]
+    ovs = list(overrides)
+    if engine_urls:
+        ovs.append(f"rollout.engine_urls=[{','.join(engine_urls)}]")
+    if router_url:
+        ovs.append(f"rollout.router_url={router_url}")
+    return out + ["--", *torchrun, "-m", TRAINER_MODULE, "--recipe", ref, *ovs]
+
+
+def build_slurm(run, recipe, layout, args, ref: str, overrides: list[str]):
+    c = recipe.cluster
+    hosts = [f"${{{rollout_host_var(i)}}}" for i in range(layout.rollout_nodes)]
+    engine_urls, router_url = fleet_urls(layout, hosts)
+    stop_file = f"{SLURM_RUNDIR}/{STOP_FILE_NAME}"
+    torchrun = ["torchrun", f"--nnodes={layout.trainer_nodes}", f"--nproc-per-node={layout.trainer_procs_per_node}",
+                f"--rdzv-endpoint=$het_group_host_0:{c.rdzv_port}", "--node-rank=$SLURM_NODEID"]
+    t_args = trainer_args(ref, overrides, engine_urls, router_url, torchrun, health_timeout=c.health_timeout_s,
+                          stop_file=stop_file)
+    f_args = fleet_args(recipe, layout, backend="sglang", hosts=hosts, bind_host="0.0.0.0", stop_file=stop_file,
+                        health_timeout=c.health_timeout_s)
+    trainer = run.Script(path="launch.health", entrypoint="python", m=True, args=[sh(a) for a in t_args])
+    fleet = run.Script(path="launch.fleet", entrypoint="python", m=True, args=[sh(a) for a in f_args])
+
+    job_dir = c.job_dir or os.path.join(
+        os.environ.get("NEMORUN_HOME", os.path.expanduser("~/.nemo_run")), "slurm_jobs")
+    if args.ssh:
+        user, _, host = args.ssh.rpartition("@")
+        tunnel = run.SSHTunnel(host=host, user=user or os.environ.get("USER", ""), job_dir=job_dir)
+    else:
+        tunnel = run.LocalTunnel(job_dir=job_dir)
+    packager = run.GitArchivePackager() if args.packager == "git" else run.Packager()
+    common = dict(account=c.account, partition=c.partition, time=c.time, qos=c.qos, ntasks_per_node=1,
+                  gpus_per_node=c.gpus_per_node, container_image=c.container_image,
+                  container_mounts=list(c.container_mounts), env_vars=dict(c.env_vars), heterogeneous=True,
+                  exclusive=True, job_name_prefix=f"{c.job_name}-", tunnel=tunnel, packager=packager)
+    ex_trainer = run.SlurmExecutor(nodes=layout.trainer_nodes, setup_lines=slurm_setup_lines(layout.rollout_nodes),
+                                   **common)
+    ex_fleet = run.SlurmExecutor(nodes=layout.rollout_nodes, **{**common, "tunnel": tunnel})
+    for ex in (ex_trainer, ex_fleet):
+        ex.launcher = None  # torchrun is in the trainer's command; the fleet is one process per node
+    return [trainer, fleet], [ex_trainer, ex_fleet]
+
+
+def build_local(run, recipe, layout, ref: str, overrides: list[str], exp_dir: str):
+    c = recipe.cluster
+    env = {"PYTHONPATH": os.pathsep.join(x for x in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if x),
+           **c.env_vars}
+    stop_file = os.path.join(exp_dir, STOP_FILE_NAME)
+    hosts = ["127.0.0.1"]
+    tasks, executors = [], []
+    engine_urls, router_url = ([], None)
+    if layout.engines:
+        engine_urls, router_url = fleet_urls(layout, hosts)
+        f_args = fleet_args(recipe, layout, backend="sglang" if layout.gpu else "cpu", hosts=hosts,
+                            bind_host="127.0.0.1", stop_file=stop_file, health_timeout=c.health_timeout_s)
+        tasks.append(run.Script(path="launch.fleet", entrypoint=sys.executable, m=True, args=f_args))
+        executors.append(run.LocalExecutor(ntasks_per_node=1, env_vars=env))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
+                f"--nproc-per-node={layout.trainer_procs_per_node}"]
+    t_args = trainer_args(ref, overrides, engine_urls, router_url, torchrun, health_timeout=c.health_timeout_s,
+                          stop_file=stop_file)
+    tasks.insert(0, run.Script(path="launch.health", entrypoint=sys.executable, m=True, args=t_args))
+    executors.insert(0, run.LocalExecutor(ntasks_per_node=1, env_vars=env))
+    return tasks, executors
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m launch.run", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipe", required=True, help="recipe name (recipes/NAME.yaml) or path")
+    ap.add_argument("--executor", choices=["local", "slurm"], default="local")
+    ap.add_argument("--dryrun", action="store_true", help="write the job (sbatch script) and print its path; "
+                                                          "submit nothing")
+    ap.add_argument("--cluster", help="YAML file of cluster.* settings (account, partition, container_image, ...)")
+    ap.add_argument("--account")
+    ap.add_argument("--partition")
+    ap.add_argument("--time")
+    ap.add_argument("--qos")
+    ap.add_argument("--container-image", dest="container_image")
+    ap.add_argument("--mount", action="append", default=[], help="SRC:DST container mount (repeatable; "
+                                                                  "replaces cluster.container_mounts)")
+    ap.add_argument("--job-dir", dest="job_dir", help="nemo-run job directory on the cluster's shared filesystem "
+                                                      "(default cluster.job_dir or $NEMORUN_HOME/slurm_jobs)")
+    ap.add_argument("--ssh", help="USER@HOST of the cluster's login node (default: sbatch on this machine)")
+    ap.add_argument("--packager", choices=["git", "none"], default="git",
+                    help="ship the repository's HEAD as a git archive (default), or nothing (code in the image)")
+    ap.add_argument("--title", help="experiment title (default: cluster.job_name + recipe name)")
+    ap.add_argument("overrides", nargs="*", help="dotted recipe overrides, e.g. trainer.steps=10")
+    return ap
+
+
+def prepare(argv):
+    """Parse, load and validate everything; no file is written. Returns (args, recipe, layout, ref)."""
+    from launch.layout import plan_layout
+    from recipes.config import load_recipe, resolve_recipe_path
+
+    args = build_parser().parse_args(argv)
+    layers = []
+    if args.cluster:
+        layers.append({"cluster": read_cluster_file(args.cluster)})
+    flags = flag_layer(args)
+    if flags:
+        layers.append({"cluster": flags})
+    recipe = load_recipe(args.recipe, args.overrides, layers=layers)
+    ref = recipe_ref(resolve_recipe_path(args.recipe), args.executor)
+    layout = plan_layout(recipe, args.executor)
+    return args, recipe, layout, ref
+
+
+def main(argv=None) -> int:
+    from launch.layout import LayoutError
+    from recipes.config import RecipeError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args, recipe, layout, ref = prepare(argv)
+    except (RecipeError, LayoutError, LaunchError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    import nemo_run as run
+
+    title = args.title or f"{recipe.cluster.job_name}-{recipe.name}"
+    print(f"[launch] recipe {recipe.name}: trainer {layout.trainer_nodes} node(s) x {layout.trainer_procs_per_node} "
+          f"rank(s), TP={layout.tp} PP={layout.pp} DP={layout.dp}; {len(layout.engines)} engine(s) of TP "
+          f"{layout.engine_tp} on {layout.rollout_nodes} node(s)" + (f"; router :{layout.router_port}"
+                                                                    if layout.router_port else ""))
+    if layout.memory:
+        print(f"[launch] trainer memory estimate: {layout.memory}")
+    with run.Experiment(title) as exp:
+        if args.executor == "slurm":
+            tasks, executors = build_slurm(run, recipe, layout, args, ref, args.overrides)
+            exp.add(tasks, executor=executors, name=recipe.name)
+        else:
+            tasks, executors = build_local(run, recipe, layout, ref, args.overrides, exp._exp_dir)
+            for name, t, ex in zip(["trainer", "fleet"], tasks, executors):
+                exp.add(t, executor=ex, name=name)
+        if args.dryrun:
+            exp.dryrun(log=False, delete_exp_dir=False)
+            if args.executor == "slurm":
+                scripts = sorted(Path(exp._exp_dir).glob("*_sbatch.sh"))
+                if not scripts:
+                    print(f"error: nemo-run wrote no sbatch script under {exp._exp_dir}", file=sys.stderr)
+                    return 1
+                print(scripts[0])
+            else:
+                for t in tasks:
+                    print(" ".join([t.entrypoint, "-m", t.path, *map(shlex.quote, t.args)]))
+                print(exp._exp_dir)
+            return 0
+        exp.run(sequential=False, detach=args.executor == "slurm", tail_logs=args.executor == "local")
+        if args.executor == "local":
+            return _local_exit_code(Path(exp._exp_dir) / STOP_FILE_NAME)
+    return 0
+
+
+def _local_exit_code(stop_file: Path) -> int:
+    """The trainer's exit status, which launch.health writes into the stop file.
+
+    nemo-run may report the job finished a moment before the file lands: wait for it briefly.
+    """
+    import time
+
+    deadline = time.monotonic() + 60
+    while not stop_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    try:
+        code = int(stop_file.read_text().strip())
+    except (OSError, ValueError):
+        print(f"[launch] the trainer left no exit status in {stop_file}", file=sys.stderr)
+        return 1
+    if code != 0:
+        print(f"[launch] the trainer exited with status {code}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""One file per model family: a declarative table from Megatron (local spec) names to HF tensors.
+
+A family module defines ``FAMILY = Family(...)``; ``family_table(arch)`` returns its tables. Adding a
+family is one new file here plus its HF architecture name in megatron_a3po.models.builder.SUPPORTED.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+
+from megatron_a3po.convert.rules import GateUp, QKV, Replicated, Split, Vocab
+
+L = "model.layers.{i}."
+
+
+def dense_layer_table(*, qkv_bias: bool, qk_norm: bool) -> dict:
+    """The per-layer table shared by Llama-style dense decoders (Qwen2, Llama 3, Qwen3)."""
+    t = {
+        "input_layernorm.weight": Replicated(L + "input_layernorm.weight"),
+        "self_attention.linear_qkv.weight": QKV(L + "self_attn.q_proj.weight", L + "self_attn.k_proj.weight",
+                                                L + "self_attn.v_proj.weight"),
+        "self_attention.linear_proj.weight": Split(L + "self_attn.o_proj.weight", dim=1),
+        "pre_mlp_layernorm.weight": Replicated(L + "post_attention_layernorm.weight"),
+        "mlp.linear_fc1.weight": GateUp(L + "mlp.gate_proj.weight", L + "mlp.up_proj.weight"),
+        "mlp.linear_fc2.weight": Split(L + "mlp.down_proj.weight", dim=1),
+    }
+    if qkv_bias:
+        t["self_attention.linear_qkv.bias"] = QKV(L + "self_attn.q_proj.bias", L + "self_attn.k_proj.bias",
+                                                  L + "self_attn.v_proj.bias")
+    if qk_norm:
+        t["self_attention.q_layernorm.weight"] = Replicated(L + "self_attn.q_norm.weight")
+        t["self_attention.k_layernorm.weight"] = Replicated(L + "self_attn.k_norm.weight")
+    return t
+
+
+GLOBAL_TABLE = {
+    "embedding.word_embeddings.weight": Vocab("model.embed_tokens.weight"),
+    "decoder.final_layernorm.weight": Replicated("model.norm.weight"),
+    "output_layer.weight": Vocab("lm_head.weight", tied_fallback="model.embed_tokens.weight"),
+}
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    layer_table: dict
+    global_table: dict = field(default_factory=lambda: dict(GLOBAL_TABLE))
+
+
+def get_family(name: str) -> Family:
+    return importlib.import_module(f"{__name__}.{name}").FAMILY

@@ -1,0 +1,3 @@
+from megatron_a3po.engine.server import main
+
+main()

@@ -1,0 +1,360 @@
+"""The CPU engine's model runner and scheduler (HF transformers, one thread, continuous batching).
+
+One scheduler thread owns the model. Each loop iteration ("step"):
+
+1. applies queued control commands (abort, pause, continue, weight swap, version change) -- so a
+   weight update always lands *between* two decode steps and never inside a forward pass;
+2. admits queued requests (unless paused): one prefill forward over the prompt with a fresh KV cache,
+   which samples the first output token;
+3. decodes one token for every active sequence in one batched forward (each sequence keeps its own
+   KV cache; they are left-padded into a batch for the step, pads masked out).
+
+Every sampled token records the weight version current at that step, so a request that lives across
+an update reports ``weight_versions`` spans ``[{"version", "start", "end"}]`` (end exclusive) over its
+output tokens. The log-prob returned for a token is ``log_softmax(logits / T)`` at the sampled id (the
+behaviour policy; top-k/top-p/min-p only restrict which ids may be sampled). ``T == 0`` means greedy
+with ``log_softmax(logits)``.
+
+Weights are swapped as a whole model object between steps (the new one is loaded off-thread first), so
+no forward pass ever sees half-updated weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+log = logging.getLogger("megatron_a3po.engine")
+
+
+# --------------------------------------------------------------------------------------------------
+# sampling
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    min_new_tokens: int = 0
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    no_stop_trim: bool = False
+    seed: int | None = None
+
+
+def sample_token(logits: torch.Tensor, sp: Sampling, gen: torch.Generator | None,
+                 banned: list[int] | None = None) -> tuple[int, float]:
+    """Sample one id from 1-D ``logits``; returns (id, log_softmax(logits / T)[id])."""
+    logits = logits.float()
+    if banned:
+        logits = logits.clone()
+        logits[banned] = float("-inf")
+    if sp.temperature <= 0.0:
+        logp = torch.log_softmax(logits, dim=-1)
+        tok = int(torch.argmax(logits))
+        return tok, float(logp[tok])
+    logp = torch.log_softmax(logits / sp.temperature, dim=-1)
+    probs = logp.exp()
+    keep = torch.ones_like(probs, dtype=torch.bool)
+    if sp.top_k is not None and 0 < sp.top_k < probs.numel():
+        kth = torch.topk(probs, sp.top_k).values[-1]
+        keep &= probs >= kth
+    if sp.top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True)
+        cum = torch.cumsum(sorted_p, dim=0)
+        # keep the smallest prefix whose mass reaches top_p (the first token is always kept)
+        drop_sorted = (cum - sorted_p) >= sp.top_p
+        drop = torch.zeros_like(keep)
+        drop[order] = drop_sorted
+        keep &= ~drop
+    if sp.min_p > 0.0:
+        keep &= probs >= sp.min_p * probs.max()
+    p = torch.where(keep, probs, torch.zeros_like(probs))
+    tok = int(torch.multinomial(p / p.sum(), 1, generator=gen))
+    return tok, float(logp[tok])
+
+
+# --------------------------------------------------------------------------------------------------
+# requests
+
+
+@dataclass
+class Seq:
+    """One output sequence (a request with n > 1 becomes n of these)."""
+
+    rid: str
+    prompt: list[int]
+    sp: Sampling
+    on_done: Callable[["Seq"], None]
+    gen: torch.Generator | None = None
+    output: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    versions: list[str] = field(default_factory=list)
+    cache: Any = None
+    finish: dict | None = None
+    created: float = field(default_factory=time.time)
+
+
+class EngineError(RuntimeError):
+    pass
+
+
+class Scheduler:
+    """Owns the model; see the module docstring. Thread-safe entry points: submit, command."""
+
+    def __init__(self, model, *, weight_version: str = "default", eos_ids=(), tokenizer=None,
+                 max_context: int | None = None, version_log: str | None = None, seed: int = 0,
+                 max_running: int = 256, max_batch: int = 64):
+        self.model = model
+        self.weight_version = str(weight_version)
+        self.eos_ids = set(int(e) for e in eos_ids)
+        self.tokenizer = tokenizer
+        self.max_context = max_context
+        self.max_running = max_running
+        self.max_batch = max_batch
+        self.global_gen = torch.Generator().manual_seed(seed)
+        self._incoming: "queue.Queue[Seq]" = queue.Queue()
+        self._commands: "queue.Queue[tuple]" = queue.Queue()
+        self._wake = threading.Event()
+        self.waiting: list[Seq] = []
+        self.running: list[Seq] = []
+        self.paused = False
+        self.step_count = 0
+        self.tokens_generated = 0
+        self._stop = False
+        self._log_lock = threading.Lock()
+        self._log_path = version_log
+        self._log_f = open(version_log, "a", buffering=1) if version_log else None
+        self.recent_log: list[dict] = []  # last records, served at /debug/version_log
+        self.thread = threading.Thread(target=self._loop, name="engine-scheduler", daemon=True)
+
+    # ---- thread-safe API
+    def start(self):
+        self.thread.start()
+
+    def stop(self):
+        self._stop = True
+        self._wake.set()
+
+    def submit(self, seq: Seq):
+        self._incoming.put(seq)
+        self._wake.set()
+
+    def command(self, name: str, *args) -> Any:
+        """Run a control command on the scheduler thread between steps; blocks until applied."""
+        done = threading.Event()
+        box: dict = {}
+        self._commands.put((name, args, done, box))
+        self._wake.set()
+        if not done.wait(timeout=600):
+            raise EngineError(f"scheduler did not apply command {name!r} within 600 s")
+        if "error" in box:
+            raise box["error"]
+        return box.get("result")
+
+    def num_active(self) -> int:
+        return len(self.running) + len(self.waiting) + self._incoming.qsize()
+
+    # ---- commands (scheduler thread)
+    def _cmd_abort(self, rid: str | None, message: str = "Abort request", status_code: int = 200):
+        n = 0
+        for lst in (self.running, self.waiting):
+            keep = []
+            for s in lst:
+                if rid is None or s.rid == rid or s.rid.startswith(f"{rid}_"):
+                    self._finish(s, {"type": "abort", "message": message, "status_code": status_code,
+                                     "err_type": None})
+                    n += 1
+                else:
+                    keep.append(s)
+            lst[:] = keep
+        return n
+
+    def _cmd_pause(self, mode: str):
+        n = 0
+        if mode == "abort":
+            n = self._cmd_abort(None, "Abort in pause_generation")
+        self.paused = True
+        return n
+
+    def _cmd_continue(self):
+        self.paused = False
+        return 0
+
+    def _cmd_swap(self, model, version: str | None, abort_all: bool):
+        n = self._cmd_abort(None, "Abort for weight update") if abort_all else 0
+        self.model = model
+        if version is not None:
+            self.weight_version = str(version)
+        return n
+
+    def _cmd_set_version(self, version: str, abort_all: bool):
+        n = self._cmd_abort(None, "Abort for weight version update") if abort_all else 0
+        self.weight_version = str(version)
+        return n
+
+    def _cmd_flush(self):
+        return 0  # no prefix cache: nothing to flush
+
+    # ---- internals
+    def _finish(self, s: Seq, reason: dict):
+        s.finish = reason
+        s.cache = None
+        rec = {"rid": s.rid, "prompt_len": len(s.prompt), "output_ids": s.output, "versions": s.versions,
+               "finish": reason.get("type"), "t": time.time()}
+        with self._log_lock:
+            if self._log_f is not None:
+                self._log_f.write(json.dumps(rec) + "\n")
+            self.recent_log.append(rec)
+            if len(self.recent_log) > 10000:
+                del self.recent_log[:5000]
+        try:
+            s.on_done(s)
+        except Exception:  # noqa: BLE001 - a dead HTTP waiter must not kill the scheduler
+            log.exception("on_done callback failed for %s", s.rid)
+
+    def _check_stop(self, s: Seq, tok: int) -> dict | None:
+        n = len(s.output)
+        if n >= s.sp.min_new_tokens:
+            if tok in s.sp.stop_token_ids:
+                return {"type": "stop", "matched": tok}
+            if not s.sp.ignore_eos and tok in self.eos_ids:
+                return {"type": "stop", "matched": tok}
+            if s.sp.stop and self.tokenizer is not None:
+                tail = self.tokenizer.decode(s.output[-64:], skip_special_tokens=s.sp.skip_special_tokens)
+                for st in s.sp.stop:
+                    if st and tail.endswith(st):
+                        return {"type": "stop", "matched": st}
+        if n >= s.sp.max_new_tokens:
+            return {"type": "length", "length": n}
+        if self.max_context is not None and len(s.prompt) + n >= self.max_context:
+            return {"type": "length", "length": n}
+        return None
+
+    def _banned(self, s: Seq) -> list[int] | None:
+        if len(s.output) < s.sp.min_new_tokens:
+            ban = set(s.sp.stop_token_ids)
+            if not s.sp.ignore_eos:
+                ban |= self.eos_ids
+            return sorted(ban) or None
+        return None
+
+    def _emit(self, s: Seq, logits: torch.Tensor) -> bool:
+        gen = s.gen if s.gen is not None else self.global_gen
+        tok, lp = sample_token(logits, s.sp, gen, self._banned(s))
+        s.output.append(tok)
+        s.logprobs.append(lp)
+        s.versions.append(self.weight_version)
+        self.tokens_generated += 1
+        reason = self._check_stop(s, tok)
+        if reason is not None:
+            self._finish(s, reason)
+            return True
+        return False
+
+    @staticmethod
+    def _kv_of(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(layer.keys, layer.values) for layer in cache.layers]
+
+    @torch.inference_mode()
+    def _prefill(self, s: Seq) -> bool:
+        from transformers import DynamicCache
+
+        ids = torch.tensor([s.prompt], dtype=torch.long)
+        cache = DynamicCache()
+        out = self.model(input_ids=ids, past_key_values=cache, use_cache=True)
+        s.cache = self._kv_of(out.past_key_values)
+        return self._emit(s, out.logits[0, -1])
+
+    @torch.inference_mode()
+    def _decode_batch(self, seqs: list[Seq]) -> list[bool]:
+        """One decode step for all ``seqs`` together: their per-sequence KV caches are left-padded into
+        one batch (pads masked out), positions are each sequence's true positions."""
+        from transformers import DynamicCache
+
+        B = len(seqs)
+        lens = [s.cache[0][0].shape[2] for s in seqs]
+        Lmax = max(lens)
+        cache = DynamicCache()
+        for li in range(len(seqs[0].cache)):
+            k0, v0 = seqs[0].cache[li]
+            K = k0.new_zeros((B, k0.shape[1], Lmax, k0.shape[3]))
+            V = v0.new_zeros((B, v0.shape[1], Lmax, v0.shape[3]))
+            for b, s in enumerate(seqs):
+                k, v = s.cache[li]
+                K[b, :, Lmax - lens[b]:] = k[0]
+                V[b, :, Lmax - lens[b]:] = v[0]
+            cache.update(K, V, li)
+        mask = torch.ones((B, Lmax + 1), dtype=torch.long)
+        for b, L in enumerate(lens):
+            mask[b, :Lmax - L] = 0
+        ids = torch.tensor([[s.output[-1]] for s in seqs], dtype=torch.long)
+        pos = torch.tensor([[L] for L in lens], dtype=torch.long)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                         use_cache=True, cache_position=torch.tensor([Lmax], dtype=torch.long))
+        kv = self._kv_of(out.past_key_values)
+        done = []
+        for b, s in enumerate(seqs):
+            s.cache = [(K[b:b + 1, :, Lmax - lens[b]:].clone(), V[b:b + 1, :, Lmax - lens[b]:].clone()) for K, V in kv]
+            done.append(self._emit(s, out.logits[b, -1]))
+        return done
+
+    @torch.inference_mode()
+    def _decode(self, s: Seq) -> bool:
+        return self._decode_batch([s])[0]
+
+    def _apply_commands(self):
+        while True:
+            try:
+                name, args, done, box = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                box["result"] = getattr(self, f"_cmd_{name}")(*args)
+            except Exception as e:  # noqa: BLE001
+                box["error"] = e
+            done.set()
+
+    def _loop(self):
+        while not self._stop:
+            try:
+                self._apply_commands()
+                while True:
+                    try:
+                        self.waiting.append(self._incoming.get_nowait())
+                    except queue.Empty:
+                        break
+                if not self.paused:
+                    while self.waiting and len(self.running) < self.max_running:
+                        s = self.waiting.pop(0)
+                        if not self._prefill(s):
+                            self.running.append(s)
+                    still = []
+                    for i in range(0, len(self.running), self.max_batch):
+                        chunk = self.running[i:i + self.max_batch]
+                        still += [s for s, fin in zip(chunk, self._decode_batch(chunk)) if not fin]
+                    self.running = still
+                    self.step_count += 1
+                if self.paused or not (self.running or self.waiting):
+                    self._wake.wait(timeout=0.05)
+                    self._wake.clear()
+            except Exception as e:  # noqa: BLE001 - fail the requests, keep serving
+                log.exception("scheduler step failed")
+                for s in self.running + self.waiting:
+                    self._finish(s, {"type": "abort", "message": f"engine error: {e}", "status_code": 500,
+                                     "err_type": "InternalServerError"})
+                self.running, self.waiting = [], []
+        if self._log_f is not None:
+            self._log_f.close()

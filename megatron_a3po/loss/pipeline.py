@@ -1,0 +1,121 @@
+"""The A-3PO loss inside Megatron's pipeline schedule.
+
+``get_forward_backward_func()`` calls a *forward step* on every pipeline stage with the next
+micro-batch; on the last stage the returned ``loss_func`` receives this rank's vocab-sharded logits
+[b, S, Vp/TP]. Here it computes log-probs and entropy with the vocab-parallel kernel (no full-vocab
+gather) and the decoupled PPO loss.
+
+Scaling. The loss of a minibatch is ``sum(mask * l) / N`` with N the masked-token count of the whole
+minibatch across micro-batches and data-parallel ranks (spec/loss.md). Each micro-batch's loss_func
+therefore returns its *partial sum divided by the global N*, as a 3-tuple ``(loss, num_tokens, stats)``
+and the model config must have ``calculate_per_token_loss=True`` so the schedule neither divides by the
+micro-batch count nor by the token count; data-parallel gradients must then be *summed*, not averaged
+(DDP with ``calculate_per_token_loss=True``, or the plain CPU path's all-reduce SUM). The result does
+not depend on how the minibatch is split into micro-batches.
+"""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+
+import torch
+
+from megatron_a3po.ops import vocab_parallel_logprobs_entropy
+
+
+def _tp_group():
+    from megatron.core import parallel_state as ps
+
+    return ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
+
+
+def _forward(model, mb):
+    return model(mb.tokens, mb.position_ids, None)
+
+
+def policy_forward_step(*, mode: str, current_version: int, num_tokens_global: int, temperature: float,
+                        vocab_size: int, loss_kwargs: dict | None = None, alpha_schedule: str = "inverse",
+                        entropy_coef: float = 0.0, prox_timer: list | None = None):
+    """Forward step for one PPO minibatch. ``mode``: coupled | loglinear | linear | recompute | metrics.
+
+    In recompute/metrics mode every micro-batch must carry ``prox_logp`` from ``logprob_forward_step``.
+    ``prox_timer`` (a one-element list) accumulates seconds spent forming the proximal log-probs.
+    """
+    from megatron_a3po.loss import approx_error_stats, approximate_prox_logp, decoupled_ppo_loss, staleness_stats
+
+    if mode not in ("coupled", "loglinear", "linear", "recompute", "metrics"):
+        raise ValueError(f"trainer.mode: unknown mode {mode!r}")
+    loss_kwargs = dict(loss_kwargs or {})
+    tp_group = _tp_group()
+
+    def loss_func(mb, logits):
+        logp, ent = vocab_parallel_logprobs_entropy(logits, mb.labels, tp_group=tp_group,
+                                                    temperature=temperature, vocab_size=vocab_size)
+        mask = mb.loss_mask.to(logp.device)
+        behave = mb.behave_logp.to(logp.device)
+        versions = mb.versions.to(logp.device)
+        t0 = time.perf_counter()
+        if mode == "coupled":
+            prox = behave
+        elif mode in ("recompute", "metrics"):
+            if mb.prox_logp is None:
+                raise RuntimeError(f"trainer.mode={mode}: micro-batch has no recomputed prox_logp")
+            prox = mb.prox_logp.to(logp.device)
+        else:
+            prox = approximate_prox_logp(behave, logp.detach(), versions, current_version, method=mode,
+                                         alpha_schedule=alpha_schedule)
+        if prox_timer is not None:
+            prox_timer[0] += time.perf_counter() - t0
+        loss, stats = decoupled_ppo_loss(logp, behave, prox, mb.advantages.to(logp.device), mask,
+                                         num_tokens=num_tokens_global, entropy=ent.detach(), **loss_kwargs)
+        stats = dict(stats)
+        stats.update(staleness_stats(versions, current_version, mask, alpha_schedule=alpha_schedule,
+                                     num_tokens=num_tokens_global))
+        if entropy_coef:
+            loss = loss - entropy_coef * (ent * mask).sum() / num_tokens_global
+        if mode == "metrics":
+            stats.update(approx_error_stats(prox, behave, logp.detach(), versions, current_version, mask,
+                                            alpha_schedule=alpha_schedule, num_tokens=num_tokens_global))
+        stats["_loss"] = loss.detach()  # this micro-batch's share of the minibatch loss
+        return loss, mask.sum().to(torch.int), stats
+
+    def forward_step(data_iterator, model):
+        mb = next(data_iterator)
+        return _forward(model, mb), partial(loss_func, mb)
+
+    return forward_step
+
+
+def logprob_forward_step(*, temperature: float, vocab_size: int):
+    """Forward-only step returning the masked token log-probs of each micro-batch (recompute pass)."""
+    tp_group = _tp_group()
+
+    def loss_func(mb, logits):
+        with torch.no_grad():
+            logp, _ = vocab_parallel_logprobs_entropy(logits, mb.labels, tp_group=tp_group,
+                                                      temperature=temperature, vocab_size=vocab_size)
+        return torch.zeros((), device=logits.device), {"logp": logp.float().cpu()}
+
+    def forward_step(data_iterator, model):
+        mb = next(data_iterator)
+        return _forward(model, mb), partial(loss_func, mb)
+
+    return forward_step
+
+
+def sft_forward_step(*, num_tokens_global: int, vocab_size: int):
+    """Next-token cross-entropy on the masked (response) tokens: the optional supervised warm start."""
+    tp_group = _tp_group()
+
+    def loss_func(mb, logits):
+        logp, _ = vocab_parallel_logprobs_entropy(logits, mb.labels, tp_group=tp_group, vocab_size=vocab_size)
+        mask = mb.loss_mask.to(logp.device)
+        nll = -(logp * mask).sum()
+        return nll / num_tokens_global, mask.sum().to(torch.int), {"_nll_sum": nll.detach()}
+
+    def forward_step(data_iterator, model):
+        mb = next(data_iterator)
+        return _forward(model, mb), partial(loss_func, mb)
+
+    return forward_step

@@ -1,0 +1,194 @@
+"""A Megatron GPTModel from an HF config, for this rank under the current parallel state.
+
+Supported families (``family_of``): Qwen2/Qwen2.5 (qkv bias, tied embeddings in the small models),
+Llama 3/3.1 (GQA, rope scaling "llama3"), Qwen3 (q/k RMSNorm per head). HF configs are read through
+``arch_from_hf`` only, which handles transformers 4.x and 5.x field names.
+
+Rotary frequencies: megatron's built-in rope scaling hard-codes the Llama-3.1 constants, so instead the
+model's ``inv_freq`` is set from transformers' own rope initialisers for the config's rope type
+(default, llama3, linear, dynamic at its base length); types that also rescale attention (yarn,
+longrope) are refused rather than silently mis-computed.
+
+Layer spec: TransformerEngine's when it is importable and CUDA exists, else megatron's local spec with
+``SDPACoreAttention`` (megatron_a3po.platform.attention).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+SUPPORTED = {"Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama", "Qwen3ForCausalLM": "qwen3"}
+_MODEL_TYPES = {"qwen2": "qwen2", "llama": "llama", "qwen3": "qwen3"}
+VOCAB_DIVISIBLE_BY = 128
+
+
+class UnsupportedModel(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Arch:
+    family: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_eps: float
+    rope_theta: float
+    max_position: int
+    tie_embeddings: bool
+    qkv_bias: bool
+    qk_norm: bool
+
+
+def family_of(hf_config) -> str:
+    archs = list(getattr(hf_config, "architectures", None) or [])
+    for a in archs:
+        if a in SUPPORTED:
+            return SUPPORTED[a]
+    mt = getattr(hf_config, "model_type", None)
+    if not archs and mt in _MODEL_TYPES:
+        return _MODEL_TYPES[mt]
+    name = archs[0] if archs else mt
+    raise UnsupportedModel(f"unsupported architecture {name!r}; supported: {', '.join(sorted(SUPPORTED))}")
+
+
+def _rope_params(cfg) -> dict:
+    """rope settings in one dict across transformers 4.x (rope_theta, rope_scaling) and 5.x (rope_parameters)."""
+    rp = getattr(cfg, "rope_parameters", None)
+    if isinstance(rp, dict) and rp:
+        return dict(rp)
+    out = dict(getattr(cfg, "rope_scaling", None) or {})
+    out.setdefault("rope_theta", getattr(cfg, "rope_theta", 10000.0))
+    out.setdefault("rope_type", out.get("type", "default"))
+    return out
+
+
+def arch_from_hf(cfg) -> Arch:
+    fam = family_of(cfg)
+    nh = cfg.num_attention_heads
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // nh
+    rope = _rope_params(cfg)
+    return Arch(
+        family=fam, vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size, num_layers=cfg.num_hidden_layers, num_heads=nh,
+        num_kv_heads=getattr(cfg, "num_key_value_heads", None) or nh, head_dim=hd, rms_eps=cfg.rms_norm_eps,
+        rope_theta=float(rope.get("rope_theta", 10000.0)), max_position=cfg.max_position_embeddings,
+        tie_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
+        qkv_bias=True if fam == "qwen2" else bool(getattr(cfg, "attention_bias", False)),
+        qk_norm=fam == "qwen3",
+    )
+
+
+def padded_vocab_size(vocab: int, tp: int) -> int:
+    m = VOCAB_DIVISIBLE_BY * tp
+    return ((vocab + m - 1) // m) * m
+
+
+def check_layout(arch: Arch, tp: int, pp: int) -> None:
+    if arch.num_heads % tp:
+        raise ValueError(f"parallel.tp={tp} does not divide num_attention_heads={arch.num_heads}")
+    if arch.num_kv_heads % tp:
+        raise ValueError(f"parallel.tp={tp} does not divide num_key_value_heads={arch.num_kv_heads}")
+    if arch.num_layers % pp:
+        raise ValueError(f"parallel.pp={pp} does not divide num_hidden_layers={arch.num_layers}")
+
+
+def _use_te() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def layer_spec(arch: Arch):
+    if _use_te():
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_norm)
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from megatron_a3po.platform.attention import SDPACoreAttention
+
+    spec = get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm")
+    spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+    return spec
+
+
+def transformer_config(arch: Arch, *, params_dtype=torch.float32, sequence_parallel: bool = False):
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer import TransformerConfig
+
+    tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
+    check_layout(arch, tp, pp)
+    cpu = not torch.cuda.is_available()
+    return TransformerConfig(
+        num_layers=arch.num_layers, hidden_size=arch.hidden_size, ffn_hidden_size=arch.intermediate_size,
+        num_attention_heads=arch.num_heads, num_query_groups=arch.num_kv_heads, kv_channels=arch.head_dim,
+        normalization="RMSNorm", layernorm_epsilon=arch.rms_eps, gated_linear_unit=True,
+        activation_func=F.silu, add_bias_linear=False, add_qkv_bias=arch.qkv_bias, qk_layernorm=arch.qk_norm,
+        hidden_dropout=0.0, attention_dropout=0.0,
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        sequence_parallel=sequence_parallel and tp > 1,
+        params_dtype=params_dtype, bf16=params_dtype == torch.bfloat16, pipeline_dtype=params_dtype,
+        use_cpu_initialization=cpu, perform_initialization=True,
+        bias_dropout_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=False,
+        gradient_accumulation_fusion=False, persist_layer_norm=False,
+        # micro-batches differ in [b, S]; PP then exchanges shapes first. megatron-core's validation
+        # rejects this with its default MoE dispatcher even for dense models, so name one it accepts.
+        variable_seq_lengths=True, moe_token_dispatcher_type="alltoall",
+    )
+
+
+def _hf_inv_freq(hf_config, head_dim: int) -> torch.Tensor:
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rope = _rope_params(hf_config)
+    rtype = rope.get("rope_type", "default")
+    if rtype == "default":
+        base = float(rope.get("rope_theta", 10000.0))
+        return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if rtype not in ROPE_INIT_FUNCTIONS:
+        raise UnsupportedModel(f"rope type {rtype!r} is not known to this transformers version")
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rtype](hf_config, torch.device("cpu"))
+    if float(scaling) != 1.0:
+        raise UnsupportedModel(f"rope type {rtype!r} rescales attention (factor {scaling}); not supported")
+    return inv_freq.float()
+
+
+def build_model(hf_config, *, params_dtype=torch.float32, pre_process=None, post_process=None,
+                sequence_parallel: bool = False):
+    """This rank's GPTModel chunk for ``hf_config`` (random init; load weights with megatron_a3po.convert)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+
+    arch = arch_from_hf(hf_config)
+    cfg = transformer_config(arch, params_dtype=params_dtype, sequence_parallel=sequence_parallel)
+    if pre_process is None:
+        pre_process = ps.is_pipeline_first_stage()
+    if post_process is None:
+        post_process = ps.is_pipeline_last_stage()
+    model = GPTModel(
+        config=cfg, transformer_layer_spec=layer_spec(arch),
+        vocab_size=padded_vocab_size(arch.vocab_size, ps.get_tensor_model_parallel_world_size()),
+        max_sequence_length=arch.max_position, pre_process=pre_process, post_process=post_process,
+        share_embeddings_and_output_weights=arch.tie_embeddings, position_embedding_type="rope",
+        rotary_base=int(arch.rope_theta) if float(arch.rope_theta).is_integer() else arch.rope_theta,
+    )
+    model.rotary_pos_emb.inv_freq = _hf_inv_freq(hf_config, arch.head_dim).to(
+        model.rotary_pos_emb.inv_freq.device)
+    model.hf_arch = arch
+    if not torch.cuda.is_available():
+        model = model.to(params_dtype)
+    else:
+        model = model.cuda()
+    return model

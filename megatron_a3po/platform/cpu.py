@@ -1,0 +1,164 @@
+"""megatron-core on a CPU (gloo): every patch in one place, applied only when no CUDA device exists.
+
+megatron-core 0.16 runs on CPU except for a few hard-coded CUDA calls. Rather than patching torch
+globally, each affected megatron module gets a *module-local* stand-in for its ``torch`` name
+(``_TorchOnCPU``): identical to torch except that
+
+  * ``torch.cuda.current_device()`` returns ``torch.device("cpu")``, ``torch.cuda.synchronize()`` is a
+    no-op, ``torch.cuda.is_available()`` is False;
+  * tensor factories (``zeros``, ``empty``, ``ones``, ``tensor``, ``full``, ``arange``) map
+    ``device="cuda"`` to the CPU.
+
+Patched modules, and why:
+
+  megatron.core.pipeline_parallel.schedules       ``total_num_tokens = torch.zeros(..., device="cuda")``
+  megatron.core.pipeline_parallel.p2p_communication  shape buffers on ``torch.cuda.current_device()``,
+                                                  ``torch.cuda.synchronize()`` after batched p2p
+  megatron.core.models.common.embeddings.rotary_pos_embedding  ``inv_freq.to(torch.cuda.current_device())``
+  megatron.core.dist_checkpointing.strategies.async_utils / filesystem_async  ``torch.cuda.synchronize()``
+                                                  and liveness tensors on the current CUDA device
+
+One method is wrapped instead (its CUDA call is a Tensor method, not a ``torch.`` name):
+
+  LanguageModule.setup_embeddings_and_output_layer  ``weight.data.cuda()`` before the all-reduce that
+                                                  syncs tied embeddings between the first and last
+                                                  pipeline stage: ``Tensor.cuda`` is the identity
+                                                  for the duration of that call only
+
+Two more pieces live beside this module: ``SDPACoreAttention`` (attention.py) replaces
+``DotProductAttention`` in the local layer spec (it allocates through ``get_global_memory_buffer()`` on
+CUDA and forks the CUDA RNG tracker), and ``seed_everything`` (``model_parallel_cuda_manual_seed``
+needs CUDA; on CPU the CPU generator is seeded instead).
+
+``apply_cpu_patches()`` is idempotent and does nothing when CUDA is available.
+"""
+
+from __future__ import annotations
+
+import importlib
+import types
+
+import torch
+
+PATCHED_MODULES = (
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.pipeline_parallel.p2p_communication",
+    "megatron.core.models.common.embeddings.rotary_pos_embedding",
+    "megatron.core.dist_checkpointing.strategies.async_utils",
+    "megatron.core.dist_checkpointing.strategies.filesystem_async",
+)
+_FACTORIES = ("zeros", "empty", "ones", "tensor", "full", "arange", "zeros_like", "empty_like")
+_applied: list[str] = []
+
+
+def _cpu_device(dev):
+    if dev is None:
+        return None
+    if isinstance(dev, int):
+        return torch.device("cpu")
+    d = torch.device(dev)
+    return torch.device("cpu") if d.type == "cuda" else d
+
+
+class _CudaOnCPU:
+    """``torch.cuda`` as the patched modules see it on a CPU machine."""
+
+    @staticmethod
+    def current_device():
+        return torch.device("cpu")
+
+    @staticmethod
+    def synchronize(*_a, **_k):
+        return None
+
+    @staticmethod
+    def is_available():
+        return False
+
+    @staticmethod
+    def device_count():
+        return 0
+
+    def __getattr__(self, name):
+        return getattr(torch.cuda, name)
+
+
+def _factory(fn):
+    def wrapped(*args, **kwargs):
+        if "device" in kwargs:
+            kwargs["device"] = _cpu_device(kwargs["device"])
+        return fn(*args, **kwargs)
+
+    wrapped.__name__ = fn.__name__
+    wrapped.__doc__ = f"{fn.__name__} with device='cuda' mapped to the CPU (megatron_a3po.platform.cpu)"
+    return wrapped
+
+
+class _TorchOnCPU(types.ModuleType):
+    def __init__(self):
+        super().__init__("torch")
+        self.cuda = _CudaOnCPU()
+        for name in _FACTORIES:
+            setattr(self, name, _factory(getattr(torch, name)))
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+TORCH_ON_CPU = _TorchOnCPU()
+
+
+def _tensor_cuda_is_identity(fn):
+    def wrapped(*args, **kwargs):
+        saved = torch.Tensor.cuda
+        torch.Tensor.cuda = lambda t, *a, **k: t
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.Tensor.cuda = saved
+
+    wrapped.__wrapped__ = fn
+    wrapped._a3po_cpu_patch = True
+    return wrapped
+
+
+WRAPPED_METHODS = (
+    ("megatron.core.models.common.language_module.language_module", "LanguageModule",
+     "setup_embeddings_and_output_layer"),
+)
+
+
+def apply_cpu_patches(force: bool = False) -> list[str]:
+    """Point the ``torch`` name of each module in PATCHED_MODULES at the CPU stand-in (no CUDA only).
+
+    Returns the names of the modules patched so far. ``force`` patches even with CUDA (tests only).
+    """
+    if torch.cuda.is_available() and not force:
+        return []
+    for name in PATCHED_MODULES:
+        if name in _applied:
+            continue
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:  # a module absent in this megatron-core version needs no patch
+            continue
+        if getattr(mod, "torch", None) is torch:
+            mod.torch = TORCH_ON_CPU
+        _applied.append(name)
+    for modname, cls, meth in WRAPPED_METHODS:
+        key = f"{modname}.{cls}.{meth}"
+        if key in _applied:
+            continue
+        try:
+            klass = getattr(importlib.import_module(modname), cls)
+        except (ImportError, AttributeError):
+            continue
+        fn = getattr(klass, meth)
+        if not getattr(fn, "_a3po_cpu_patch", False):
+            setattr(klass, meth, _tensor_cuda_is_identity(fn))
+        _applied.append(key)
+    return list(_applied)
+
+
+def patched_modules() -> list[str]:
+    return list(_applied)

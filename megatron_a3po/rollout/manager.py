@@ -1,0 +1,180 @@
+"""``RolloutManager``: the synchronous facade the (synchronous, torch) trainer uses.
+
+It runs the asyncio rollout controller (controller.py) and the fleet client (fleet.py) in a background
+thread with its own event loop; every method below is a blocking call from the trainer's thread.
+
+Typical trainer loop (disk weight sync)::
+
+    from megatron_a3po.rollout import RolloutManager
+
+    rm = RolloutManager.from_recipe(recipe, engine_urls=urls, tokenizer=tok)   # or RolloutManager(...)
+    rm.start()                                  # health-checks servers, starts generating at version 0
+    if resume: rm.load_state_dict(saved["rollout"])          # (before start())
+    for step in range(steps):
+        batch = rm.get_batch(recipe.rollout.batch_prompts, current_version=step, timeout=600)
+        ...train on batch (batch.to_padded() gives tensors; per-token versions in batch)...
+        save_hf(model, d := f"{run}/hf/v{step + 1}")
+        rm.update_weights(step + 1, hf_dir=d)   # pause(abort) -> load -> continue, on every server
+        log(rm.metrics())
+        saved["rollout"] = rm.state_dict()
+    rm.close()
+
+Versions are integers; the servers must start with ``--weight-version <initial_version>``.
+``get_batch(n, k)`` returns ``n`` complete groups (``n_samples`` samples each, rewards and GRPO
+advantages filled) in which no token is more than ``max_staleness`` versions older than ``k``.
+``update_weights`` raises ``WeightUpdateError`` if a server cannot be updated after retries; the fleet
+is then left paused (no server serves mixed weights) and a later ``update_weights`` may retry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import Future
+from typing import Any
+
+from megatron_a3po.rollout.controller import Controller, ControllerConfig
+from megatron_a3po.rollout.fleet import Fleet
+from megatron_a3po.rollout.types import Batch
+from megatron_a3po.rollout.weights import DiskTransport
+
+
+class RolloutManager:
+    """Synchronous facade over the async controller. See the module docstring for the loop.
+
+    Args:
+        engine_urls: server base URLs (``http://127.0.0.1:30000``); weight updates go to all of them.
+        prompts: list of ``data.Prompt`` (or use ``from_recipe`` / ``from_files``).
+        task: a ``tasks.Task`` (reward function) or its name.
+        tokenizer: HF tokenizer (decodes responses for the reward).
+        config: ``ControllerConfig`` (n_samples, max_inflight_groups, batch_groups, max_staleness,
+            sampling params, shuffle/seed/epochs).
+        router_url: send /generate through an sglang-router instead (control calls still go to
+            ``engine_urls``).
+        transport: ``DiskTransport()`` (default) or ``NcclTransport(...)``.
+        initial_version: the version the servers start with.
+        request_timeout: seconds before a /generate call is abandoned and re-issued elsewhere.
+    """
+
+    def __init__(self, engine_urls: list[str], prompts: list, task, tokenizer, config: ControllerConfig,
+                 *, router_url: str | None = None, transport=None, initial_version: int = 0,
+                 request_timeout: float = 600.0, connect_timeout: float = 5.0, health_interval_s: float = 0.5):
+        if isinstance(task, str):
+            from megatron_a3po.rollout.tasks import get_task
+
+            task = get_task(task)
+        self.fleet = Fleet(list(engine_urls), router_url=router_url, request_timeout=request_timeout,
+                           connect_timeout=connect_timeout, health_interval_s=health_interval_s)
+        self.controller = Controller(self.fleet, prompts, task, tokenizer, config,
+                                     transport=transport or DiskTransport(), initial_version=initial_version)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="rollout-loop", daemon=True)
+        self._started = False
+        self._closed = False
+
+    # ---- construction helpers
+    @classmethod
+    def from_recipe(cls, recipe, *, engine_urls: list[str] | None = None, tokenizer=None, prompts=None,
+                    initial_version: int = 0, transport=None) -> "RolloutManager":
+        """Build from a ``recipes.config.Recipe`` (rollout + data sections)."""
+        r, d = recipe.rollout, recipe.data
+        urls = list(engine_urls if engine_urls is not None else r.engine_urls)
+        if prompts is None:
+            from megatron_a3po.rollout.data import load_prompts
+
+            if not d.train_path:
+                raise ValueError("data.train_path is required to build prompts")
+            prompts = load_prompts(d.train_path, d.task, tokenizer)
+        cfg = ControllerConfig(n_samples=r.n_samples, max_inflight_groups=r.max_inflight_groups,
+                               batch_groups=r.batch_prompts, max_staleness=r.max_staleness,
+                               max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
+                               top_k=r.top_k, shuffle=d.shuffle, seed=recipe.trainer.seed)
+        return cls(urls, prompts, d.task, tokenizer, cfg, router_url=r.router_url, transport=transport,
+                   initial_version=initial_version, request_timeout=r.request_timeout_s)
+
+    # ---- plumbing
+    def _call(self, coro, timeout: float | None = None):
+        if self._closed:
+            coro.close()
+            raise RuntimeError("RolloutManager is closed")
+        fut: Future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        return fut.result(timeout)
+
+    async def _run(self, fn, *a, **kw):
+        return fn(*a, **kw)
+
+    # ---- public API
+    def start(self, wait_s: float = 120.0):
+        """Start the loop thread, health-check every server (up to ``wait_s``), start admitting work."""
+        if self._started:
+            return
+        self._thread.start()
+        self._started = True
+        self._call(self.fleet.start(wait_s))
+        self._call(self.controller.start())
+
+    def get_batch(self, num_groups: int, current_version: int, timeout: float | None = None) -> Batch:
+        """Block until ``num_groups`` complete groups within the staleness bound of
+        ``current_version`` are ready; raises TimeoutError, WeightUpdateError or RolloutError."""
+        return self._call(self.controller.get_batch(num_groups, current_version, timeout))
+
+    def update_weights(self, new_version: int, hf_dir: str | None = None, named_tensors=None):
+        """Push new weights to every server (disk: ``hf_dir``; NCCL: ``named_tensors`` iterator) and
+        tag generation from now on with ``new_version``. Blocks until every server serves them."""
+        payload: dict[str, Any] = {}
+        if hf_dir is not None:
+            payload["hf_dir"] = str(hf_dir)
+        if named_tensors is not None:
+            payload["named_tensors"] = named_tensors
+        return self._call(self.controller.update_weights(int(new_version), **payload))
+
+    def init_weight_transport(self):
+        """NCCL transport only: create the update group with every server (call after start())."""
+        t = self.controller.transport
+        if hasattr(t, "init"):
+            self._call(t.init(self.fleet))
+
+    def set_version(self, version: int):
+        """Tell the controller the trainer's version (admission uses it); get_batch also does this."""
+        self._call(self._run(self.controller.set_version, int(version)))
+
+    def metrics(self) -> dict[str, Any]:
+        """Flat dict of counters and gauges (``rollout/...``): groups admitted/completed/delivered/
+        dropped_stale, requests_aborted_resumed, samples_restarted_stale, weight_updates,
+        weight_update_failures, fleet retries/timeouts/connection_errors/http_5xx/servers_dropped/
+        servers_unavailable/servers_recovered, servers_live, gen_tokens(_per_s), wait_s_total,
+        weight_sync_s_total, trainer/served versions."""
+        return self._call(self._run(self.controller.metrics))
+
+    def state_dict(self) -> dict:
+        """Data cursor + prompts admitted but not yet delivered (regenerated after a resume)."""
+        if not self._started:
+            return self.controller.state_dict()
+        return self._call(self._run(self.controller.state_dict))
+
+    def load_state_dict(self, sd: dict):
+        """Restore a ``state_dict()``; call before ``start()``."""
+        if self._started:
+            raise RuntimeError("load_state_dict must be called before start()")
+        self.controller.load_state_dict(sd)
+
+    def close(self):
+        """Stop generating (in-flight requests are abandoned) and stop the loop thread."""
+        if self._closed:
+            return
+        if self._started:
+            try:
+                self._call(self.controller.stop(), timeout=30)
+                self._call(self.fleet.close(), timeout=30)
+            finally:
+                self._closed = True
+                self._loop.call_soon_threadsafe(self._loop.stop)
+                self._thread.join(timeout=30)
+        self._closed = True
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

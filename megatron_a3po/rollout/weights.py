@@ -1,0 +1,182 @@
+"""Weight transports: how new trainer weights reach every rollout server.
+
+The controller always wraps a push in pause(abort) -> push -> verify version -> continue (see
+controller.py); a transport only moves the weights.
+
+* ``DiskTransport``: the trainer writes an HF directory; every server gets
+  ``POST /update_weights_from_disk {"model_path", "weight_version", "load_format", "flush_cache",
+  "abort_all_requests"}`` (retried per server).
+* ``NcclTransport``: the trainer is rank 0 of a process group with every server's TP ranks
+  (server i's TP rank t is ``rank_offset_i + t``). ``init`` posts ``/init_weights_update_group`` to
+  every server while joining the group itself; ``push`` consumes an iterator of ``(name, tensor)`` in
+  buckets of ``bucket_bytes``: for each bucket it posts ``/update_weights_from_distributed {"names",
+  "dtypes", "shapes", "group_name", "flush_cache", "abort_all_requests", "weight_version"}`` to every
+  server and, concurrently, broadcasts each tensor from rank 0 in the order of ``names``. Only the last
+  bucket carries ``weight_version`` (and ``flush_cache``), so a server reports the new version only
+  once it has every tensor. Collective calls are not retried (a half-done broadcast cannot be
+  replayed); a failure raises and the controller leaves every server paused.
+  ``backend="gloo"`` runs the same code on CPU (tests); GPU deployments use ``"nccl"``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from typing import Iterable, Iterator
+
+import torch
+
+from megatron_a3po.rollout.fleet import Fleet, FleetError, ServerCallError
+
+
+class DiskTransport:
+    def __init__(self, load_format: str | None = None, flush_cache: bool = True):
+        self.load_format = load_format
+        self.flush_cache = flush_cache
+
+    def body(self, version: int, hf_dir: str) -> dict:
+        b = {"model_path": str(hf_dir), "weight_version": str(version), "flush_cache": self.flush_cache,
+             "abort_all_requests": False}
+        if self.load_format:
+            b["load_format"] = self.load_format
+        return b
+
+    async def push(self, fleet: Fleet, version: int, *, hf_dir=None, retries: int = 2, **_):
+        if hf_dir is None:
+            raise ValueError("DiskTransport.push needs hf_dir (the HF directory the trainer wrote)")
+        await fleet.call_all("/update_weights_from_disk", self.body(version, hf_dir), retries=retries, timeout=600.0)
+
+
+def init_update_group(master_address: str, master_port: int, rank: int, world_size: int, group_name: str,
+                      backend: str = "nccl", timeout_s: float = 300.0):
+    """Create an extra torch.distributed process group outside the default one (rendezvous over
+    ``tcp://master_address:master_port``, keys under ``group_name``), as an SGLang server does on
+    ``/init_weights_update_group``; returns the group."""
+    from torch.distributed import distributed_c10d as c10d
+
+    timeout = timedelta(seconds=timeout_s)
+    store, rank, world_size = next(c10d.rendezvous(f"tcp://{master_address}:{master_port}", rank, world_size,
+                                                   timeout=timeout))
+    store.set_timeout(timeout)
+    store = c10d.PrefixStore(group_name, store)
+    pg, _ = c10d._new_process_group_helper(world_size, rank, [], c10d.Backend(backend), store,
+                                           group_name=group_name, timeout=timeout)
+    c10d._world.pg_group_ranks[pg] = {i: i for i in range(world_size)}
+    return pg
+
+
+def _dtype_name(dt: torch.dtype) -> str:
+    return str(dt).removeprefix("torch.")
+
+
+def buckets(named_tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[list]:
+    """Group (name, tensor) pairs into lists of about ``bucket_bytes`` (a big tensor is its own bucket)."""
+    cur, size = [], 0
+    for name, t in named_tensors:
+        nbytes = t.numel() * t.element_size()
+        if cur and size + nbytes > bucket_bytes:
+            yield cur
+            cur, size = [], 0
+        cur.append((name, t))
+        size += nbytes
+    if cur:
+        yield cur
+
+
+def _with_last(it):
+    it = iter(it)
+    try:
+        prev = next(it)
+    except StopIteration:
+        return
+    for x in it:
+        yield prev, False
+        prev = x
+    yield prev, True
+
+
+class NcclTransport:
+    def __init__(self, master_address: str, master_port: int, *, group_name: str = "a3po_weights",
+                 bucket_bytes: int = 512 << 20, backend: str = "nccl", server_tp: int | list[int] = 1,
+                 device: str | torch.device | None = None, timeout_s: float = 300.0):
+        self.master_address, self.master_port = master_address, master_port
+        self.group_name, self.bucket_bytes, self.backend = group_name, bucket_bytes, backend
+        self.server_tp = server_tp
+        self.device = torch.device(device) if device is not None else (
+            torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu"))
+        self.timeout_s = timeout_s
+        self.group = None
+        self.urls: list[str] = []
+
+    def init_bodies(self, urls: list[str]) -> dict[str, dict]:
+        tps = self.server_tp if isinstance(self.server_tp, list) else [self.server_tp] * len(urls)
+        if len(tps) != len(urls):
+            raise ValueError(f"server_tp has {len(tps)} entries for {len(urls)} servers")
+        world = 1 + sum(tps)
+        out, off = {}, 1
+        for u, tp in zip(urls, tps):
+            out[u] = {"master_address": self.master_address, "master_port": self.master_port, "rank_offset": off,
+                      "world_size": world, "group_name": self.group_name, "backend": self.backend}
+            off += tp
+        return out
+
+    def update_body(self, bucket: list, version: int | None, last: bool) -> dict:
+        b = {"names": [n for n, _ in bucket], "dtypes": [_dtype_name(t.dtype) for _, t in bucket],
+             "shapes": [list(t.shape) for _, t in bucket], "group_name": self.group_name,
+             "flush_cache": bool(last), "abort_all_requests": False}
+        if last and version is not None:
+            b["weight_version"] = str(version)
+        return b
+
+    async def init(self, fleet: Fleet):
+        servers = fleet.live()
+        self.urls = [s.url for s in servers]
+        bodies = self.init_bodies(self.urls)
+        world = next(iter(bodies.values()))["world_size"]
+        http = asyncio.gather(*(fleet.call_one(s, "/init_weights_update_group", bodies[s.url], retries=0,
+                                               timeout=self.timeout_s) for s in servers), return_exceptions=True)
+        join = asyncio.to_thread(init_update_group, self.master_address, self.master_port, 0, world,
+                                 self.group_name, self.backend, self.timeout_s)
+        res = await asyncio.gather(http, join, return_exceptions=True)
+        errs = [r for r in (res[0] if isinstance(res[0], list) else [res[0]]) if isinstance(r, BaseException)]
+        if isinstance(res[1], BaseException):
+            errs.append(res[1])
+        if errs:
+            raise FleetError(f"init_weights_update_group failed: {errs[0]}")
+        self.group = res[1]
+
+    def _broadcast(self, bucket: list):
+        import torch.distributed as dist
+
+        for _, t in bucket:
+            t = t.detach().to(self.device).contiguous()
+            dist.broadcast(t, src=0, group=self.group)
+
+    async def push(self, fleet: Fleet, version: int, *, named_tensors=None, retries: int = 0, **_):
+        if self.group is None:
+            raise FleetError("NcclTransport.init(fleet) must run before push")
+        if named_tensors is None:
+            raise ValueError("NcclTransport.push needs named_tensors (an iterable of (name, tensor))")
+        servers = [s for s in fleet.live()]
+        if [s.url for s in servers] != self.urls:
+            raise FleetError(f"the fleet changed since the update group was made ({self.urls} -> "
+                             f"{[s.url for s in servers]}); re-create the group")
+        for bucket, last in _with_last(buckets(named_tensors, self.bucket_bytes)):
+            body = self.update_body(bucket, version, last)
+            http = asyncio.gather(*(fleet.call_one(s, "/update_weights_from_distributed", body, retries=0,
+                                                   timeout=self.timeout_s) for s in servers), return_exceptions=True)
+            bc = asyncio.to_thread(self._broadcast, bucket)
+            res_http, res_bc = await asyncio.gather(http, bc, return_exceptions=True)
+            if isinstance(res_bc, BaseException):
+                raise FleetError(f"weight broadcast failed: {res_bc}") from res_bc
+            for r in res_http:
+                if isinstance(r, BaseException):
+                    raise r if isinstance(r, ServerCallError) else FleetError(str(r))
+
+    async def destroy(self, fleet: Fleet):
+        await fleet.call_all("/destroy_weights_update_group", {"group_name": self.group_name}, retries=0)
+        if self.group is not None:
+            import torch.distributed as dist
+
+            dist.destroy_process_group(self.group)
+            self.group = None

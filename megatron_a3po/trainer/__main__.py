@@ -1,0 +1,93 @@
+"""``python -m megatron_a3po.trainer --recipe NAME_OR_PATH [key.path=value ...]``
+
+Under torchrun (WORLD_SIZE set) every rank runs the loop. Started directly, it spawns the
+TP x PP ranks itself (gloo on CPU), so the CPU demo and tests need no launcher.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+
+def _worker(rank, world, recipe_dict, run_dir):
+    from recipes.config import Recipe
+
+    from megatron_a3po.trainer.loop import run
+
+    return run(Recipe.model_validate(recipe_dict), run_dir=run_dir)
+
+
+def print_summary(summary: dict, other: dict | None = None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    c = Console()
+    t = Table(title=f"A-3PO run ({summary['mode']}, {summary['steps']} steps)")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    w = summary["window"]
+    t.add_row(f"reward, first {w} steps (mean)", f"{summary['first_reward']:.3f}")
+    t.add_row(f"reward, last {w} steps (mean)", f"{summary['last_reward']:.3f}")
+    t.add_row("proximal log-prob time, total", f"{summary['prox_time_total_s'] * 1e3:.2f} ms")
+    t.add_row("proximal log-prob time, per step", f"{summary['prox_time_mean_ms']:.3f} ms")
+    t.add_row("mean staleness of trained tokens", f"{summary['staleness_mean']:.2f}")
+    t.add_row("steps/s", f"{summary['steps_per_s']:.3f}")
+    t.add_row("wall time", f"{summary['elapsed_s']:.1f} s")
+    c.print(t)
+    c.print(f"TensorBoard logs: [bold]{summary['tensorboard']}[/bold]  "
+            f"(tensorboard --logdir {summary['tensorboard']})")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m megatron_a3po.trainer", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipe", required=True, help="recipe name under recipes/ or a .yaml path")
+    ap.add_argument("--run-dir", default=None, help="output dir (default: trainer.log_dir)")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.mode=recompute")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stdout)
+    for noisy in ("httpx", "httpcore", "megatron", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from recipes.config import RecipeError, load_recipe
+
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+    except RecipeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from megatron_a3po.trainer.preflight import PreflightError, preflight
+
+    try:
+        preflight(recipe)
+    except PreflightError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    run_dir = args.run_dir or recipe.trainer.log_dir
+    world = recipe.parallel.tp * recipe.parallel.pp
+    if "WORLD_SIZE" in os.environ:  # torchrun / srun
+        from megatron_a3po.trainer.loop import run
+
+        summary = run(recipe, run_dir=run_dir)
+    elif world == 1:
+        os.environ.update(MASTER_ADDR="127.0.0.1", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        from megatron_a3po.platform.procs import free_port
+
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        from megatron_a3po.trainer.loop import run
+
+        summary = run(recipe, run_dir=run_dir)
+    else:
+        from megatron_a3po.platform.procs import run_distributed
+
+        summary = run_distributed(_worker, world, recipe.model_dump(), run_dir, timeout=24 * 3600)[0]
+    if summary:
+        print_summary(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

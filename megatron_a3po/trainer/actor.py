@@ -1,0 +1,220 @@
+"""The actor: a Megatron GPTModel (any TP/PP) that trains on rollout samples with the A-3PO loss.
+
+One training step (``train_step``) takes a batch of samples and the trainer's policy version V, then
+  1. in recompute/metrics mode, runs one forward-only pass with the weights at the start of the step
+     to get the proximal log-probs (frozen for all minibatches);
+  2. splits the batch into ``ppo_n_minibatches`` minibatches (whole prompt groups), packs each into
+     micro-batches under ``max_tokens_per_mb`` and runs Megatron's pipeline schedule with the loss of
+     megatron_a3po.loss.pipeline, then one optimizer update per minibatch.
+Every mode runs the same code; only the proximal log-probs differ, so mode comparisons are fair.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+import torch
+import torch.distributed as dist
+
+from megatron_a3po import metrics as M
+from megatron_a3po.trainer.batch import MicroBatch, TrainSample, collate
+from megatron_a3po.trainer.optim import build_optimizer, lr_at
+from megatron_a3po.trainer.packing import pack_microbatches, split_minibatches
+
+
+def combine_minibatches(mbs_stats: list[dict]) -> dict:
+    """One step's value of each stat over its minibatch updates: counts and histograms add up,
+    extrema take the extreme, token means average over the minibatches."""
+    from megatron_a3po.loss import stat_reduction
+
+    out = {}
+    if not mbs_stats:
+        return out
+    for key in mbs_stats[0]:
+        vals = [s[key] for s in mbs_stats]
+        op = stat_reduction(key)
+        if op == "max":
+            v = torch.stack([x.double() for x in vals]).amax(0)
+        elif op == "min":
+            v = torch.stack([x.double() for x in vals]).amin(0)
+        elif "count" in key or key in (M.STALENESS_HIST, M.NUM_TOKENS):
+            v = torch.stack([x.double() for x in vals]).sum(0)
+        else:
+            v = torch.stack([x.double() for x in vals]).mean(0)
+        out[key] = v.tolist() if v.ndim else float(v)
+    return out
+
+
+def _ps():
+    from megatron.core import parallel_state as ps
+
+    return ps
+
+
+class Actor:
+    def __init__(self, recipe, hf_config, *, hf_dir: str | None = None, mcore_dir: str | None = None):
+        from megatron_a3po.models import build_model
+
+        self.recipe = recipe
+        self.hf_config = hf_config
+        self.vocab_size = int(hf_config.vocab_size)
+        dtype = torch.bfloat16 if recipe.model.params_dtype == "bfloat16" else torch.float32
+        self.dtype = dtype
+        model = build_model(hf_config, params_dtype=dtype)
+        cfg = model.config
+        # see megatron_a3po.loss.pipeline: each micro-batch returns its share of the global token mean
+        cfg.calculate_per_token_loss = True
+        cfg.variable_seq_lengths = True  # micro-batches differ in [b, S]; PP exchanges shapes first
+        if getattr(cfg, "pipeline_dtype", None) is None:
+            cfg.pipeline_dtype = dtype
+        if hf_dir is not None:
+            from megatron_a3po.convert import load_hf_into_model
+
+            load_hf_into_model([model], hf_dir, hf_config)
+        elif mcore_dir is not None:
+            from megatron_a3po.convert import load_mcore_checkpoint
+
+            load_mcore_checkpoint([model], mcore_dir)
+        self.optim = build_optimizer([model], recipe.trainer, recipe.parallel, bf16=dtype == torch.bfloat16)
+        self.chunks = self.optim.model_chunks
+        self.step_count = 0
+
+    # ------------------------------------------------------------------ helpers
+    def _schedule(self, forward_step, mbs: list[MicroBatch], forward_only: bool):
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        if not mbs:
+            return []
+        fb = get_forward_backward_func()
+        return fb(forward_step_func=forward_step, data_iterator=iter(mbs), model=self.chunks,
+                  num_microbatches=len(mbs), seq_length=max(m.tokens.shape[1] for m in mbs),
+                  micro_batch_size=max(m.tokens.shape[0] for m in mbs), forward_only=forward_only)
+
+    def _microbatches(self, samples: list[TrainSample], idx: list[int]) -> list[MicroBatch]:
+        sub = [samples[i] for i in idx]
+        plans = pack_microbatches([s.length for s in sub], self.recipe.trainer.max_tokens_per_mb)
+        return [collate(sub, p.indices, p.seq_len) for p in plans]
+
+    def _global_tokens(self, mbs) -> int:
+        n = torch.tensor([float(sum(m.num_tokens for m in mbs))], dtype=torch.float64)
+        ps = _ps()
+        if ps.get_data_parallel_world_size() > 1:
+            dist.all_reduce(n, group=ps.get_data_parallel_group())
+        return int(n.item())
+
+    def _is_logging_rank(self) -> bool:
+        ps = _ps()
+        return ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
+
+    def _gather_to_rank0(self, obj):
+        """Collect a per-rank object from the last-stage, TP-rank-0 ranks (every DP rank) on global rank 0."""
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return [obj]
+        out = [None] * dist.get_world_size()
+        dist.all_gather_object(out, (self._is_logging_rank(), obj))
+        return [o for flag, o in out if flag]
+
+    # ------------------------------------------------------------------ passes
+    def recompute_logprobs(self, mbs: list[MicroBatch]) -> None:
+        """Forward-only pass with the current weights: sets ``mb.prox_logp`` on the last stage."""
+        from megatron_a3po.loss.pipeline import logprob_forward_step
+
+        fwd = logprob_forward_step(temperature=self.recipe.rollout.temperature, vocab_size=self.vocab_size)
+        for m in self.chunks:
+            m.eval()
+        with torch.no_grad():
+            out = self._schedule(fwd, mbs, forward_only=True)
+        for m in self.chunks:
+            m.train()
+        if _ps().is_pipeline_last_stage():
+            for mb, o in zip(mbs, out):
+                mb.prox_logp = o["logp"]
+
+    def train_step(self, samples: list[TrainSample], current_version: int, group_size: int) -> dict:
+        """One PPO step (``ppo_n_minibatches`` optimizer updates) on ``samples``; returns logged stats."""
+        from megatron_a3po.loss import aggregate_stats
+        from megatron_a3po.loss.pipeline import policy_forward_step
+
+        rc, tc, lc = self.recipe.rollout, self.recipe.trainer, self.recipe.loss
+        mode = tc.mode
+        t_step = time.perf_counter()
+        minibatches = [self._microbatches(samples, idx)
+                       for idx in split_minibatches(len(samples), tc.ppo_n_minibatches, group_size)]
+        times = defaultdict(float)
+        prox_timer = [0.0]
+        if mode in ("recompute", "metrics"):
+            t0 = time.perf_counter()
+            for mbs in minibatches:
+                self.recompute_logprobs(mbs)
+            prox_timer[0] += time.perf_counter() - t0
+        loss_kwargs = dict(eps_clip=lc.eps_clip, eps_clip_high=lc.eps_clip_high, dual_clip=lc.dual_clip,
+                           behave_weight_cap=lc.behave_weight_cap, behave_weight_cap_mode=lc.behave_weight_cap_mode)
+        self.set_lr(lr_at(self.step_count, tc))
+        per_minibatch, grad_norms = [], []
+        for mbs in minibatches:
+            n_global = self._global_tokens(mbs)
+            if n_global == 0:
+                continue
+            fwd = policy_forward_step(mode=mode, current_version=current_version, num_tokens_global=n_global,
+                                      temperature=rc.temperature, vocab_size=self.vocab_size,
+                                      loss_kwargs=loss_kwargs, alpha_schedule=lc.alpha_schedule,
+                                      entropy_coef=lc.entropy_coef, prox_timer=prox_timer)
+            self.optim.zero_grad()
+            t0 = time.perf_counter()
+            out = self._schedule(fwd, mbs, forward_only=False)
+            times["fwd_bwd"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            grad_norms.append(self.optim.step())
+            times["opt"] += time.perf_counter() - t0
+            if out:  # last pipeline stage: combine its micro-batches (means are pre-divided by n_global)
+                per_minibatch.append(aggregate_stats({k: v for k, v in o.items() if not k.startswith("_")}
+                                                     for o in out))
+        self.step_count += 1
+        gathered = self._gather_to_rank0((per_minibatch, prox_timer[0]))
+        if dist.is_initialized() and dist.get_rank() != 0:
+            return {}
+        # data-parallel ranks hold disjoint token shares of each minibatch: combine them per minibatch
+        n_mb = len(gathered[0][0])
+        mbs_stats = [aggregate_stats(g[0][k] for g in gathered) for k in range(n_mb)]
+        stats = combine_minibatches(mbs_stats)
+        stats[M.GRAD_NORM] = max(grad_norms) if grad_norms else 0.0
+        # recompute: the forward pass (timed on every rank, same wall time); approximations: last stage
+        stats[M.TIME_PROX] = prox_timer[0] if mode in ("recompute", "metrics") else max(g[1] for g in gathered)
+        stats[M.TIME_FWD_BWD] = times["fwd_bwd"]
+        stats[M.TIME_OPT] = times["opt"]
+        stats["time/train"] = time.perf_counter() - t_step
+        stats["tokens/trained"] = float(sum(s.length for s in samples))
+        return stats
+
+    def sft_step(self, samples: list[TrainSample]) -> float:
+        """One supervised step on the response tokens (warm start); returns the mean NLL."""
+        from megatron_a3po.loss.pipeline import sft_forward_step
+
+        mbs = self._microbatches(samples, list(range(len(samples))))
+        n = self._global_tokens(mbs)
+        self.set_lr(self.recipe.trainer.warm_start_lr)
+        self.optim.zero_grad()
+        out = self._schedule(sft_forward_step(num_tokens_global=n, vocab_size=self.vocab_size), mbs, False)
+        self.optim.step()
+        nll = sum(float(o["_nll_sum"]) for o in out)
+        g = self._gather_to_rank0(nll)
+        return sum(g) / max(n, 1)
+
+    def set_lr(self, lr: float):
+        self.optim.set_lr(lr)
+
+    # ------------------------------------------------------------------ weights
+    def save_hf(self, out_dir, tokenizer_dir=None):
+        """Write the current weights as an HF checkpoint (collective; rank 0 writes, atomically)."""
+        from megatron_a3po.convert import save_hf_checkpoint
+
+        save_hf_checkpoint(self._bare_chunks(), self.hf_config, out_dir, tokenizer_dir=tokenizer_dir)
+
+    def export_hf_weights(self, bucket_bytes: int):
+        from megatron_a3po.convert import export_hf_weights
+
+        return export_hf_weights(self._bare_chunks(), self.hf_config, bucket_bytes)
+
+    def _bare_chunks(self):
+        return [getattr(m, "module", m) for m in self.chunks]

@@ -1,0 +1,78 @@
+"""Trainer-side samples and their aligned per-token tensors.
+
+Alignment (spec/loss.md, "Notation"): position i of a sequence scores token i+1. For a sample with a
+prompt of P tokens and a response of R tokens, the sequence is ``prompt + response`` and the response
+token j (0-based) is scored at position ``P - 1 + j``. Every per-token tensor (labels, behaviour
+log-probs, versions, loss mask, advantages) is written at that shifted position, together; prompt and
+padding positions carry version -1, mask 0, behaviour log-prob 0 and advantage 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class TrainSample:
+    prompt_ids: list[int]
+    response_ids: list[int]
+    behave_logprobs: list[float]  # one per response token
+    versions: list[int]  # policy version that generated each response token
+    advantage: float
+    reward: float = 0.0
+    group_id: int = -1
+
+    def __post_init__(self):
+        R = len(self.response_ids)
+        if len(self.behave_logprobs) != R or len(self.versions) != R:
+            raise ValueError(f"sample of group {self.group_id}: {R} response tokens but "
+                             f"{len(self.behave_logprobs)} behave_logprobs and {len(self.versions)} versions")
+        if not self.prompt_ids:
+            raise ValueError(f"sample of group {self.group_id}: empty prompt_ids")
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt_ids) + len(self.response_ids)
+
+
+@dataclass
+class MicroBatch:
+    tokens: torch.Tensor  # [b, S] int64
+    position_ids: torch.Tensor  # [b, S]
+    labels: torch.Tensor  # [b, S] next token (0 at the last position / padding)
+    loss_mask: torch.Tensor  # [b, S] float32
+    behave_logp: torch.Tensor  # [b, S] float32
+    versions: torch.Tensor  # [b, S] int64, -1 off the response
+    advantages: torch.Tensor  # [b, S] float32
+    sample_index: list[int] = field(default_factory=list)  # batch indices of the rows
+    prox_logp: torch.Tensor | None = None  # [b, S], filled by the recompute pass
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.loss_mask.sum().item())
+
+
+def collate(samples: list[TrainSample], indices: list[int], seq_len: int, pad_id: int = 0) -> MicroBatch:
+    b = len(indices)
+    tokens = torch.full((b, seq_len), pad_id, dtype=torch.long)
+    labels = torch.zeros((b, seq_len), dtype=torch.long)
+    mask = torch.zeros((b, seq_len), dtype=torch.float32)
+    blp = torch.zeros((b, seq_len), dtype=torch.float32)
+    ver = torch.full((b, seq_len), -1, dtype=torch.long)
+    adv = torch.zeros((b, seq_len), dtype=torch.float32)
+    for row, i in enumerate(indices):
+        s = samples[i]
+        seq = s.prompt_ids + s.response_ids
+        L, P, R = len(seq), len(s.prompt_ids), len(s.response_ids)
+        tokens[row, :L] = torch.tensor(seq)
+        labels[row, : L - 1] = torch.tensor(seq[1:])
+        if R:
+            sl = slice(P - 1, P - 1 + R)
+            mask[row, sl] = 1.0
+            blp[row, sl] = torch.tensor(s.behave_logprobs, dtype=torch.float32)
+            ver[row, sl] = torch.tensor(s.versions, dtype=torch.long)
+            adv[row, sl] = float(s.advantage)
+    pos = torch.arange(seq_len).unsqueeze(0).expand(b, seq_len).contiguous()
+    return MicroBatch(tokens, pos, labels, mask, blp, ver, adv, list(indices))

@@ -1,0 +1,121 @@
+"""Rank 0's side of the rollout fleet: engines, prompts, the staleness-bounded controller, rollout stats.
+
+With ``rollout.engine_urls`` (or a router) set, the fleet is external (SGLang on GPU nodes, started by
+launch/). Otherwise ``rollout.num_engines`` CPU engines (megatron_a3po.engine) are started here from
+the trainer's version-0 weights and stopped at the end; they die with the trainer.
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+from pathlib import Path
+
+from megatron_a3po import metrics as M
+
+
+class RolloutSide:
+    def __init__(self, recipe, *, run_dir: Path, tokenizer_dir: str):
+        from transformers import AutoTokenizer
+
+        from megatron_a3po.rollout.data import load_prompts
+        from megatron_a3po.rollout.tasks import get_task
+
+        self.recipe = recipe
+        self.run_dir = Path(run_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        self.task = get_task(recipe.data.task)
+        path = recipe.data.train_path
+        if path is None:
+            mod = __import__(f"megatron_a3po.rollout.tasks.{recipe.data.task}", fromlist=["make_items"])
+            if not hasattr(mod, "make_items"):
+                raise ValueError(f"data.train_path is required for data.task={recipe.data.task}")
+            syn = dict(recipe.data.synthetic)
+            n = int(syn.pop("num_prompts", 10000))
+            path = self.run_dir / "data" / "train.jsonl"
+            mod.write_jsonl(path, mod.make_items(n, seed=recipe.trainer.seed, **syn))
+        self.prompts = load_prompts(path, self.task, self.tokenizer)
+        self.engines = []
+        self.rm = None
+        self._weight_dirs: list[Path] = []
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self, *, weights_dir: Path, version: int, state: dict | None):
+        from megatron_a3po.rollout import RolloutManager
+
+        rc = self.recipe.rollout
+        urls = list(rc.engine_urls)
+        if not urls and rc.router_url is None:
+            if rc.backend != "cpu":
+                raise ValueError("rollout.backend=sglang needs rollout.engine_urls or rollout.router_url "
+                                 "(launch/ starts the SGLang fleet)")
+            from megatron_a3po.engine.launch import launch_engine
+
+            for k in range(rc.num_engines):
+                self.engines.append(launch_engine(weights_dir, version=str(version),
+                                                  log_dir=self.run_dir / "engines"))
+            urls = [e.url for e in self.engines]
+        self._weight_dirs.append(Path(weights_dir))
+        self.rm = RolloutManager.from_recipe(self.recipe, engine_urls=urls, tokenizer=self.tokenizer,
+                                             prompts=self.prompts, initial_version=version)
+        if state:
+            self.rm.load_state_dict(state)
+        self.rm.start()
+        if self.engines == [] and version:
+            # an external fleet may hold older weights: bring it to the trainer's
+            self.rm.update_weights(version, hf_dir=str(weights_dir))
+
+    def close(self):
+        try:
+            if self.rm is not None:
+                self.rm.close()
+        finally:
+            for e in self.engines:
+                e.stop()
+
+    # ------------------------------------------------------------------ per step
+    def get_batch(self, current_version: int) -> list[list[dict]]:
+        rc = self.recipe.rollout
+        batch = self.rm.get_batch(rc.batch_prompts, current_version, timeout=max(600.0, rc.request_timeout_s * 4))
+        return [[dict(prompt_ids=s.prompt_ids, response_ids=s.response_ids, behave_logprobs=s.behave_logprobs,
+                      versions=s.versions, advantage=s.advantage, reward=s.reward, group_id=s.group_id)
+                 for s in g] for g in batch.groups]
+
+    def stats(self, current_version: int, groups) -> dict:
+        samples = [s for g in groups for s in g]
+        stale = [current_version - v for s in samples for v in s["versions"]]
+        m = self.rm.metrics()
+        out = {
+            M.REWARD_MEAN: statistics.fmean(s["reward"] for s in samples),
+            M.RESPONSE_LEN: statistics.fmean(len(s["response_ids"]) for s in samples),
+            "_staleness_values": stale,  # TensorBoard histogram; mean/max come from the loss stats
+            M.GEN_TOK_S: float(m.get("rollout/gen_tokens_per_s", 0.0)),
+        }
+        for k, v in m.items():
+            if isinstance(v, (int, float)) and k.startswith("rollout/"):
+                out[k] = float(v)
+        return out
+
+    def update_weights(self, version: int, weights_dir: Path):
+        self.rm.update_weights(version, hf_dir=str(weights_dir))
+        self._weight_dirs.append(Path(weights_dir))
+        while len(self._weight_dirs) > 2:  # engines now serve the newest; keep one older for debugging
+            shutil.rmtree(self._weight_dirs.pop(0), ignore_errors=True)
+
+    def warm_start_samples(self, n: int, *, seed: int) -> list[tuple[list[int], list[int]]]:
+        mod = __import__(f"megatron_a3po.rollout.tasks.{self.recipe.data.task}", fromlist=["x"])
+        if not hasattr(mod, "warm_start_pairs"):
+            raise ValueError(f"trainer.warm_start_steps > 0 but task {self.recipe.data.task} has no warm_start_pairs")
+        eos = self.tokenizer.eos_token_id
+        out = []
+        for q, resp in mod.warm_start_pairs(n, seed=seed):
+            p = self.task.build_prompt({"question": q, "answer": resp}, self.tokenizer)
+            r = self.tokenizer(resp, add_special_tokens=False)["input_ids"] + [eos]
+            out.append((p, r))
+        return out
+
+    def state_dict(self) -> dict:
+        return self.rm.state_dict()
+
+    def metrics(self) -> dict:
+        return self.rm.metrics() if self.rm is not None else {}

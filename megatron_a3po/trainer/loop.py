@@ -1,0 +1,236 @@
+"""The training loop: recipe in, components wired, loop.
+
+    recipe -> Megatron actor (TP/PP) -> version-0 weights -> rollout fleet (SGLang or the CPU engine)
+    repeat: batch of complete prompt groups (staleness-bounded) -> A-3PO step -> version += 1
+            -> weights pushed to every engine -> log, checkpoint
+
+Global rank 0 owns the rollout fleet and the logs; it broadcasts each batch to the other ranks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_a3po import metrics as M
+
+log = logging.getLogger("megatron_a3po.trainer")
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _bcast(obj, src: int = 0):
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def _barrier():
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def prepare_initial_model(recipe, run_dir: Path):
+    """Returns (hf_config, hf_dir or None, mcore_dir or None, tokenizer_dir). Rank 0 builds tiny models."""
+    from transformers import AutoConfig
+
+    mc = recipe.model
+    if mc.tiny is not None:
+        init = run_dir / "init_hf"
+        if _rank() == 0 and not (init / "config.json").exists():
+            from megatron_a3po.io import atomic_dir
+            from megatron_a3po.models.tiny import build_tiny_hf_model, tiny_hf_config
+            from megatron_a3po.rollout import synthetic
+
+            tok = synthetic.build_tokenizer()
+            t = mc.tiny
+            cfg = tiny_hf_config("qwen2", vocab_size=len(tok), hidden_size=t.hidden_size,
+                                 intermediate_size=t.intermediate_size, num_hidden_layers=t.num_hidden_layers,
+                                 num_attention_heads=t.num_attention_heads, num_key_value_heads=t.num_key_value_heads,
+                                 max_position_embeddings=t.max_position_embeddings,
+                                 tie_word_embeddings=t.tie_word_embeddings,
+                                 pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                                 eos_token_id=tok.eos_token_id)
+            with atomic_dir(init) as tmp:
+                build_tiny_hf_model(cfg, seed=t.seed, randomize_norms=False).save_pretrained(tmp)
+                tok.save_pretrained(tmp)
+        _barrier()
+        return AutoConfig.from_pretrained(init), str(init), None, str(init)
+    if mc.hf_path is not None:
+        p = Path(mc.hf_path)
+        if not (p / "config.json").exists():
+            raise FileNotFoundError(f"model.hf_path={mc.hf_path}: no config.json there")
+        return AutoConfig.from_pretrained(p), str(p), None, str(p)
+    p = Path(mc.mcore_path)
+    meta = p / "hf_config"
+    if not p.exists():
+        raise FileNotFoundError(f"model.mcore_path={mc.mcore_path} does not exist")
+    if not (meta / "config.json").exists():
+        raise FileNotFoundError(f"model.mcore_path={mc.mcore_path}: no hf_config/config.json (convert with tools.convert_ckpt)")
+    return AutoConfig.from_pretrained(meta), None, str(p), str(meta)
+
+
+def run(recipe, *, run_dir: str | Path | None = None) -> dict:
+    """Train per ``recipe`` in this (already spawned) process; returns the summary on rank 0."""
+    from megatron_a3po.platform import init_distributed
+    from megatron_a3po.trainer.actor import Actor
+    from megatron_a3po.trainer.batch import TrainSample
+    from megatron_a3po.trainer.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+    from megatron_a3po.trainer.fleet import RolloutSide
+
+    tc, rc = recipe.trainer, recipe.rollout
+    run_dir = Path(run_dir or tc.log_dir)
+    init_distributed(tp=recipe.parallel.tp, pp=recipe.parallel.pp, seed=tc.seed)
+    torch.manual_seed(tc.seed)
+    rank = _rank()
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    _barrier()
+    hf_config, hf_dir, mcore_dir, tok_dir = prepare_initial_model(recipe, run_dir)
+    actor = Actor(recipe, hf_config, hf_dir=hf_dir, mcore_dir=mcore_dir)
+
+    start_step, version, rollout_state, resumed = 0, 0, None, False
+    save_dir = Path(tc.save_dir) if tc.save_dir else run_dir / "checkpoints"
+    if tc.resume:
+        ck = latest_checkpoint(save_dir)
+        if ck is not None:
+            st = load_checkpoint(ck, actor)
+            start_step, version, rollout_state = st["step"], st["version"], st["rollout"]
+            actor.step_count = st["step"]
+            set_rng_state(st["rng"])
+            resumed = True
+
+    side = RolloutSide(recipe, run_dir=run_dir, tokenizer_dir=tok_dir) if rank == 0 else None
+    t_start = time.perf_counter()
+    try:
+        if not resumed and tc.warm_start_steps:
+            _warm_start(actor, side, recipe)
+        # the engines start from (or are synced to) the trainer's current weights
+        wdir = run_dir / "weights" / f"v{version}"
+        actor.save_hf(wdir, tokenizer_dir=tok_dir)
+        if rank == 0:
+            side.start(weights_dir=wdir, version=version, state=rollout_state)
+        writer = _writer(run_dir) if rank == 0 else None
+        bar = _progress(start_step, tc.steps) if rank == 0 else None
+        history = []
+        for step in range(start_step, tc.steps):
+            t0 = time.perf_counter()
+            V = version  # read once per step; constant across this step's minibatches
+            groups = side.get_batch(V) if rank == 0 else None
+            groups, rollout_stats = _bcast((groups, side.stats(V, groups) if rank == 0 else None))
+            t_wait = time.perf_counter() - t0
+            samples = [TrainSample(**s) for g in groups for s in g]
+            stats = actor.train_step(samples, V, group_size=rc.n_samples)
+            version += 1
+            t1 = time.perf_counter()
+            wdir = run_dir / "weights" / f"v{version}"
+            actor.save_hf(wdir, tokenizer_dir=tok_dir)
+            if rank == 0:
+                side.update_weights(version, wdir)
+            t_sync = time.perf_counter() - t1
+            if tc.save_every and (step + 1) % tc.save_every == 0:
+                state = {"step": step + 1, "version": version, "rng": rng_state(),
+                         "rollout": side.state_dict() if rank == 0 else None}
+                save_checkpoint(save_dir, step + 1, actor, _bcast(state))
+            if rank == 0:
+                stats.update(rollout_stats)
+                stats[M.TIME_WAIT] = t_wait
+                stats[M.TIME_SYNC] = t_sync
+                stats[M.TIME_STEP] = time.perf_counter() - t0
+                stats[M.TIME_TOTAL] = time.perf_counter() - t_start
+                stats[M.POLICY_VERSION] = version
+                stats[M.TRAIN_TOK_S] = stats.pop("tokens/trained") / max(stats["time/train"], 1e-9)
+                _log_step(writer, bar, step, stats)
+                history.append(stats)
+        summary = None
+        if rank == 0:
+            writer.close()
+            bar.close()
+            summary = _summary(recipe, history, run_dir, time.perf_counter() - t_start, side)
+        return summary
+    finally:
+        if side is not None:
+            side.close()
+
+
+def _warm_start(actor, side, recipe):
+    from megatron_a3po.trainer.batch import TrainSample
+
+    tc = recipe.trainer
+    for k in range(tc.warm_start_steps):
+        pairs = side.warm_start_samples(64, seed=tc.seed + k) if side is not None else None
+        pairs = _bcast(pairs)
+        samples = [TrainSample(prompt_ids=p, response_ids=r, behave_logprobs=[0.0] * len(r),
+                               versions=[0] * len(r), advantage=0.0) for p, r in pairs]
+        nll = actor.sft_step(samples)
+        if _rank() == 0 and (k + 1) % 10 == 0:
+            log.info("warm start %d/%d: nll %.3f", k + 1, tc.warm_start_steps, nll)
+
+
+def _writer(run_dir: Path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=str(run_dir / "tb"))
+
+
+def _progress(start, total):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, desc="A-3PO", unit="step", dynamic_ncols=True,
+                disable=os.environ.get("A3PO_NO_PROGRESS") == "1")
+
+
+def _log_step(writer, bar, step, stats):
+    for k, v in stats.items():
+        if isinstance(v, (int, float)):
+            writer.add_scalar(M.PREFIX + k, v, step)
+    hist = stats.get("_staleness_values")
+    if hist:
+        writer.add_histogram(M.PREFIX + M.STALENESS_HIST, torch.tensor(hist, dtype=torch.float32), step)
+    writer.flush()
+    r = stats.get(M.REWARD_MEAN, float("nan"))
+    bar.set_postfix(reward=f"{r:.3f}", stale=f"{stats.get(M.STALENESS_MEAN, 0):.2f}",
+                    prox_ms=f"{1e3 * stats.get(M.TIME_PROX, 0):.2f}")
+    bar.update(1)
+    log.info("step %d v%d reward %.3f entropy %.3f clip %.3f stale %.2f/%d grad %.3f | wait %.2fs prox %.2fms "
+             "fwdbwd %.2fs opt %.2fs sync %.2fs", step + 1, stats.get(M.POLICY_VERSION, 0), r,
+             stats.get(M.ENTROPY, 0), stats.get(M.CLIP_FRAC, 0), stats.get(M.STALENESS_MEAN, 0),
+             int(stats.get(M.STALENESS_MAX, 0)), stats.get(M.GRAD_NORM, 0), stats.get(M.TIME_WAIT, 0),
+             1e3 * stats.get(M.TIME_PROX, 0), stats.get(M.TIME_FWD_BWD, 0), stats.get(M.TIME_OPT, 0),
+             stats.get(M.TIME_SYNC, 0))
+
+
+def _summary(recipe, history, run_dir, elapsed, side) -> dict:
+    import statistics as st
+
+    rewards = [h.get(M.REWARD_MEAN, 0.0) for h in history]
+    k = min(20, max(1, len(rewards) // 2))
+    prox = [h.get(M.TIME_PROX, 0.0) for h in history]
+    stale = [h.get(M.STALENESS_MEAN, 0.0) for h in history]
+    out = {
+        "mode": recipe.trainer.mode,
+        "steps": len(history),
+        "first_reward": st.mean(rewards[:k]) if rewards else float("nan"),
+        "last_reward": st.mean(rewards[-k:]) if rewards else float("nan"),
+        "window": k,
+        "prox_time_total_s": sum(prox),
+        "prox_time_mean_ms": 1e3 * st.mean(prox) if prox else 0.0,
+        "staleness_mean": st.mean(stale) if stale else 0.0,
+        "elapsed_s": elapsed,
+        "steps_per_s": len(history) / elapsed if elapsed else 0.0,
+        "tensorboard": str(run_dir / "tb"),
+        "rollout": side.metrics() if side is not None else {},
+    }
+    from megatron_a3po.io import write_json_atomic
+
+    write_json_atomic(run_dir / "summary.json", out)
+    return out

@@ -1,0 +1,108 @@
+"""Fault injection on real engine processes: a killed engine, one answering 503 for a while, one hanging
+past the request timeout; and a weight update failing on one server."""
+
+import threading
+import time
+
+import httpx
+import pytest
+
+from megatron_a3po.engine.launch import launch_engines
+from megatron_a3po.rollout import ControllerConfig, RolloutManager, WeightUpdateError
+from megatron_a3po.rollout.controller import Controller
+from tests.rollout_util import check_versions_against_logs, model_dirs, read_version_logs, toy_prompts, toy_task, tokenizer
+
+pytestmark = pytest.mark.slow
+GROUPS = 3
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    return model_dirs(tmp_path_factory.mktemp("faults"), 2)
+
+
+def _fault(url, **body):
+    r = httpx.post(f"{url}/debug/fault", json=body, timeout=10)
+    assert r.status_code == 200, r.text
+
+
+def test_killed_503_and_hanging_engines(dirs, tmp_path):
+    eps = launch_engines(dirs[0], n=3, version="0", test_hooks=True, version_log=tmp_path / "v-{port}.jsonl")
+    prompts = toy_prompts(300)
+    cfg = ControllerConfig(n_samples=2, max_inflight_groups=6, batch_groups=GROUPS, max_staleness=2,
+                           max_new_tokens=16, seed=1)
+    rm = RolloutManager([e.url for e in eps], prompts, toy_task(), tokenizer(), cfg, request_timeout=2.0,
+                        health_interval_s=0.3)
+    rm.fleet.health_timeout = 1.0
+    delivered = []
+    try:
+        rm.start()
+        for v in range(9):
+            if v == 1:
+                _fault(eps[1].url, mode="503", duration_s=3)
+            if v == 2:
+                _fault(eps[2].url, mode="hang", duration_s=5)
+            if v == 3:  # crash engine 0 while a batch is being generated
+                threading.Timer(0.3, eps[0].kill).start()
+            batch = rm.get_batch(GROUPS, v, timeout=120)
+            delivered += batch.samples
+            rm.update_weights(v + 1, hf_dir=dirs[(v + 1) % 2])
+        m = rm.metrics()
+        sd = rm.state_dict()
+    finally:
+        rm.close()
+        for e in eps:
+            e.stop()
+    assert not eps[0].alive()
+    assert m["rollout/servers_dropped"] == 1 and m["rollout/servers_live"] == 2
+    assert m["rollout/http_5xx"] >= 1
+    assert m["rollout/timeouts"] >= 1
+    assert m["rollout/servers_recovered"] >= 2  # the 503 one and the hung one came back
+    assert m["rollout/retries"] >= 2
+    # every prompt group accounted for: delivered once, or pending (to be regenerated)
+    got = [s.prompt_index for s in delivered if s.sample_index == 0]
+    assert len(got) == len(set(got)) == 9 * GROUPS
+    assert not set(got) & set(sd["pending"])
+    order = Controller(None, prompts, None, None, ControllerConfig(seed=1))._epoch_order(0)
+    assert set(got) | set(sd["pending"]) == set(order[:sd["pos"]])
+    check_versions_against_logs(delivered, read_version_logs([e.version_log for e in eps]))
+
+
+def _state(url):
+    info = httpx.get(f"{url}/server_info", timeout=10).json()
+    return info["internal_states"][0]["paused"], httpx.get(f"{url}/model_info", timeout=10).json()["weight_version"]
+
+
+def test_weight_update_failure_retried_then_clear_error(dirs):
+    eps = launch_engines(dirs[0], n=2, version="0", test_hooks=True)
+    cfg = ControllerConfig(n_samples=2, max_inflight_groups=4, batch_groups=2, max_staleness=1, max_new_tokens=8)
+    rm = RolloutManager([e.url for e in eps], toy_prompts(100), toy_task(), tokenizer(), cfg)
+    try:
+        rm.start()
+        rm.get_batch(2, 0, timeout=60)
+        _fault(eps[1].url, mode="fail_update", count=1)  # fails once: the retry succeeds
+        rm.update_weights(1, hf_dir=dirs[1])
+        assert rm.metrics()["rollout/control_retries"] >= 1
+        assert [_state(e.url) for e in eps] == [(False, "1"), (False, "1")]
+        rm.get_batch(2, 1, timeout=60)
+
+        _fault(eps[1].url, mode="fail_update", count=100)  # fails every retry
+        with pytest.raises(WeightUpdateError, match=r"version 2 failed.*update_weights_from_disk.*paused"):
+            rm.update_weights(2, hf_dir=dirs[0])
+        # no server serves mixed weights: both are paused (engine 0 already has v2, engine 1 still v1)
+        assert [_state(e.url) for e in eps] == [(True, "2"), (True, "1")]
+        time.sleep(0.5)
+        assert [_state(e.url)[0] for e in eps] == [True, True]
+        with pytest.raises(WeightUpdateError):
+            rm.get_batch(2, 2, timeout=10)
+        assert rm.metrics()["rollout/weight_update_failures"] == 1
+
+        _fault(eps[1].url, mode="none")
+        rm.update_weights(2, hf_dir=dirs[0])
+        assert [_state(e.url) for e in eps] == [(False, "2"), (False, "2")]
+        b = rm.get_batch(2, 2, timeout=60)
+        assert all(2 - min(s.versions) <= 1 for s in b.samples)
+    finally:
+        rm.close()
+        for e in eps:
+            e.stop()
