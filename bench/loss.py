@@ -11,7 +11,8 @@
     after the logits are allocated) minus RSS at that point; on GPU = torch.cuda.max_memory_allocated
     minus the allocation before the call. Both include the [T, V] logits gradient.
 (a) ``python -m bench.loss --part a``: cost of the proximal log-probs: one recompute forward pass of a
-    2-layer Megatron GPTModel vs ``approximate_prox_logp`` on the same batch (see :func:`bench_prox_cost`).
+    2-layer Megatron GPTModel (project model builder) vs ``approximate_prox_logp`` on the same batch
+    (see :func:`bench_prox_cost`).
 
 Results: a rich table on stdout and JSON in bench/results/loss.json.
 """
@@ -183,48 +184,44 @@ def bench_prox_cost(batch: int = 4, seq: int = 512, hidden: int = 256, layers: i
                     reps: int = 3) -> dict:
     """PART (a): proximal log-prob cost, recompute vs A-3PO's approximation, on the same batch.
 
-    recompute = one forward-only pass of a ``layers``-layer Megatron GPTModel (local layer spec; on CPU the
-    core attention is swapped for torch SDPA, see :func:`_sdpa_attention_cls`, and positions are learned
-    instead of RoPE, whose embedding code assumes CUDA) plus log-probs from its
-    logits; approx = ``approximate_prox_logp`` (loglinear) on per-token tensors of the same batch.
-    Built directly with megatron-core: the project's model builder (``megatron_a3po.models``) was not on
-    main when this was written. A real policy is far larger, so this ratio understates the saving.
+    recompute = one forward-only pass of a ``layers``-layer Megatron GPTModel built by
+    ``megatron_a3po.models.build_model`` from a small Qwen2 config (on CPU: local layer spec with SDPA core
+    attention and the platform's CPU patches) plus log-probs from its logits; approx =
+    ``approximate_prox_logp`` (loglinear) on per-token tensors of the same batch. A real policy is far
+    larger, so this ratio understates the saving.
     """
     import torch
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer import TransformerConfig
+    from megatron.core import parallel_state as ps
 
     from megatron_a3po.loss import approximate_prox_logp
+    from megatron_a3po.models import build_model
+    from megatron_a3po.models.tiny import tiny_hf_config
     from megatron_a3po.ops import vocab_parallel_logprobs_entropy
+    from megatron_a3po.platform import init_distributed
 
     dev = _device()
-    _init_megatron_tp1(dev)
-    torch.manual_seed(0)
-    cfg = TransformerConfig(num_layers=layers, hidden_size=hidden, num_attention_heads=4, ffn_hidden_size=4 * hidden,
-                            use_cpu_initialization=dev.type == "cpu", bf16=dev.type == "cuda",
-                            params_dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32,
-                            hidden_dropout=0.0, attention_dropout=0.0)
-    spec = get_gpt_layer_local_spec()
-    if dev.type == "cpu":
-        spec.submodules.self_attention.submodules.core_attention = _sdpa_attention_cls()
-    # RoPE's get_emb calls torch.cuda.current_device() (spec/megatron.md): learned positions on CPU
-    pos_type = "rope" if dev.type == "cuda" else "learned_absolute"
-    model = GPTModel(cfg, spec, vocab_size=vocab, max_sequence_length=seq, position_embedding_type=pos_type).to(dev)
+    for k, v in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
+                     LOCAL_RANK="0").items():
+        os.environ.setdefault(k, v)
+    init_distributed(tp=1, pp=1, seed=0)
+    hf_cfg = tiny_hf_config("qwen2", vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden,
+                            num_hidden_layers=layers, max_position_embeddings=seq)
+    model = build_model(hf_cfg, params_dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32)
     model.eval()
-    tokens = torch.randint(0, vocab, (batch, seq), device=dev)
+    g = torch.Generator(device="cpu").manual_seed(1)
+    tokens = torch.randint(0, vocab, (batch, seq), generator=g).to(dev)
     pos = torch.arange(seq, device=dev).unsqueeze(0).expand(batch, -1)
     labels = torch.roll(tokens, -1, dims=1)
+    tp_group = ps.get_tensor_model_parallel_group()
 
     def recompute():
         with torch.no_grad():
-            logits = model(tokens, pos, attention_mask=None)        # [b, s, V]
-            return vocab_parallel_logprobs_entropy(logits, labels)[0]
+            logits = model(tokens, pos, attention_mask=None)        # [b, s, V/TP]
+            return vocab_parallel_logprobs_entropy(logits, labels, tp_group=tp_group, vocab_size=vocab)[0]
 
-    g = torch.Generator(device=dev).manual_seed(1)
-    lb = -torch.rand(batch, seq, generator=g, device=dev)
-    lt = lb + 0.1 * torch.randn(batch, seq, generator=g, device=dev)
-    versions = torch.randint(0, 5, (batch, seq), generator=g, device=dev)
+    lb = -torch.rand(batch, seq, generator=g).to(dev)
+    lt = lb + 0.1 * torch.randn(batch, seq, generator=g).to(dev)
+    versions = torch.randint(0, 5, (batch, seq), generator=g).to(dev)
 
     def approx():
         return approximate_prox_logp(lb, lt, versions, 5, "loglinear")
@@ -243,29 +240,9 @@ def bench_prox_cost(batch: int = 4, seq: int = 512, hidden: int = 256, layers: i
         return sorted(ts)[len(ts) // 2]
 
     t_rec, t_apx = timed(recompute), timed(approx)
-    return {"model": f"GPTModel {layers} layers, hidden {hidden}, {pos_type} positions", "batch": batch, "seq": seq, "hidden": hidden, "layers": layers, "vocab": vocab, "device": dev.type,
+    return {"model": f"megatron_a3po.models.build_model(qwen2, {layers} layers, hidden {hidden})", "batch": batch,
+            "seq": seq, "hidden": hidden, "layers": layers, "vocab": vocab, "device": dev.type,
             "recompute_s": t_rec, "approx_s": t_apx, "recompute_over_approx": t_rec / t_apx}
-
-
-def _sdpa_attention_cls():
-    """CPU stand-in for Megatron's DotProductAttention (which allocates a CUDA buffer): causal torch SDPA.
-
-    Shapes as Megatron's: q [sq, b, np, hn], k/v [sk, b, ng, hn] -> [sq, b, np * hn].
-    """
-    import torch
-    from megatron.core.transformer.dot_product_attention import DotProductAttention
-
-    class SDPAAttention(DotProductAttention):
-        def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
-                    packed_seq_params=None):
-            rep = query.shape[2] // key.shape[2]
-            if rep > 1:
-                key, value = key.repeat_interleave(rep, dim=2), value.repeat_interleave(rep, dim=2)
-            q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))   # [b, h, s, d]
-            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
-            return out.permute(2, 0, 1, 3).reshape(query.shape[0], query.shape[1], -1)
-
-    return SDPAAttention
 
 
 # ------------------------------------------------------------------------------------------ CLI
@@ -314,10 +291,15 @@ def main(argv=None):
 
     cpu = next((ln.split(":", 1)[1].strip() for ln in subprocess.run(["lscpu"], capture_output=True, text=True)
                 .stdout.splitlines() if ln.startswith("Model name")), platform.processor())
-    write_json_atomic(args.out, {"host": {"cpu": cpu, "cores": os.cpu_count(), "threads": args.threads,
-                                          "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-                                          "torch": torch.__version__},
-                                 "kernels": rows, "prox_cost": prox})
+    result = json.loads(args.out.read_text()) if args.out.exists() else {}   # keep the part not re-run
+    result["host"] = {"cpu": cpu, "cores": os.cpu_count(), "threads": args.threads,
+                      "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+                      "torch": torch.__version__}
+    if rows:
+        result["kernels"] = rows
+    if prox:
+        result["prox_cost"] = prox
+    write_json_atomic(args.out, result)
 
 
 if __name__ == "__main__":
