@@ -115,3 +115,25 @@ def test_bad_inputs_name_the_argument(kwargs, match):
     lab = args.pop("labels")
     with pytest.raises(ValueError, match=match):
         vocab_parallel_logprobs_entropy(x, lab, **args)
+
+
+@pytest.mark.parametrize("use_entropy", [True, False])
+def test_tp1_no_padding_fp32(use_entropy):
+    """No padded columns: the fp32 backward writes straight into the gradient buffer."""
+    g = torch.Generator().manual_seed(3)
+    x = 3.0 * torch.randn(N_TOK, V_PAD, generator=g)
+    labels = torch.randint(0, V_PAD, (N_TOK,), generator=g)
+    gl = torch.randn(N_TOK, generator=g, dtype=torch.float64)
+    ge = torch.randn(N_TOK, generator=g, dtype=torch.float64) if use_entropy else torch.zeros(N_TOK, dtype=torch.float64)
+    xd = x.double().requires_grad_(True)
+    logsm = torch.log_softmax(xd / TEMP, dim=-1)
+    ref_lp = logsm.gather(-1, labels[:, None]).squeeze(-1)
+    ref_h = -(logsm.exp() * logsm).sum(-1)
+    ((gl * ref_lp).sum() + (ge * ref_h).sum()).backward()
+    xx = x.clone().requires_grad_(True)
+    lp, h = vocab_parallel_logprobs_entropy(xx, labels, temperature=TEMP, chunk_size=CHUNK)
+    ((lp * gl.float()).sum() + (h * ge.float()).sum()).backward()
+    assert torch.equal(xx.detach(), x)
+    torch.testing.assert_close(lp.double(), ref_lp.detach(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(h.double(), ref_h.detach(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(xx.grad.double(), xd.grad, atol=1e-5, rtol=0)

@@ -607,6 +607,15 @@ def build_app(engine: Engine):
             with engine.sched._log_lock:
                 return {"records": list(engine.sched.recent_log)}
 
+    @app.get("/debug/weights_digest")
+    async def weights_digest():
+        """Not in SGLang: sha256 digest of the served parameters under their HF names (order-free), so a
+        trainer can check that every engine holds exactly the weights it exported."""
+        from megatron_a3po.convert.digest import state_digest
+
+        model = engine.sched.model
+        return {"digest": state_digest(model.named_parameters()), "weight_version": engine.sched.weight_version}
+
     return app
 
 

@@ -17,10 +17,14 @@ Tensor parallelism: TP rank k holds the logit columns of vocab ids [k*Vp/TP, (k+
 padded vocab (Megatron's ColumnParallelLinear output layer). Columns with id >= ``vocab_size`` are padding
 and are left out of the softmax. Forward, per token chunk and in fp32: local max -> all-reduce MAX, then
 sum(exp(z - m)), sum(exp(z - m) * (z - m)) and the target logit (0 on ranks that do not own it) go through
-ONE stacked all-reduce SUM of shape [3, chunk]. Only the input reference and three per-token fp32 vectors
-(lse, H, and the labels) are saved; backward recomputes p per chunk and needs no collective (the output
-layer's own backward reduces the hidden-state gradient across TP). Peak extra memory is the gradient
-buffer (input dtype) plus about 12 bytes x chunk_size x V/TP of fp32 temporaries.
+ONE stacked all-reduce SUM of shape [3, chunk]. Only the input reference and per-token vectors (labels and
+fp32 lse, H) are saved; backward recomputes p per chunk and needs no collective (the output layer's own
+backward reduces the hidden-state gradient across TP). Peak extra memory is the gradient buffer (input
+dtype) plus two fp32 workspaces, 8 bytes x chunk_size x V/TP, reused by every chunk.
+
+Cost: two exp per logit (forward, and the recompute in backward) against one for a kernel that keeps the
+softmax; that is the price of not storing it. Chunk size: small on CPU (e.g. 16: the workspaces stay
+near cache size), large on GPU (1024-4096: fewer kernel launches and collectives).
 """
 
 from __future__ import annotations
@@ -39,42 +43,60 @@ def _tp_info(tp_group):
     return dist.get_world_size(tp_group), dist.get_rank(tp_group)
 
 
-def _scaled_chunk(x_chunk: torch.Tensor, temperature: float, n_valid: int) -> torch.Tensor:
-    """fp32 z = x / T over this rank's real-vocab columns; always a NEW tensor (the input is never touched)."""
-    return x_chunk[:, :n_valid].to(torch.float32).div(temperature)
+def _shifted_chunk(x_chunk: torch.Tensor, shift: torch.Tensor, inv_t: float, out: torch.Tensor) -> torch.Tensor:
+    """fp32 ``x / T - shift`` (shift per row) written into the workspace ``out``; the input is never touched."""
+    if x_chunk.dtype == torch.float32:
+        if inv_t != 1.0:
+            torch.mul(x_chunk, inv_t, out=out)
+            return out.sub_(shift.unsqueeze(-1))
+        return torch.sub(x_chunk, shift.unsqueeze(-1), out=out)
+    out.copy_(x_chunk)
+    if inv_t != 1.0:
+        out.mul_(inv_t)
+    return out.sub_(shift.unsqueeze(-1))
+
+
+def _targets(labels1d, vocab_start, n_valid):
+    """Local column of each label on this rank (0 where not owned) and the ownership mask."""
+    local_t = labels1d - vocab_start
+    owned = (local_t >= 0) & (local_t < n_valid)
+    return torch.where(owned, local_t, torch.zeros_like(local_t)), owned
 
 
 class _VocabParallelLogprobsEntropy(torch.autograd.Function):
+    # Two fp32 workspaces of [chunk_size, n_valid] are allocated once per call and reused by every chunk
+    # (fresh large allocations per chunk cost page faults on CPU).
+
     @staticmethod
     def forward(ctx, logits2d, labels1d, tp_group, temperature, vocab_start, n_valid, chunk_size):
         n_tok = logits2d.shape[0]
         dev = logits2d.device
+        inv_t = 1.0 / temperature
         logp = torch.empty(n_tok, dtype=torch.float32, device=dev)
         ent = torch.empty(n_tok, dtype=torch.float32, device=dev)
         lse = torch.empty(n_tok, dtype=torch.float32, device=dev)
-        local_t = labels1d - vocab_start
-        owned = (local_t >= 0) & (local_t < n_valid)
-        local_t = torch.where(owned, local_t, torch.zeros_like(local_t))
+        local_t, owned = _targets(labels1d, vocab_start, n_valid)
+        rows = min(chunk_size, n_tok)
+        ws_u = torch.empty(rows, n_valid, dtype=torch.float32, device=dev)
+        ws_e = torch.empty(rows, n_valid, dtype=torch.float32, device=dev)
         for s in range(0, n_tok, chunk_size):
             e_ = min(s + chunk_size, n_tok)
-            z = _scaled_chunk(logits2d[s:e_], temperature, n_valid)  # [c, n_valid] fp32
-            if n_valid > 0:
-                m = z.max(dim=-1).values
+            c = e_ - s
+            x = logits2d[s:e_, :n_valid]
+            if n_valid > 0:   # max(x / T) = max(x) / T for T > 0
+                m = x.amax(dim=-1).to(torch.float32).mul_(inv_t)
             else:  # this rank holds only padding columns
-                m = torch.full((e_ - s,), -math.inf, dtype=torch.float32, device=dev)
+                m = torch.full((c,), -math.inf, dtype=torch.float32, device=dev)
             if tp_group is not None:
                 dist.all_reduce(m, op=dist.ReduceOp.MAX, group=tp_group)
-            u = z.sub_(m.unsqueeze(-1))  # z - m, in place on our own temporary
-            ex = torch.exp(u)
-            stacked = torch.empty(3, e_ - s, dtype=torch.float32, device=dev)
-            stacked[0] = ex.sum(dim=-1)
-            stacked[1] = ex.mul_(u).sum(dim=-1)  # sum exp(u) * u
+            stacked = torch.zeros(3, c, dtype=torch.float32, device=dev)
             if n_valid > 0:
+                u = _shifted_chunk(x, m, inv_t, ws_u[:c])                   # u = z - m
+                ex = torch.exp(u, out=ws_e[:c])
+                stacked[0] = ex.sum(dim=-1)                                 # S = sum exp(u)
+                stacked[1] = ex.mul_(u).sum(dim=-1)                         # sum exp(u) * u
                 ut = u.gather(-1, local_t[s:e_].unsqueeze(-1)).squeeze(-1)
-                stacked[2] = torch.where(owned[s:e_], ut, torch.zeros_like(ut))
-            else:
-                stacked[2] = 0.0
-            del z, u, ex
+                stacked[2] = torch.where(owned[s:e_], ut, torch.zeros_like(ut))   # u at the target
             if tp_group is not None:
                 dist.all_reduce(stacked, op=dist.ReduceOp.SUM, group=tp_group)
             sum_e, sum_eu, u_t = stacked[0], stacked[1], stacked[2]
@@ -90,26 +112,40 @@ class _VocabParallelLogprobsEntropy(torch.autograd.Function):
     def backward(ctx, g_logp, g_ent):
         logits2d, labels1d, lse, ent = ctx.saved_tensors
         temperature, vocab_start, n_valid, chunk_size = ctx.cfg
-        n_tok = logits2d.shape[0]
-        grad = torch.zeros_like(logits2d, memory_format=torch.contiguous_format)
+        n_tok, v_local = logits2d.shape
+        dev = logits2d.device
+        grad = torch.empty(n_tok, v_local, dtype=logits2d.dtype, device=dev)
+        grad[:, n_valid:].zero_()                   # padded columns
         if n_valid == 0:
             return grad, None, None, None, None, None, None
+        inv_t = 1.0 / temperature
+        # grad_x = (p * (a + b * log p)) + g_logp / T at the target, with log p = z - lse,
+        #   a = -(g_logp + g_H * H) / T,  b = -g_H / T     (= -p/T * (g_logp + g_H * (z - (lse - H))))
         g_logp = g_logp.to(torch.float32)
         g_ent = g_ent.to(torch.float32)
-        local_t = labels1d - vocab_start
-        owned = (local_t >= 0) & (local_t < n_valid)
-        local_t = torch.where(owned, local_t, torch.zeros_like(local_t))
-        inv_t = 1.0 / temperature
+        a = (g_logp + g_ent * ent).mul_(-inv_t).unsqueeze(-1)
+        b = g_ent.mul(-inv_t).unsqueeze(-1)
+        use_ent = bool((g_ent != 0).any())          # entropy often only logged: skip its term then
+        local_t, owned = _targets(labels1d, vocab_start, n_valid)
+        g_t = torch.where(owned, g_logp * inv_t, torch.zeros_like(g_logp)).unsqueeze(-1)
+        local_t = local_t.unsqueeze(-1)
+        direct = logits2d.dtype == torch.float32 and n_valid == v_local   # write straight into grad
+        rows = min(chunk_size, n_tok)
+        ws_q = torch.empty(rows, n_valid, dtype=torch.float32, device=dev)
+        ws_p = None if direct else torch.empty(rows, n_valid, dtype=torch.float32, device=dev)
         for s in range(0, n_tok, chunk_size):
             e_ = min(s + chunk_size, n_tok)
-            z = _scaled_chunk(logits2d[s:e_], temperature, n_valid)
-            lse_c, shift = lse[s:e_].unsqueeze(-1), (lse[s:e_] - ent[s:e_]).unsqueeze(-1)
-            p = torch.exp(z - lse_c)
-            gz = z.sub_(shift).mul_(g_ent[s:e_].unsqueeze(-1)).add_(g_logp[s:e_].unsqueeze(-1)).mul_(p).neg_()
-            del p
-            add_t = torch.where(owned[s:e_], g_logp[s:e_], torch.zeros_like(g_logp[s:e_]))
-            gz.scatter_add_(-1, local_t[s:e_].unsqueeze(-1), add_t.unsqueeze(-1))
-            grad[s:e_, :n_valid] = gz.mul_(inv_t)
+            c = e_ - s
+            q = _shifted_chunk(logits2d[s:e_, :n_valid], lse[s:e_], inv_t, ws_q[:c])    # log p
+            gz = grad[s:e_] if direct else ws_p[:c]
+            if use_ent:
+                torch.exp(q, out=gz)                                      # p
+                gz.mul_(q.mul_(b[s:e_]).add_(a[s:e_]))                    # p * (a + b log p)
+            else:
+                torch.mul(q.exp_(), a[s:e_], out=gz)                      # p * a
+            gz.scatter_add_(-1, local_t[s:e_], g_t[s:e_])
+            if not direct:
+                grad[s:e_, :n_valid] = gz
         return grad, None, None, None, None, None, None
 
 
