@@ -93,6 +93,9 @@ class TrainerCfg(_Strict):
     resume: bool = False
     log_dir: str = "runs/default"
     seed: int = 1234
+    # after every weight sync, compare a digest of the exported HF tensors with each engine's served
+    # weights (CPU engine only: SGLang has no such endpoint); a mismatch stops the run
+    verify_weight_sync: bool = False
     # Optional supervised warm start (demo only): steps of next-token training on task answers.
     warm_start_steps: int = 0
     warm_start_lr: float = 1e-3
@@ -191,6 +194,8 @@ class Recipe(_Strict):
     def _combinations(self):
         if self.rollout.weight_sync == "nccl" and self.rollout.backend != "sglang":
             raise ValueError("rollout.weight_sync=nccl needs rollout.backend=sglang (the CPU engine loads from disk)")
+        if self.trainer.verify_weight_sync and self.rollout.backend != "cpu":
+            raise ValueError("trainer.verify_weight_sync needs rollout.backend=cpu (SGLang exposes no weight digest)")
         if self.data.task == "gsm8k" and self.model.tiny is not None:
             raise ValueError("data.task=gsm8k needs a real tokenizer: set model.hf_path, not model.tiny")
         return self

@@ -72,6 +72,9 @@ class ControllerConfig:
     epochs: int | None = None  # None: cycle over the data forever
     reward_timeout_s: float = 30.0
     update_retries: int = 2
+    # ordered: batches follow admission order (group ids), so a run and its resume see the same batches;
+    # False: first complete, first served (a little less waiting for stragglers, batches not reproducible)
+    ordered: bool = True
 
 
 def token_versions(meta: dict, n: int) -> list[int]:
@@ -151,7 +154,11 @@ class Controller:
 
     def state_dict(self) -> dict:
         """Cursor + prompts admitted but not yet handed to the trainer (they are regenerated on load)."""
-        pending = list(self.requeue) + [idx for idx, _ in self.inflight.values()] + [g[0].prompt_index for g in self.ready]
+        # admission order (group id) first, then prompts waiting to be re-admitted: the order in which an
+        # uninterrupted run would have delivered them
+        admitted = sorted([(gid, idx) for gid, (idx, _) in self.inflight.items()]
+                          + [(g[0].group_id, g[0].prompt_index) for g in self.ready])
+        pending = [idx for _, idx in admitted] + list(self.requeue)
         return {"epoch": self.epoch, "pos": self.pos, "seed": self.cfg.seed, "shuffle": self.cfg.shuffle,
                 "num_prompts": len(self.prompts), "pending": pending, "next_gid": self.next_gid,
                 "groups_delivered": self.counters["groups_delivered"]}
@@ -327,6 +334,19 @@ class Controller:
             self.ready = keep
             self._tick()
 
+    def _take_ready(self, n: int):
+        """The next ``n`` complete groups, or None. Ordered mode: the ``n`` oldest admitted groups, and
+        only once no older group is still in flight."""
+        if len(self.ready) < n:
+            return None
+        if self.cfg.ordered:
+            self.ready.sort(key=lambda g: g[0].group_id)
+            newest = self.ready[n - 1][0].group_id
+            if any(gid < newest for gid in self.inflight):
+                return None
+        groups, self.ready = self.ready[:n], self.ready[n:]
+        return groups
+
     async def get_batch(self, num_groups: int, current_version: int, timeout: float | None = None) -> Batch:
         if num_groups < 1:
             raise ValueError(f"num_groups must be >= 1, got {num_groups}")
@@ -339,8 +359,8 @@ class Controller:
             if self._broken:
                 raise self._broken
             self._filter_stale(current_version)
-            if len(self.ready) >= num_groups:
-                groups, self.ready = self.ready[:num_groups], self.ready[num_groups:]
+            groups = self._take_ready(num_groups)
+            if groups is not None:
                 for g in groups:
                     self.delivered_log.append((g[0].group_id, g[0].prompt_index))
                     assert all(s.staleness(current_version) <= self.cfg.max_staleness for s in g)

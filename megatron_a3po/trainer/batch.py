@@ -23,6 +23,7 @@ class TrainSample:
     advantage: float
     reward: float = 0.0
     group_id: int = -1
+    prompt_index: int = -1
 
     def __post_init__(self):
         R = len(self.response_ids)

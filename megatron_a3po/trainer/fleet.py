@@ -78,7 +78,8 @@ class RolloutSide:
         rc = self.recipe.rollout
         batch = self.rm.get_batch(rc.batch_prompts, current_version, timeout=max(600.0, rc.request_timeout_s * 4))
         return [[dict(prompt_ids=s.prompt_ids, response_ids=s.response_ids, behave_logprobs=s.behave_logprobs,
-                      versions=s.versions, advantage=s.advantage, reward=s.reward, group_id=s.group_id)
+                      versions=s.versions, advantage=s.advantage, reward=s.reward, group_id=s.group_id,
+                      prompt_index=s.prompt_index)
                  for s in g] for g in batch.groups]
 
     def stats(self, current_version: int, groups) -> dict:
@@ -101,6 +102,13 @@ class RolloutSide:
         self._weight_dirs.append(Path(weights_dir))
         while len(self._weight_dirs) > 2:  # engines now serve the newest; keep one older for debugging
             shutil.rmtree(self._weight_dirs.pop(0), ignore_errors=True)
+
+    def engine_digests(self) -> dict[str, str]:
+        """Each engine's digest of the weights it serves (CPU engines' /debug/weights_digest)."""
+        import httpx
+
+        urls = list(self.recipe.rollout.engine_urls) or [e.url for e in self.engines]
+        return {u: httpx.get(u + "/debug/weights_digest", timeout=60).json()["digest"] for u in urls}
 
     def warm_start_samples(self, n: int, *, seed: int) -> list[tuple[list[int], list[int]]]:
         mod = __import__(f"megatron_a3po.rollout.tasks.{self.recipe.data.task}", fromlist=["x"])

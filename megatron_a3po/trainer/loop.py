@@ -137,6 +137,11 @@ def run(recipe, *, run_dir: str | Path | None = None) -> dict:
             if rank == 0:
                 side.update_weights(version, wdir)
             t_sync = time.perf_counter() - t1
+            record = {"step": step + 1, "version_trained": V, "version_after": version,
+                      "prompt_indices": [g[0]["prompt_index"] for g in groups],
+                      "group_ids": [g[0]["group_id"] for g in groups]}
+            if tc.verify_weight_sync:
+                record.update(_verify_sync(actor, side))
             if tc.save_every and (step + 1) % tc.save_every == 0:
                 state = {"step": step + 1, "version": version, "rng": rng_state(),
                          "rollout": side.state_dict() if rank == 0 else None}
@@ -151,6 +156,8 @@ def run(recipe, *, run_dir: str | Path | None = None) -> dict:
                 stats[M.TRAIN_TOK_S] = stats.pop("tokens/trained") / max(stats["time/train"], 1e-9)
                 _log_step(writer, bar, step, stats)
                 history.append(stats)
+                record["stats"] = {k: v for k, v in stats.items() if not k.startswith("_")}
+                _append_jsonl(run_dir / "steps.jsonl", record)
         summary = None
         if rank == 0:
             writer.close()
@@ -160,6 +167,30 @@ def run(recipe, *, run_dir: str | Path | None = None) -> dict:
     finally:
         if side is not None:
             side.close()
+
+
+def _append_jsonl(path: Path, obj) -> None:
+    import json
+
+    with open(path, "a") as f:
+        f.write(json.dumps(obj) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _verify_sync(actor, side) -> dict:
+    """Digest of the trainer's export vs each engine's served weights (collective; rank 0 compares)."""
+    from megatron_a3po.convert.digest import state_digest
+
+    named = [(n, t) for bucket in actor.export_hf_weights(64 << 20) for n, t in bucket]
+    mine = state_digest(named)
+    if side is None:
+        return {}
+    theirs = side.engine_digests()
+    bad = {u: d for u, d in theirs.items() if d != mine}
+    if bad:
+        raise RuntimeError(f"weight sync check failed: trainer digest {mine[:12]}, engines {bad}")
+    return {"weights_digest": mine, "engine_digests": theirs}
 
 
 def _warm_start(actor, side, recipe):
