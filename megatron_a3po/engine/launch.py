@@ -45,6 +45,17 @@ class EngineProcess:
                 self.proc.wait(timeout=30)
 
 
+def _die_with_parent():
+    """Linux: the engine gets SIGTERM when the process that started it dies (even by SIGKILL)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
 def wait_healthy(url: str, timeout: float = 120.0, proc: subprocess.Popen | None = None, log_path=None):
     import httpx
 
@@ -84,7 +95,7 @@ def launch_engine(model_path, *, port: int | None = None, host: str = "127.0.0.1
         out = open(log_path, "w")
     else:
         out = subprocess.DEVNULL
-    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
     ep = EngineProcess(proc=proc, url=f"http://{host}:{port}", port=port, log_path=log_path,
                        version_log=str(version_log) if version_log else None)
     if wait:

@@ -12,14 +12,6 @@ import os
 import sys
 
 
-def _worker(rank, world, recipe_dict, run_dir):
-    from recipes.config import Recipe
-
-    from megatron_a3po.trainer.loop import run
-
-    return run(Recipe.model_validate(recipe_dict), run_dir=run_dir)
-
-
 def print_summary(summary: dict, other: dict | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -82,8 +74,9 @@ def main(argv=None) -> int:
         summary = run(recipe, run_dir=run_dir)
     else:
         from megatron_a3po.platform.procs import run_distributed
+        from megatron_a3po.trainer.loop import run_worker
 
-        summary = run_distributed(_worker, world, recipe.model_dump(), run_dir, timeout=24 * 3600)[0]
+        summary = run_distributed(run_worker, world, recipe.model_dump(), run_dir, timeout=24 * 3600)[0]
     if summary:
         print_summary(summary)
     return 0

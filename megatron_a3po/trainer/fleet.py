@@ -49,11 +49,10 @@ class RolloutSide:
             if rc.backend != "cpu":
                 raise ValueError("rollout.backend=sglang needs rollout.engine_urls or rollout.router_url "
                                  "(launch/ starts the SGLang fleet)")
-            from megatron_a3po.engine.launch import launch_engine
+            from megatron_a3po.engine.launch import launch_engines
 
-            for k in range(rc.num_engines):
-                self.engines.append(launch_engine(weights_dir, version=str(version),
-                                                  log_dir=self.run_dir / "engines"))
+            self.engines = launch_engines(weights_dir, n=rc.num_engines, version=str(version),
+                                          log_dir=self.run_dir / "engines")
             urls = [e.url for e in self.engines]
         self._weight_dirs.append(Path(weights_dir))
         self.rm = RolloutManager.from_recipe(self.recipe, engine_urls=urls, tokenizer=self.tokenizer,

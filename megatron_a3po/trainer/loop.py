@@ -193,6 +193,13 @@ def _verify_sync(actor, side) -> dict:
     return {"weights_digest": mine, "engine_digests": theirs}
 
 
+def run_worker(rank, world, recipe_dict, run_dir):
+    """Entry of a spawned rank (megatron_a3po.platform.procs.run_distributed)."""
+    from recipes.config import Recipe
+
+    return run(Recipe.model_validate(recipe_dict), run_dir=run_dir)
+
+
 def _warm_start(actor, side, recipe):
     from megatron_a3po.trainer.batch import TrainSample
 
