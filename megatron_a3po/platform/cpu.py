@@ -17,6 +17,8 @@ Patched modules, and why:
   megatron.core.models.common.embeddings.rotary_pos_embedding  ``inv_freq.to(torch.cuda.current_device())``
   megatron.core.dist_checkpointing.strategies.async_utils / filesystem_async  ``torch.cuda.synchronize()``
                                                   and liveness tensors on the current CUDA device
+  megatron.core.dist_checkpointing.strategies.state_dict_saver  the save's failure flag is all-reduced
+                                                  as a tensor on ``torch.cuda.current_device()``
 
 One method is wrapped instead (its CUDA call is a Tensor method, not a ``torch.`` name):
 
@@ -46,6 +48,7 @@ PATCHED_MODULES = (
     "megatron.core.models.common.embeddings.rotary_pos_embedding",
     "megatron.core.dist_checkpointing.strategies.async_utils",
     "megatron.core.dist_checkpointing.strategies.filesystem_async",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
 )
 _FACTORIES = ("zeros", "empty", "ones", "tensor", "full", "arange", "zeros_like", "empty_like")
 _applied: list[str] = []

@@ -173,6 +173,8 @@ class Controller:
         self.epoch, self.pos, self.next_gid = sd["epoch"], sd["pos"], sd["next_gid"]
         self._order = self._epoch_order(self.epoch)
         self.requeue = deque(sd["pending"])
+        # groups in flight or ready at save time are not trusted after a crash: regenerated, and counted
+        self.counters["groups_regenerated_on_resume"] = len(sd["pending"])
         self.counters["groups_delivered"] = sd.get("groups_delivered", 0)
 
     # ---- lifecycle
