@@ -89,6 +89,10 @@ def run(recipe, *, run_dir: str | Path | None = None) -> dict:
 
     tc, rc = recipe.trainer, recipe.rollout
     run_dir = Path(run_dir or tc.log_dir)
+    if not torch.cuda.is_available():
+        # one intra-op thread per rank: the CPU engines need the other cores, and OpenMP threads that
+        # spin on an oversubscribed machine make every step several times slower
+        torch.set_num_threads(int(os.environ.get("A3PO_THREADS_PER_RANK", "1")))
     init_distributed(tp=recipe.parallel.tp, pp=recipe.parallel.pp, seed=tc.seed)
     torch.manual_seed(tc.seed)
     rank = _rank()
