@@ -4,8 +4,8 @@ One scheduler thread owns the model. Each loop iteration ("step"):
 
 1. applies queued control commands (abort, pause, continue, weight swap, version change) -- so a
    weight update always lands *between* two decode steps and never inside a forward pass;
-2. admits queued requests (unless paused): one prefill forward over the prompt with a fresh KV cache,
-   which samples the first output token;
+2. admits queued requests (unless paused): a prefill forward with a fresh KV cache (prompts of equal
+   length batched together), which samples the first output token;
 3. decodes one token for every active sequence in one batched forward (each sequence keeps its own
    KV cache; they are left-padded into a batch for the step, pads masked out).
 
@@ -269,14 +269,25 @@ class Scheduler:
         return [(layer.keys, layer.values) for layer in cache.layers]
 
     @torch.inference_mode()
-    def _prefill(self, s: Seq) -> bool:
+    def _prefill_batch(self, seqs: list[Seq]) -> list[tuple[Seq, bool]]:
+        """Prefill newly admitted sequences: prompts of equal length share one forward pass (no padding,
+        so the result is the same as one pass each); returns (seq, finished) pairs."""
         from transformers import DynamicCache
 
-        ids = torch.tensor([s.prompt], dtype=torch.long)
-        cache = DynamicCache()
-        out = self.model(input_ids=ids, past_key_values=cache, use_cache=True)
-        s.cache = self._kv_of(out.past_key_values)
-        return self._emit(s, out.logits[0, -1])
+        by_len: dict[int, list[Seq]] = {}
+        for s in seqs:
+            by_len.setdefault(len(s.prompt), []).append(s)
+        out_pairs = []
+        for group in by_len.values():
+            for i in range(0, len(group), self.max_batch):
+                chunk = group[i:i + self.max_batch]
+                ids = torch.tensor([s.prompt for s in chunk], dtype=torch.long)
+                out = self.model(input_ids=ids, past_key_values=DynamicCache(), use_cache=True)
+                kv = self._kv_of(out.past_key_values)
+                for b, s in enumerate(chunk):
+                    s.cache = [(K[b:b + 1].clone(), V[b:b + 1].clone()) for K, V in kv]
+                    out_pairs.append((s, self._emit(s, out.logits[b, -1])))
+        return out_pairs
 
     @torch.inference_mode()
     def _decode_batch(self, seqs: list[Seq]) -> list[bool]:
@@ -337,10 +348,10 @@ class Scheduler:
                     except queue.Empty:
                         break
                 if not self.paused:
-                    while self.waiting and len(self.running) < self.max_running:
-                        s = self.waiting.pop(0)
-                        if not self._prefill(s):
-                            self.running.append(s)
+                    admit = []
+                    while self.waiting and len(self.running) + len(admit) < self.max_running:
+                        admit.append(self.waiting.pop(0))
+                    self.running += [s for s, fin in self._prefill_batch(admit) if not fin]
                     still = []
                     for i in range(0, len(self.running), self.max_batch):
                         chunk = self.running[i:i + self.max_batch]
