@@ -118,6 +118,8 @@ class RolloutCfg(_Strict):
     top_k: int = -1
     request_timeout_s: float = 600.0
     weight_sync: Literal["disk", "nccl"] = "disk"
+    # /pause_generation mode around weight updates: abort (resubmit prompt + partial output) or in_place
+    pause_mode: Literal["abort", "in_place"] = "abort"
     weight_sync_bucket_mb: int = 512
     # SGLang server knobs the launcher passes to every engine (launch/ only): the fraction of GPU memory
     # for weights + KV cache (None = SGLang's default) and any further server flags, verbatim.

@@ -75,6 +75,10 @@ class ControllerConfig:
     # ordered: batches follow admission order (group ids), so a run and its resume see the same batches;
     # False: first complete, first served (a little less waiting for stragglers, batches not reproducible)
     ordered: bool = True
+    # how servers pause for a weight update: "abort" (in-flight requests return their partial output and
+    # are resubmitted as prompt + partial) or "in_place" (they wait and continue under the new weights;
+    # their later tokens carry the new version). Either way no token is generated from mixed weights.
+    pause_mode: str = "abort"
 
 
 def token_versions(meta: dict, n: int) -> list[int]:
@@ -389,7 +393,8 @@ class Controller:
             t0 = time.monotonic()
             self._open.clear()
             try:
-                await self.fleet.call_all("/pause_generation", {"mode": "abort"}, retries=self.cfg.update_retries)
+                await self.fleet.call_all("/pause_generation", {"mode": self.cfg.pause_mode},
+                                          retries=self.cfg.update_retries)
                 await self.transport.push(self.fleet, version, retries=self.cfg.update_retries, **payload)
                 infos = await self.fleet.call_all("/model_info", None, method="GET", retries=self.cfg.update_retries)
                 wrong = {u: i.get("weight_version") for u, i in infos.items() if str(i.get("weight_version")) != str(version)}
