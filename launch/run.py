@@ -316,12 +316,18 @@ def main(argv=None) -> int:
 def _local_exit_code(stop_file: Path) -> int:
     """The trainer's exit status, which launch.health writes into the stop file.
 
-    nemo-run may report the job finished a moment before the file lands: wait for it briefly.
+    nemo-run's local ``run`` can return while the job still runs: wait for the stop file for as long as
+    the experiment is not done (nemo-run writes ``_DONE`` in the experiment dir), then a short grace.
     """
     import time
 
-    deadline = time.monotonic() + 60
-    while not stop_file.exists() and time.monotonic() < deadline:
+    done_marker = stop_file.parent / "_DONE"
+    grace_until = None
+    while not stop_file.exists():
+        if done_marker.exists():
+            grace_until = grace_until or time.monotonic() + 60
+            if time.monotonic() > grace_until:
+                break
         time.sleep(0.5)
     try:
         code = int(stop_file.read_text().strip())
