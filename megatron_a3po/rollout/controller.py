@@ -233,7 +233,8 @@ class Controller:
     async def _run_group(self, gid: int, idx: int):
         prompt = self.prompts[idx]
         try:
-            samples = list(await asyncio.gather(*(self._run_sample(gid, prompt, j)
+            first = await self._group_request(gid, prompt)
+            samples = list(await asyncio.gather(*(self._run_sample(gid, prompt, j, first=first[j])
                                                   for j in range(self.cfg.n_samples))))
             await self._score(samples, prompt)
             self.ready.append(samples)
@@ -252,7 +253,30 @@ class Controller:
             self.inflight.pop(gid, None)
             self._tick()
 
-    async def _run_sample(self, gid: int, prompt, j: int) -> Sample:
+    def _sampling(self, remaining: int) -> dict:
+        cfg = self.cfg
+        return {"max_new_tokens": remaining, "temperature": cfg.temperature, "top_p": cfg.top_p,
+                "top_k": cfg.top_k, **cfg.extra_sampling}
+
+    async def _group_request(self, gid: int, prompt) -> list[tuple[dict, str]]:
+        """All n samples of a group in ONE /generate (SGLang's ``n``): n times fewer requests, which is
+        what bounds throughput when responses are short. Returns (response, engine rid) per sample."""
+        while not self._open.is_set():
+            await self._open.wait()
+        if self._broken:
+            raise self._broken
+        n = self.cfg.n_samples
+        sp = dict(self._sampling(self.cfg.max_new_tokens), n=n) if n > 1 else self._sampling(self.cfg.max_new_tokens)
+        payload = {"input_ids": list(prompt.prompt_ids), "sampling_params": sp, "return_logprob": True}
+        resp, rid, _url = await self.fleet.generate(payload, rid_base=f"g{gid}-n{n}")
+        resps = resp if isinstance(resp, list) else [resp]
+        if len(resps) != n:
+            raise RolloutError(f"request {rid}: asked for n={n} samples, got {len(resps)}")
+        return [(r, f"{rid}_{j}" if n > 1 else rid) for j, r in enumerate(resps)]
+
+    async def _run_sample(self, gid: int, prompt, j: int, first: tuple[dict, str] | None = None) -> Sample:
+        """Collect one sample; ``first`` is its part of the group request, later segments (after an
+        abort) are resubmitted alone as prompt + partial output."""
         cfg = self.cfg
         out: list[int] = []
         lps: list[float] = []
@@ -260,14 +284,16 @@ class Controller:
         rids: list[str] = []
         seg = idle_aborts = 0
         while True:
-            while not self._open.is_set():
-                await self._open.wait()
-            if self._broken:
-                raise self._broken
-            sp = {"max_new_tokens": cfg.max_new_tokens - len(out), "temperature": cfg.temperature,
-                  "top_p": cfg.top_p, "top_k": cfg.top_k, **cfg.extra_sampling}
-            payload = {"input_ids": list(prompt.prompt_ids) + out, "sampling_params": sp, "return_logprob": True}
-            resp, rid, _url = await self.fleet.generate(payload, rid_base=f"g{gid}-s{j}-p{seg}")
+            if first is not None:
+                (resp, rid), first = first, None
+            else:
+                while not self._open.is_set():
+                    await self._open.wait()
+                if self._broken:
+                    raise self._broken
+                payload = {"input_ids": list(prompt.prompt_ids) + out,
+                           "sampling_params": self._sampling(cfg.max_new_tokens - len(out)), "return_logprob": True}
+                resp, rid, _url = await self.fleet.generate(payload, rid_base=f"g{gid}-s{j}-p{seg}")
             seg += 1
             meta = resp["meta_info"]
             toks = list(resp.get("output_ids") or [])
