@@ -12,22 +12,46 @@ import os
 import sys
 
 
-def print_summary(summary: dict, other: dict | None = None) -> None:
+def _sibling_summaries(summary: dict, run_dir: str) -> list[dict]:
+    """Summaries of the same recipe in other modes, in sibling run dirs (newest per mode)."""
+    import json
+    from pathlib import Path
+
+    found = {}
+    for p in sorted(Path(run_dir).resolve().parent.glob("*/summary.json"), key=lambda p: p.stat().st_mtime):
+        try:
+            other = json.loads(p.read_text())
+        except (OSError, ValueError):
+            continue
+        if other.get("recipe", summary.get("recipe")) == summary.get("recipe") and other.get("mode") != summary["mode"]:
+            found[other["mode"]] = other
+    return list(found.values())
+
+
+def print_summary(summary: dict, run_dir: str | None = None) -> None:
+    """The end-of-run table; runs of the same recipe in other modes beside it appear side by side
+    (e.g. ``--run-dir runs/demo_cpu_recompute trainer.mode=recompute``)."""
     from rich.console import Console
     from rich.table import Table
 
+    runs = [summary] + (_sibling_summaries(summary, run_dir) if run_dir else [])
     c = Console()
     t = Table(title=f"A-3PO run ({summary['mode']}, {summary['steps']} steps)")
     t.add_column("metric")
-    t.add_column("value", justify="right")
+    for r in runs:
+        t.add_column(r["mode"] + (" (this run)" if r is summary else ""), justify="right")
     w = summary["window"]
-    t.add_row(f"reward, first {w} steps (mean)", f"{summary['first_reward']:.3f}")
-    t.add_row(f"reward, last {w} steps (mean)", f"{summary['last_reward']:.3f}")
-    t.add_row("proximal log-prob time, total", f"{summary['prox_time_total_s'] * 1e3:.2f} ms")
-    t.add_row("proximal log-prob time, per step", f"{summary['prox_time_mean_ms']:.3f} ms")
-    t.add_row("mean staleness of trained tokens", f"{summary['staleness_mean']:.2f}")
-    t.add_row("steps/s", f"{summary['steps_per_s']:.3f}")
-    t.add_row("wall time", f"{summary['elapsed_s']:.1f} s")
+    rows = [
+        (f"reward, first {w} steps (mean)", lambda r: f"{r['first_reward']:.3f}"),
+        (f"reward, last {w} steps (mean)", lambda r: f"{r['last_reward']:.3f}"),
+        ("proximal log-prob time, total", lambda r: f"{r['prox_time_total_s'] * 1e3:.2f} ms"),
+        ("proximal log-prob time, per step", lambda r: f"{r['prox_time_mean_ms']:.3f} ms"),
+        ("mean staleness of trained tokens", lambda r: f"{r['staleness_mean']:.2f}"),
+        ("steps/s", lambda r: f"{r['steps_per_s']:.3f}"),
+        ("wall time", lambda r: f"{r['elapsed_s']:.1f} s"),
+    ]
+    for name, fmt in rows:
+        t.add_row(name, *[fmt(r) for r in runs])
     c.print(t)
     c.print(f"TensorBoard logs: [bold]{summary['tensorboard']}[/bold]  "
             f"(tensorboard --logdir {summary['tensorboard']})")
@@ -78,7 +102,7 @@ def main(argv=None) -> int:
 
         summary = run_distributed(run_worker, world, recipe.model_dump(), run_dir, timeout=24 * 3600)[0]
     if summary:
-        print_summary(summary)
+        print_summary(summary, run_dir)
     return 0
 
 

@@ -259,6 +259,7 @@ def _summary(recipe, history, run_dir, elapsed, side) -> dict:
     prox = [h.get(M.TIME_PROX, 0.0) for h in history]
     stale = [h.get(M.STALENESS_MEAN, 0.0) for h in history]
     out = {
+        "recipe": recipe.name,
         "mode": recipe.trainer.mode,
         "steps": len(history),
         "first_reward": st.mean(rewards[:k]) if rewards else float("nan"),
