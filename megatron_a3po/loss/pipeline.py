@@ -34,6 +34,16 @@ def _forward(model, mb):
     return model(mb.tokens, mb.position_ids, None)
 
 
+def _forward_step(loss_func):
+    """The schedule's forward step: next micro-batch through the model chunk, then ``loss_func(mb, out)``."""
+
+    def forward_step(data_iterator, model):
+        mb = next(data_iterator)
+        return _forward(model, mb), partial(loss_func, mb)
+
+    return forward_step
+
+
 def policy_forward_step(*, mode: str, current_version: int, num_tokens_global: int, temperature: float,
                         vocab_size: int, loss_kwargs: dict | None = None, alpha_schedule: str = "inverse",
                         entropy_coef: float = 0.0, prox_timer: list | None = None):
@@ -80,11 +90,7 @@ def policy_forward_step(*, mode: str, current_version: int, num_tokens_global: i
         stats["_loss"] = loss.detach()  # this micro-batch's share of the minibatch loss
         return loss, mask.sum().to(torch.int), stats
 
-    def forward_step(data_iterator, model):
-        mb = next(data_iterator)
-        return _forward(model, mb), partial(loss_func, mb)
-
-    return forward_step
+    return _forward_step(loss_func)
 
 
 def logprob_forward_step(*, temperature: float, vocab_size: int):
@@ -97,11 +103,7 @@ def logprob_forward_step(*, temperature: float, vocab_size: int):
                                                       temperature=temperature, vocab_size=vocab_size)
         return torch.zeros((), device=logits.device), {"logp": logp.float().cpu()}
 
-    def forward_step(data_iterator, model):
-        mb = next(data_iterator)
-        return _forward(model, mb), partial(loss_func, mb)
-
-    return forward_step
+    return _forward_step(loss_func)
 
 
 def sft_forward_step(*, num_tokens_global: int, vocab_size: int):
@@ -114,8 +116,4 @@ def sft_forward_step(*, num_tokens_global: int, vocab_size: int):
         nll = -(logp * mask).sum()
         return nll / num_tokens_global, mask.sum().to(torch.int), {"_nll_sum": nll.detach()}
 
-    def forward_step(data_iterator, model):
-        mb = next(data_iterator)
-        return _forward(model, mb), partial(loss_func, mb)
-
-    return forward_step
+    return _forward_step(loss_func)
