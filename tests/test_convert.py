@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import subprocess_env
 import torch
 
 from megatron_a3po.platform.procs import run_distributed
@@ -18,7 +19,7 @@ FAMILIES = ("qwen2", "llama", "qwen3")
 
 
 def _cli(*args, timeout=300):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env = subprocess_env(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-m", "tools.convert_ckpt", *map(str, args)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 

@@ -52,12 +52,16 @@ def test_patches_are_module_local_and_idempotent():
 
 @pytest.fixture(scope="module")
 def dist1():
+    saved = {k: os.environ.get(k) for k in ("MASTER_ADDR", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     os.environ.update(MASTER_ADDR="127.0.0.1", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     from megatron_a3po.platform import init_distributed
     from megatron_a3po.platform.procs import free_port
 
     os.environ.setdefault("MASTER_PORT", str(free_port()))
     init_distributed(tp=1, pp=1, seed=0)
+    yield
+    for k, v in saved.items():  # leave no torchrun-like variables to later tests' child processes
+        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
 
 def test_sdpa_core_attention_matches_fp64_reference(dist1):

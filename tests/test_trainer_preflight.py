@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import subprocess_env
 
 from megatron_a3po.trainer.preflight import PreflightError, preflight
 from recipes.config import RecipeError, load_recipe
@@ -59,7 +60,7 @@ def test_unknown_key_and_impossible_combination_name_the_key():
 
 
 def test_cli_exits_2_before_training(tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = subprocess_env(PYTHONPATH=str(ROOT))
     p = subprocess.run([sys.executable, "-m", "megatron_a3po.trainer", "--recipe", "demo_cpu",
                         "--run-dir", str(tmp_path / "run"), "parallel.tp=3"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)

@@ -10,6 +10,7 @@ from megatron_a3po import metrics as M
 
 @pytest.fixture(scope="module")
 def dist1():
+    saved = {k: os.environ.get(k) for k in ("MASTER_ADDR", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     os.environ.update(MASTER_ADDR="127.0.0.1", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     from megatron_a3po.platform import init_distributed
     from megatron_a3po.platform.procs import free_port
@@ -17,6 +18,8 @@ def dist1():
     os.environ["MASTER_PORT"] = str(free_port())
     init_distributed(tp=1, pp=1, seed=0)
     yield
+    for k, v in saved.items():  # leave no torchrun-like variables to later tests' child processes
+        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
 
 def _samples(n_groups=4, n=4, seed=0):
