@@ -145,7 +145,7 @@ def hf_copy(models, tmp_path):
     return d
 
 
-def _bad(args, out, match):
+def _assert_rejected(args, out, match):
     p = _cli(*args)
     assert p.returncode == 2, p.stderr[-2000:]
     assert match in p.stderr, p.stderr[-2000:]
@@ -168,10 +168,10 @@ def test_vocab_and_hidden_mismatch(hf_copy, tmp_path):
     cfg = json.loads((hf_copy / "config.json").read_text())
     cfg["vocab_size"] = 101
     (hf_copy / "config.json").write_text(json.dumps(cfg))
-    _bad(["hf-to-mcore", "--hf", hf_copy, "--out", tmp_path / "o"], tmp_path / "o", "vocab_size=101")
+    _assert_rejected(["hf-to-mcore", "--hf", hf_copy, "--out", tmp_path / "o"], tmp_path / "o", "vocab_size=101")
     cfg["vocab_size"], cfg["hidden_size"], cfg["head_dim"] = 97, 128, 16
     (hf_copy / "config.json").write_text(json.dumps(cfg))
-    _bad(["hf-to-mcore", "--hf", hf_copy, "--out", tmp_path / "o"], tmp_path / "o", "hidden_size=128")
+    _assert_rejected(["hf-to-mcore", "--hf", hf_copy, "--out", tmp_path / "o"], tmp_path / "o", "hidden_size=128")
 
 
 def test_missing_and_truncated_shard(models, tmp_path):
@@ -182,13 +182,13 @@ def test_missing_and_truncated_shard(models, tmp_path):
     assert len(shards) > 1
     data = shards[1].read_bytes()
     shards[1].write_bytes(data[: len(data) // 2])
-    _bad(["hf-to-mcore", "--hf", d, "--out", tmp_path / "o"], tmp_path / "o", "truncated")
+    _assert_rejected(["hf-to-mcore", "--hf", d, "--out", tmp_path / "o"], tmp_path / "o", "truncated")
     shards[1].unlink()
-    _bad(["hf-to-mcore", "--hf", d, "--out", tmp_path / "o"], tmp_path / "o", "is missing")
+    _assert_rejected(["hf-to-mcore", "--hf", d, "--out", tmp_path / "o"], tmp_path / "o", "is missing")
 
 
 def test_tp_not_dividing_heads_and_nonempty_out(hf_copy, tmp_path):
-    _bad(["hf-to-mcore", "--hf", hf_copy, "--out", tmp_path / "o", "--tp", 3], tmp_path / "o",
+    _assert_rejected(["hf-to-mcore", "--hf", hf_copy, "--out", tmp_path / "o", "--tp", 3], tmp_path / "o",
          "--tp=3 does not divide num_attention_heads=8")
     out = tmp_path / "full"
     out.mkdir()
