@@ -192,10 +192,14 @@ class Controller:
     async def stop(self):
         self._stopping = True
         self._tick()
-        tasks = [t for _, t in self.inflight.values()] + [self._admit_task]
+        tasks = [t for t in [t for _, t in self.inflight.values()] + [self._admit_task] if t is not None]
         for t in tasks:
             t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if tasks:  # a request stuck inside the HTTP client must not hang the shutdown of a finished run
+            _, pending = await asyncio.wait(tasks, timeout=10.0)
+            if pending:
+                log.warning("%d rollout task(s) did not stop within 10 s of being cancelled; abandoned",
+                            len(pending))
 
     def _tick(self):
         self._tick_ev.set()

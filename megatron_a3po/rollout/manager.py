@@ -29,6 +29,7 @@ is then left paused (no server serves mixed weights) and a later ``update_weight
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from concurrent.futures import Future
 from typing import Any
@@ -37,6 +38,8 @@ from megatron_a3po.rollout.controller import Controller, ControllerConfig
 from megatron_a3po.rollout.fleet import Fleet
 from megatron_a3po.rollout.types import Batch
 from megatron_a3po.rollout.weights import DiskTransport
+
+log = logging.getLogger("megatron_a3po.rollout.manager")
 
 
 class RolloutManager:
@@ -188,8 +191,11 @@ class RolloutManager:
             return
         if self._started:
             try:
-                self._call(self.controller.stop(), timeout=30)
-                self._call(self.fleet.close(), timeout=30)
+                for step in (self.controller.stop, self.fleet.close):
+                    try:
+                        self._call(step(), timeout=30)
+                    except TimeoutError:  # shutting down anyway: the engines are stopped below
+                        log.warning("rollout shutdown: %s did not finish within 30 s", step.__qualname__)
             finally:
                 self._closed = True
                 self._loop.call_soon_threadsafe(self._loop.stop)
