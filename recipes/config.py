@@ -117,7 +117,13 @@ class RolloutCfg(_Strict):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = -1
     request_timeout_s: float = 600.0
+    # disk: the trainer writes an HF dir each step, engines load it (/update_weights_from_disk).
+    # nccl: trainer rank 0 broadcasts the streamed HF tensors into every engine
+    # (/update_weights_from_distributed); NCCL on GPU, the same code over gloo with the CPU engine.
     weight_sync: Literal["disk", "nccl"] = "disk"
+    # address at which the engines reach trainer rank 0 for the weight-update group (None: 127.0.0.1
+    # for the bundled CPU engines, else $MASTER_ADDR or this host's name)
+    weight_sync_master_addr: str | None = None
     # /pause_generation mode around weight updates: abort (resubmit prompt + partial output) or in_place
     pause_mode: Literal["abort", "in_place"] = "abort"
     weight_sync_bucket_mb: int = 512
@@ -194,8 +200,6 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _combinations(self):
-        if self.rollout.weight_sync == "nccl" and self.rollout.backend != "sglang":
-            raise ValueError("rollout.weight_sync=nccl needs rollout.backend=sglang (the CPU engine loads from disk)")
         if self.trainer.verify_weight_sync and self.rollout.backend != "cpu":
             raise ValueError("trainer.verify_weight_sync needs rollout.backend=cpu (SGLang exposes no weight digest)")
         if self.data.task == "gsm8k" and self.model.tiny is not None:

@@ -111,3 +111,20 @@ def test_resume_after_sigkill_continues_the_same_batches(tmp_path):
     # the loss curve continues: entropy right after the resume is close to the value before the crash
     h2, h3 = before[1]["stats"]["entropy/mean"], after[0]["stats"]["entropy/mean"]
     assert abs(h3 - h2) < 0.25, (h2, h3)
+
+
+@pytest.mark.slow
+def test_pp2_streamed_weight_sync_reaches_the_engine(tmp_path):
+    """rollout.weight_sync=nccl (gloo on CPU): no HF dir per step; the engine's served weights equal the
+    trainer's export after every step, and the engine reports every new version."""
+    run = tmp_path / "run"
+    p = _run_trainer(run, "parallel.pp=2", "rollout.weight_sync=nccl", "rollout.weight_sync_bucket_mb=1",
+                     "trainer.steps=3", "trainer.verify_weight_sync=true", *SMALL)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    recs = _records(run)
+    assert [r["version_after"] for r in recs] == [1, 2, 3]
+    for r in recs:
+        assert list(r["engine_digests"].values()) == [r["weights_digest"]]
+        assert r["stats"]["rollout/served_version"] == r["version_trained"]  # the push before it landed
+    assert len({r["weights_digest"] for r in recs}) == 3
+    assert sorted(d.name for d in (run / "weights").iterdir()) == ["v0"]  # only the engine's start-up weights

@@ -55,8 +55,8 @@ def test_unreachable_rollout_server():
 def test_unknown_key_and_impossible_combination_name_the_key():
     with pytest.raises(RecipeError, match=r"trainer.nope"):
         load_recipe("demo_cpu", ["trainer.nope=1"])
-    with pytest.raises(RecipeError, match=r"weight_sync=nccl needs rollout.backend=sglang"):
-        load_recipe("demo_cpu", ["rollout.weight_sync=nccl"])
+    with pytest.raises(RecipeError, match=r"trainer.verify_weight_sync needs rollout.backend=cpu"):
+        load_recipe("demo_cpu", ["rollout.backend=sglang", "trainer.verify_weight_sync=true"])
 
 
 def test_cli_exits_2_before_training(tmp_path):

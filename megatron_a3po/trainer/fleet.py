@@ -3,6 +3,9 @@
 With ``rollout.engine_urls`` (or a router) set, the fleet is external (SGLang on GPU nodes, started by
 launch/). Otherwise ``rollout.num_engines`` CPU engines (megatron_a3po.engine) are started here from
 the trainer's version-0 weights and stopped at the end; they die with the trainer.
+
+Weights reach the engines per ``rollout.weight_sync``: ``disk`` (an HF dir the trainer wrote) or
+``nccl`` (this rank broadcasts the streamed HF tensors into every engine: NCCL on GPU, gloo on CPU).
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ class RolloutSide:
         self._weight_dirs: list[Path] = []
 
     # ------------------------------------------------------------------ lifecycle
-    def start(self, *, weights_dir: Path, version: int, state: dict | None):
+    def start(self, *, weights_dir: Path | None, version: int, state: dict | None):
+        """Connect to (or start, from ``weights_dir``) the engines; the caller syncs an external fleet."""
         from megatron_a3po.rollout import RolloutManager
 
         rc = self.recipe.rollout
@@ -54,15 +58,38 @@ class RolloutSide:
             self.engines = launch_engines(weights_dir, n=rc.num_engines, version=str(version),
                                           log_dir=self.run_dir / "engines")
             urls = [e.url for e in self.engines]
-        self._weight_dirs.append(Path(weights_dir))
+        if weights_dir is not None:
+            self._weight_dirs.append(Path(weights_dir))
         self.rm = RolloutManager.from_recipe(self.recipe, engine_urls=urls, tokenizer=self.tokenizer,
-                                             prompts=self.prompts, initial_version=version)
+                                             prompts=self.prompts, initial_version=version,
+                                             transport=self._transport())
         if state:
             self.rm.load_state_dict(state)
         self.rm.start()
-        if self.engines == [] and version:
-            # an external fleet may hold older weights: bring it to the trainer's
-            self.rm.update_weights(version, hf_dir=str(weights_dir))
+        self.rm.init_weight_transport()
+
+    @property
+    def streams_weights(self) -> bool:
+        """True when pushes take streamed (name, tensor) pairs rather than an HF dir on disk."""
+        return self.recipe.rollout.weight_sync == "nccl"
+
+    def _transport(self):
+        import os
+        import socket
+
+        import torch
+
+        from megatron_a3po.platform.procs import free_port
+        from megatron_a3po.rollout import DiskTransport, NcclTransport
+
+        rc = self.recipe.rollout
+        if rc.weight_sync == "disk":
+            return DiskTransport()
+        addr = rc.weight_sync_master_addr or (
+            "127.0.0.1" if not rc.engine_urls and rc.router_url is None
+            else os.environ.get("MASTER_ADDR") or socket.gethostname())
+        return NcclTransport(addr, free_port(), backend="nccl" if torch.cuda.is_available() else "gloo",
+                             bucket_bytes=rc.weight_sync_bucket_mb << 20, server_tp=rc.engine_tp)
 
     def close(self):
         try:
@@ -96,7 +123,11 @@ class RolloutSide:
                 out[k] = float(v)
         return out
 
-    def update_weights(self, version: int, weights_dir: Path):
+    def update_weights(self, version: int, weights_dir: Path | None = None, named_tensors=None):
+        """Push ``version`` to every engine: from ``weights_dir`` (disk) or ``named_tensors`` (nccl)."""
+        if self.streams_weights:
+            self.rm.update_weights(version, named_tensors=named_tensors)
+            return
         self.rm.update_weights(version, hf_dir=str(weights_dir))
         self._weight_dirs.append(Path(weights_dir))
         while len(self._weight_dirs) > 2:  # engines now serve the newest; keep one older for debugging

@@ -118,11 +118,16 @@ def run(recipe, *, run_dir: str | Path | None = None) -> dict:
     try:
         if not resumed and tc.warm_start_steps:
             _warm_start(actor, side, recipe)
-        # the engines start from (or are synced to) the trainer's current weights
-        wdir = run_dir / "weights" / f"v{version}"
-        actor.save_hf(wdir, tokenizer_dir=tok_dir)
+        # bundled CPU engines start from the trainer's current weights; an external fleet is synced to them
+        external = bool(rc.engine_urls) or rc.router_url is not None
+        wdir = None
+        if not external:
+            wdir = run_dir / "weights" / f"v{version}"
+            actor.save_hf(wdir, tokenizer_dir=tok_dir)
         if rank == 0:
             side.start(weights_dir=wdir, version=version, state=rollout_state)
+        if external:
+            _push_weights(actor, side, recipe, version, run_dir, tok_dir)
         writer = _writer(run_dir) if rank == 0 else None
         bar = _progress(start_step, tc.steps) if rank == 0 else None
         history = []
@@ -136,10 +141,7 @@ def run(recipe, *, run_dir: str | Path | None = None) -> dict:
             stats = actor.train_step(samples, V, group_size=rc.n_samples)
             version += 1
             t1 = time.perf_counter()
-            wdir = run_dir / "weights" / f"v{version}"
-            actor.save_hf(wdir, tokenizer_dir=tok_dir)
-            if rank == 0:
-                side.update_weights(version, wdir)
+            _push_weights(actor, side, recipe, version, run_dir, tok_dir)
             t_sync = time.perf_counter() - t1
             record = {"step": step + 1, "version_trained": V, "version_after": version,
                       "prompt_indices": [g[0]["prompt_index"] for g in groups],
@@ -171,6 +173,27 @@ def run(recipe, *, run_dir: str | Path | None = None) -> dict:
     finally:
         if side is not None:
             side.close()
+
+
+def _push_weights(actor, side, recipe, version: int, run_dir: Path, tok_dir) -> None:
+    """Bring every engine to the trainer's weights as ``version`` (collective: every rank calls it).
+
+    disk: all ranks export into an HF dir (rank 0 writes), rank 0 tells the engines to load it.
+    nccl: all ranks run the streaming export in step; rank 0 hands it to the transport, which
+    broadcasts each bucket into the engines as it is produced (nothing touches the disk).
+    """
+    if recipe.rollout.weight_sync == "nccl":
+        named = (nt for bucket in actor.export_hf_weights(recipe.rollout.weight_sync_bucket_mb << 20) for nt in bucket)
+        if side is not None:
+            side.update_weights(version, named_tensors=named)
+        else:
+            for _ in named:  # the other ranks' half of the export's collectives
+                pass
+        return
+    wdir = run_dir / "weights" / f"v{version}"
+    actor.save_hf(wdir, tokenizer_dir=tok_dir, fsync=False)  # read at once by the engines, deleted soon
+    if side is not None:
+        side.update_weights(version, wdir)
 
 
 def _append_jsonl(path: Path, obj) -> None:
