@@ -14,6 +14,7 @@ records the peak, for tests).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -233,14 +234,25 @@ def export_hf_weights(model_chunks, hf_config, bucket_bytes: int = 512 << 20, *,
         yield bucket
 
 
+def _fsync(path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
 def save_hf_checkpoint(model_chunks, hf_config, out_dir, *, tokenizer_dir=None, bucket_bytes: int = 512 << 20,
                        max_shard_bytes: int = 2 << 30, dtype: torch.dtype | None = None,
-                       overwrite: bool = True, progress=None) -> Path | None:
-    """Write an HF checkpoint (collective). Rank 0 writes into a temp dir, renamed at the end."""
+                       overwrite: bool = True, progress=None, fsync: bool = True) -> Path | None:
+    """Write an HF checkpoint (collective). Rank 0 writes into a temp dir, renamed at the end.
+
+    ``fsync=False`` skips flushing the shards to disk: for the per-step weight-sync dirs the engines
+    read straight away (from the page cache) and that are deleted two steps later."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -264,7 +276,10 @@ def save_hf_checkpoint(model_chunks, hf_config, out_dir, *, tokenizer_dir=None, 
         def flush():
             nonlocal cur, cur_bytes, n_written
             if cur:
-                save_file(cur, str(tmp / f"part-{n_written:05d}.safetensors"), metadata={"format": "pt"})
+                path = tmp / f"part-{n_written:05d}.safetensors"
+                save_file(cur, str(path), metadata={"format": "pt"})
+                if fsync:
+                    _fsync(path)  # durable before the directory is renamed into place
                 for k in cur:
                     weight_map[k] = n_written
                 n_written += 1
@@ -330,7 +345,34 @@ def save_mcore_checkpoint(model_chunks, ckpt_dir, *, hf_config=None) -> None:
     sd = {}
     for i, m in enumerate(model_chunks):
         sd.update(m.sharded_state_dict(prefix=f"model{i}." if len(model_chunks) > 1 else ""))
-    dist_checkpointing.save(sd, str(ckpt_dir), async_sharded_save=False)
+    with _in_process_results_queue():
+        dist_checkpointing.save(sd, str(ckpt_dir), async_sharded_save=False)
+
+
+@contextlib.contextmanager
+def _in_process_results_queue():
+    """A synchronous save hands megatron's torch_dist writer a plain in-process queue for its results.
+
+    megatron creates that queue lazily as a *spawn*-context ``Manager().Queue()`` so results can cross
+    into an asynchronous checkpoint process; starting the manager spawns a Python that re-imports the
+    main module (torch, megatron): seconds per process, for nothing when the save is synchronous (the
+    writer's forked workers report through their own queue; only this process reads the result).
+    """
+    try:
+        from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
+    except ImportError:
+        yield
+        return
+    if getattr(fa, "_results_queue", "absent") is not None:  # already made, or a version without it
+        yield
+        return
+    import queue
+
+    fa._results_queue = queue.Queue()
+    try:
+        yield
+    finally:
+        fa._results_queue = None
 
 
 def load_mcore_checkpoint(model_chunks, ckpt_dir) -> None:

@@ -86,6 +86,16 @@ def arch_from_hf(cfg) -> Arch:
     )
 
 
+def weights_dtype(hf_config) -> torch.dtype:
+    """The dtype the checkpoint stores its weights in (config ``dtype``/``torch_dtype``; float32 if unset)."""
+    d = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None) or torch.float32
+    if isinstance(d, str):
+        d = getattr(torch, d.replace("torch.", ""), None)
+    if d not in (torch.float32, torch.bfloat16, torch.float16):
+        raise UnsupportedModel(f"config dtype {d!r}: expected float32, bfloat16 or float16")
+    return d
+
+
 def padded_vocab_size(vocab: int, tp: int) -> int:
     m = VOCAB_DIVISIBLE_BY * tp
     return ((vocab + m - 1) // m) * m

@@ -205,11 +205,11 @@ class Actor:
         self.optim.set_lr(lr)
 
     # ------------------------------------------------------------------ weights
-    def save_hf(self, out_dir, tokenizer_dir=None):
+    def save_hf(self, out_dir, tokenizer_dir=None, *, fsync: bool = True):
         """Write the current weights as an HF checkpoint (collective; rank 0 writes, atomically)."""
         from megatron_a3po.convert import save_hf_checkpoint
 
-        save_hf_checkpoint(self._bare_chunks(), self.hf_config, out_dir, tokenizer_dir=tokenizer_dir)
+        save_hf_checkpoint(self._bare_chunks(), self.hf_config, out_dir, tokenizer_dir=tokenizer_dir, fsync=fsync)
 
     def export_hf_weights(self, bucket_bytes: int):
         from megatron_a3po.convert import export_hf_weights

@@ -34,12 +34,12 @@ def _hf_to_mcore_rank(rank, world, hf_dir, tmp_out, tp, pp):
     from transformers import AutoConfig
 
     from megatron_a3po.convert import load_hf_into_model, save_mcore_checkpoint
-    from megatron_a3po.models import build_model
+    from megatron_a3po.models import build_model, weights_dtype
     from megatron_a3po.platform import init_distributed
 
     init_distributed(tp=tp, pp=pp)
     cfg = AutoConfig.from_pretrained(hf_dir)
-    model = build_model(cfg)
+    model = build_model(cfg, params_dtype=weights_dtype(cfg))  # stored as the HF weights are: no up-cast
     t0 = time.perf_counter()
     load_hf_into_model([model], hf_dir, cfg)
     t1 = time.perf_counter()
@@ -51,12 +51,12 @@ def _mcore_to_hf_rank(rank, world, mcore_dir, cfg_dir, out, tokenizer_dir, tp, p
     from transformers import AutoConfig
 
     from megatron_a3po.convert import load_mcore_checkpoint, save_hf_checkpoint
-    from megatron_a3po.models import build_model
+    from megatron_a3po.models import build_model, weights_dtype
     from megatron_a3po.platform import init_distributed
 
     init_distributed(tp=tp, pp=pp)
     cfg = AutoConfig.from_pretrained(cfg_dir)
-    model = build_model(cfg)
+    model = build_model(cfg, params_dtype=weights_dtype(cfg))
     t0 = time.perf_counter()
     load_mcore_checkpoint([model], mcore_dir)
     t1 = time.perf_counter()
