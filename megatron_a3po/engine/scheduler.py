@@ -200,6 +200,18 @@ class Scheduler:
             self.weight_version = str(version)
         return n
 
+    def _cmd_load(self, named_tensors: list, version: str | None, abort_all: bool):
+        """Copy received tensors into the served model in place, between steps (the distributed update:
+        one bucket per call, so no whole-model copy per bucket)."""
+        n = self._cmd_abort(None, "Abort for weight update") if abort_all else 0
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, t in named_tensors:
+                params[name].copy_(t)
+        if version is not None:
+            self.weight_version = str(version)
+        return n
+
     def _cmd_set_version(self, version: str, abort_all: bool):
         n = self._cmd_abort(None, "Abort for weight version update") if abort_all else 0
         self.weight_version = str(version)

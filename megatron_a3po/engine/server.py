@@ -316,30 +316,32 @@ class Engine:
                 return 400, {"success": False, "message": "injected weight-update failure (test hook)",
                              "num_paused_requests": 0}
             try:
-                model = self._load_same_arch(path)
-                if model is None:
-                    model = load_model(path, self.args.dtype)
+                sd = self._read_same_arch(path)
+                model = load_model(path, self.args.dtype) if sd is None else None
             except Exception as e:  # noqa: BLE001
                 return 400, {"success": False, "message": f"failed to load weights from {path!r}: {e}",
                              "num_paused_requests": 0}
-            old_shapes = {k: tuple(v.shape) for k, v in self.sched.model.state_dict().items()}
-            new_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-            if type(model) is not type(self.sched.model) or old_shapes != new_shapes:
-                diff = sorted(set(old_shapes.items()) ^ set(new_shapes.items()))[:3]
-                return 400, {"success": False, "message": f"{path!r} does not match the served model's architecture "
-                             f"({type(model).__name__} vs {type(self.sched.model).__name__}; differing params: {diff})",
-                             "num_paused_requests": 0}
-            version = body.get("weight_version")
-            n = self.sched.command("swap", model, None if version is None else str(version),
-                                   bool(body.get("abort_all_requests", False)))
+            version = None if body.get("weight_version") is None else str(body["weight_version"])
+            abort_all = bool(body.get("abort_all_requests", False))
+            if sd is not None:  # same architecture: copied into the served model in place, between steps
+                n = self.sched.command("load", list(sd.items()), version, abort_all)
+            else:
+                old_shapes = {k: tuple(v.shape) for k, v in self.sched.model.state_dict().items()}
+                new_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+                if type(model) is not type(self.sched.model) or old_shapes != new_shapes:
+                    diff = sorted(set(old_shapes.items()) ^ set(new_shapes.items()))[:3]
+                    return 400, {"success": False, "message": f"{path!r} does not match the served model's "
+                                 f"architecture ({type(model).__name__} vs {type(self.sched.model).__name__}; "
+                                 f"differing params: {diff})", "num_paused_requests": 0}
+                n = self.sched.command("swap", model, version, abort_all)
             self.model_path = path
         return 200, {"success": True, "message": "Succeeded to update model weights.", "num_paused_requests": n}
 
 
-    def _load_same_arch(self, path: str):
-        """Fast path: same architecture (config.json) and safetensors files -> a copy of the served model
-        with the new tensors loaded (no model re-construction). None if the fast path does not apply."""
-        import copy
+    def _read_same_arch(self, path: str) -> dict | None:
+        """Fast path: same architecture (config.json) and safetensors files -> the new tensors, checked
+        against the served model's parameter names and shapes (nothing is changed here). None if the fast
+        path does not apply."""
         import json
 
         p = Path(path)
@@ -358,14 +360,15 @@ class Engine:
         sd = {}
         for f in files:
             sd.update(load_file(str(f)))
-        model = copy.deepcopy(self.sched.model)
-        res = model.load_state_dict(sd, strict=False)  # raises on a shape mismatch
+        params = dict(self.sched.model.named_parameters())  # tied weights appear once
         tied = {"lm_head.weight"} if old_cfg.get("tie_word_embeddings") else set()
-        if res.unexpected_keys or set(res.missing_keys) - tied:
-            raise ValueError(f"weights do not match the model: missing {sorted(set(res.missing_keys) - tied)[:3]}, "
-                             f"unexpected {res.unexpected_keys[:3]}")
-        model.eval()
-        return model
+        sd = {k: v for k, v in sd.items() if k not in tied or k in params}
+        missing, unexpected = sorted(set(params) - set(sd)), sorted(set(sd) - set(params))
+        shapes = [k for k in sd if k in params and tuple(sd[k].shape) != tuple(params[k].shape)]
+        if missing or unexpected or shapes:
+            raise ValueError(f"weights do not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}, "
+                             f"wrong shape {shapes[:3]}")
+        return sd
 
     # ---- distributed weight update (the NCCL path of SGLang; gloo on CPU)
     def init_group(self, body: dict) -> tuple[int, dict]:
@@ -390,8 +393,6 @@ class Engine:
         return 200, {"success": True, "message": "Succeeded to initialize custom process group."}
 
     def update_from_distributed(self, body: dict) -> tuple[int, dict]:
-        import copy
-
         import torch.distributed as dist
 
         name = body.get("group_name")
@@ -413,13 +414,8 @@ class Engine:
             bad = [n for n, t in recv if n not in params or tuple(params[n].shape) != tuple(t.shape)]
             if bad:
                 return 400, {"success": False, "message": f"unknown parameter or wrong shape: {bad[:3]}"}
-            model = copy.deepcopy(self.sched.model)
-            new_params = dict(model.named_parameters())
-            with torch.no_grad():
-                for n, t in recv:
-                    new_params[n].copy_(t.to(new_params[n].dtype))
             v = body.get("weight_version")
-            n_ab = self.sched.command("swap", model, None if v is None else str(v),
+            n_ab = self.sched.command("load", recv, None if v is None else str(v),
                                       bool(body.get("abort_all_requests", False)))
         return 200, {"success": True, "message": f"Succeeded to update {len(recv)} parameters.",
                      "num_paused_requests": n_ab}
