@@ -94,7 +94,8 @@ class _VocabParallelLogprobsEntropy(torch.autograd.Function):
                 u = _shifted_chunk(x, m, inv_t, ws_u[:c])                   # u = z - m
                 ex = torch.exp(u, out=ws_e[:c])
                 stacked[0] = ex.sum(dim=-1)                                 # S = sum exp(u)
-                stacked[1] = ex.mul_(u).sum(dim=-1)                         # sum exp(u) * u
+                # sum exp(u) * u as a batched row-dot: one pass over both, no product written
+                stacked[1] = torch.bmm(ex.unsqueeze(1), u.unsqueeze(2)).view(c)
                 ut = u.gather(-1, local_t[s:e_].unsqueeze(-1)).squeeze(-1)
                 stacked[2] = torch.where(owned[s:e_], ut, torch.zeros_like(ut))   # u at the target
             if tp_group is not None:
@@ -140,7 +141,7 @@ class _VocabParallelLogprobsEntropy(torch.autograd.Function):
             gz = grad[s:e_] if direct else ws_p[:c]
             if use_ent:
                 torch.exp(q, out=gz)                                      # p
-                gz.mul_(q.mul_(b[s:e_]).add_(a[s:e_]))                    # p * (a + b log p)
+                gz.mul_(torch.addcmul(a[s:e_], q, b[s:e_], out=q))        # p * (a + b log p)
             else:
                 torch.mul(q.exp_(), a[s:e_], out=gz)                      # p * a
             gz.scatter_add_(-1, local_t[s:e_], g_t[s:e_])
