@@ -134,7 +134,8 @@ def layer_spec(arch: Arch):
     return spec
 
 
-def transformer_config(arch: Arch, *, params_dtype=torch.float32, sequence_parallel: bool = False):
+def transformer_config(arch: Arch, *, params_dtype=torch.float32, sequence_parallel: bool = False,
+                       init_weights: bool = True):
     from megatron.core import parallel_state as ps
     from megatron.core.transformer import TransformerConfig
 
@@ -150,7 +151,7 @@ def transformer_config(arch: Arch, *, params_dtype=torch.float32, sequence_paral
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
         sequence_parallel=sequence_parallel and tp > 1,
         params_dtype=params_dtype, bf16=params_dtype == torch.bfloat16, pipeline_dtype=params_dtype,
-        use_cpu_initialization=cpu, perform_initialization=True,
+        use_cpu_initialization=cpu, perform_initialization=init_weights,
         bias_dropout_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=False,
         gradient_accumulation_fusion=False, persist_layer_norm=False,
         # micro-batches differ in [b, S]; PP then exchanges shapes first. megatron-core's validation
@@ -176,13 +177,17 @@ def _hf_inv_freq(hf_config, head_dim: int) -> torch.Tensor:
 
 
 def build_model(hf_config, *, params_dtype=torch.float32, pre_process=None, post_process=None,
-                sequence_parallel: bool = False):
-    """This rank's GPTModel chunk for ``hf_config`` (random init; load weights with megatron_a3po.convert)."""
+                sequence_parallel: bool = False, init_weights: bool = True):
+    """This rank's GPTModel chunk for ``hf_config`` (load weights with megatron_a3po.convert).
+
+    ``init_weights=False`` skips the random initialisation, for callers that load every parameter
+    next (converters, the trainer): seconds on a 1B model on CPU, minutes at 70B."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 
     arch = arch_from_hf(hf_config)
-    cfg = transformer_config(arch, params_dtype=params_dtype, sequence_parallel=sequence_parallel)
+    cfg = transformer_config(arch, params_dtype=params_dtype, sequence_parallel=sequence_parallel,
+                             init_weights=init_weights)
     if pre_process is None:
         pre_process = ps.is_pipeline_first_stage()
     if post_process is None:

@@ -61,7 +61,8 @@ class Actor:
         self.vocab_size = int(hf_config.vocab_size)
         dtype = torch.bfloat16 if recipe.model.params_dtype == "bfloat16" else torch.float32
         self.dtype = dtype
-        model = build_model(hf_config, params_dtype=dtype)
+        # every parameter is loaded below (both loaders fail on a missing one): skip the random init
+        model = build_model(hf_config, params_dtype=dtype, init_weights=hf_dir is None and mcore_dir is None)
         cfg = model.config
         # see megatron_a3po.loss.pipeline: each micro-batch returns its share of the global token mean
         cfg.calculate_per_token_loss = True

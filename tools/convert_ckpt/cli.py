@@ -39,7 +39,7 @@ def _hf_to_mcore_rank(rank, world, hf_dir, tmp_out, tp, pp):
 
     init_distributed(tp=tp, pp=pp)
     cfg = AutoConfig.from_pretrained(hf_dir)
-    model = build_model(cfg, params_dtype=weights_dtype(cfg))  # stored as the HF weights are: no up-cast
+    model = build_model(cfg, params_dtype=weights_dtype(cfg), init_weights=False)  # HF dtype: no up-cast
     t0 = time.perf_counter()
     load_hf_into_model([model], hf_dir, cfg)
     t1 = time.perf_counter()
@@ -56,7 +56,7 @@ def _mcore_to_hf_rank(rank, world, mcore_dir, cfg_dir, out, tokenizer_dir, tp, p
 
     init_distributed(tp=tp, pp=pp)
     cfg = AutoConfig.from_pretrained(cfg_dir)
-    model = build_model(cfg, params_dtype=weights_dtype(cfg))
+    model = build_model(cfg, params_dtype=weights_dtype(cfg), init_weights=False)
     t0 = time.perf_counter()
     load_mcore_checkpoint([model], mcore_dir)
     t1 = time.perf_counter()
