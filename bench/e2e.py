@@ -14,9 +14,7 @@ weights; their steps are interleaved so machine noise hits both alike. Reported:
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -24,20 +22,7 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def _machine() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    try:
-        import subprocess
-
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        name = next(l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name"))
-    except Exception:
-        name = platform.processor() or "cpu"
-    return f"{name}, {os.cpu_count()} cores"
+from bench.common import RESULTS, machine
 
 
 def _recipe(mode, args):
@@ -120,7 +105,7 @@ def main(argv=None):
     measured = med["recompute"] - med["loglinear"]
     loglin_prox = statistics.median(r["prox_s"] for r in rows["loglinear"])
     res = {
-        "machine": _machine(), "args": vars(args),
+        "machine": machine(), "args": vars(args),
         "step_s": med, "ideal_saving_s": ideal, "measured_saving_s": measured,
         "saving_fraction_of_ideal": measured / ideal if ideal > 0 else float("nan"),
         "prox_s": {"recompute": ideal, "loglinear": loglin_prox},

@@ -7,7 +7,10 @@
       mcore_ce  megatron.core.tensor_parallel.vocab_parallel_cross_entropy alone (no entropy)
       mcore_ce+H Megatron CE on a clone of the logits (its forward modifies fp32 input in place, so RL
                 trainers clone) plus a separate entropy (logsumexp - sum softmax * z)
-    Each variant runs in a fresh subprocess. Peak memory on CPU = RSS high-water (Linux VmHWM, reset
+    Each variant runs in a fresh subprocess. Then, because a shared machine's speed drifts by tens of
+    percent within a minute, ours and mcore_ce are also timed PAIRED: one process, alternating order,
+    each repetition timing both on fresh copies of the same logits; the time ratio reported against the
+    target is the median of the per-pair ratios. Peak memory on CPU = RSS high-water (Linux VmHWM, reset
     after the logits are allocated) minus RSS at that point; on GPU = torch.cuda.max_memory_allocated
     minus the allocation before the call. Both include the [T, V] logits gradient.
 (a) ``python -m bench.loss --part a``: cost of the proximal log-probs: one recompute forward pass of a
@@ -22,13 +25,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results" / "loss.json"
+from bench.common import RESULTS as _RESULTS_DIR, machine
+from megatron_a3po.platform.procs import free_port
+
+RESULTS = _RESULTS_DIR / "loss.json"
 VARIANTS = ("ours", "naive", "mcore_ce", "mcore_ce+H")
 
 
@@ -66,18 +71,10 @@ def _init_megatron_tp1(dev):
 
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=0, world_size=1)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(1, 1)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ------------------------------------------------------------------------------------------ part (b)
@@ -158,7 +155,7 @@ def run_variant(name: str, tokens: int, vocab: int, reps: int, chunk: int | None
             "chunk_size": chunk if name == "ours" else None, "reps": reps}
 
 
-def bench_kernels(tokens: int, vocab: int, reps: int, threads: int, chunk: int | None = None) -> list[dict]:
+def bench_kernels(tokens: int, vocab: int, reps: int, threads: int, chunk: int | None = None) -> tuple[list[dict], dict]:
     rows = []
     for name in VARIANTS:
         cmd = [sys.executable, "-m", "bench.loss", "--one", name, "--tokens", str(tokens), "--vocab", str(vocab),
@@ -169,13 +166,52 @@ def bench_kernels(tokens: int, vocab: int, reps: int, threads: int, chunk: int |
         if res.returncode != 0:
             raise RuntimeError(f"variant {name} failed:\n{res.stderr[-3000:]}")
         rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+    cmd = [sys.executable, "-m", "bench.loss", "--paired", "--tokens", str(tokens), "--vocab", str(vocab),
+           "--reps", str(max(reps, 5)), "--threads", str(threads)] + (["--chunk", str(chunk)] if chunk else [])
+    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+                         cwd=Path(__file__).resolve().parent.parent)
+    if res.returncode != 0:
+        raise RuntimeError(f"paired timing failed:\n{res.stderr[-3000:]}")
+    paired = json.loads(res.stdout.strip().splitlines()[-1])
     ref_t = {r["variant"]: r["seconds"] for r in rows}
     ref_m = {r["variant"]: r["peak_extra_bytes"] for r in rows}
     for r in rows:
         r["time_vs_mcore_ce"] = r["seconds"] / ref_t["mcore_ce"]
         r["mem_vs_naive"] = r["peak_extra_bytes"] / ref_m["naive"]
         r["mem_vs_mcore_ce+H"] = r["peak_extra_bytes"] / ref_m["mcore_ce+H"]
-    return rows
+    return rows, paired
+
+
+def run_paired(a: str, b: str, tokens: int, vocab: int, reps: int, chunk: int | None = None) -> dict:
+    """Time variants ``a`` and ``b`` alternately in THIS process on copies of one logits tensor."""
+    import torch
+
+    dev = _device()
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    if a.startswith("mcore") or b.startswith("mcore"):
+        _init_megatron_tp1(dev)
+    chunk = chunk or default_chunk(dev.type)
+    g = torch.Generator(device=dev).manual_seed(0)
+    base = torch.randn(tokens, vocab, generator=g, device=dev, dtype=torch.float32).to(dtype)
+    labels = torch.randint(0, vocab, (tokens,), generator=g, device=dev)
+    fns = {a: _variant_fn(a, chunk), b: _variant_fn(b, chunk)}
+    times = {a: [], b: []}
+    for i in range(reps + 1):  # the first pair warms up (allocator, thread pool) and is dropped
+        for name in ((a, b) if i % 2 == 0 else (b, a)):
+            x = base.clone().requires_grad_(True)  # mcore CE overwrites its input: a fresh copy each time
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            logp, ent = fns[name](x, labels)
+            (logp.sum() if ent is None else logp.sum() + ent.sum()).backward()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            if i:
+                times[name].append(time.perf_counter() - t0)
+            del x, logp, ent
+    ratios = sorted(ta / tb for ta, tb in zip(times[a], times[b]))
+    return {"a": a, "b": b, "seconds": {k: sorted(v)[len(v) // 2] for k, v in times.items()},
+            "all_seconds": times, "ratio_median": ratios[len(ratios) // 2], "ratios": ratios, "reps": reps}
 
 
 # ------------------------------------------------------------------------------------------ part (a)
@@ -200,7 +236,7 @@ def bench_prox_cost(batch: int = 4, seq: int = 512, hidden: int = 256, layers: i
     from megatron_a3po.platform import init_distributed
 
     dev = _device()
-    for k, v in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
+    for k, v in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
                      LOCAL_RANK="0").items():
         os.environ.setdefault(k, v)
     init_distributed(tp=1, pp=1, seed=0)
@@ -274,6 +310,7 @@ def main(argv=None):
     ap.add_argument("--chunk", type=int, default=None, help="token chunk of ours (default: 16 CPU, 1024 GPU)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--one", choices=VARIANTS, help=argparse.SUPPRESS)   # internal: run one variant, print JSON
+    ap.add_argument("--paired", action="store_true", help=argparse.SUPPRESS)  # internal: ours vs mcore_ce paired
     args = ap.parse_args(argv)
     import torch
 
@@ -281,22 +318,27 @@ def main(argv=None):
     if args.one:
         print(json.dumps(run_variant(args.one, args.tokens, args.vocab, args.reps, args.chunk)))
         return
-    rows = bench_kernels(args.tokens, args.vocab, args.reps, args.threads, args.chunk) if "b" in args.part else []
+    if args.paired:
+        print(json.dumps(run_paired("ours", "mcore_ce", args.tokens, args.vocab, args.reps, args.chunk)))
+        return
+    rows, paired = (bench_kernels(args.tokens, args.vocab, args.reps, args.threads, args.chunk)
+                    if "b" in args.part else ([], None))
     prox = bench_prox_cost() if "a" in args.part else None
     if rows:
         _table(rows, prox)
+        print(f"paired timing, ours / mcore CE: median of {paired['reps']} per-pair ratios = "
+              f"{paired['ratio_median']:.2f} (pairs: {', '.join(f'{r:.2f}' for r in paired['ratios'])}; "
+              f"medians {paired['seconds']['ours']:.2f} s / {paired['seconds']['mcore_ce']:.2f} s)")
     elif prox:
         print(json.dumps(prox, indent=2))
     from megatron_a3po.io import write_json_atomic
 
-    cpu = next((ln.split(":", 1)[1].strip() for ln in subprocess.run(["lscpu"], capture_output=True, text=True)
-                .stdout.splitlines() if ln.startswith("Model name")), platform.processor())
     result = json.loads(args.out.read_text()) if args.out.exists() else {}   # keep the part not re-run
-    result["host"] = {"cpu": cpu, "cores": os.cpu_count(), "threads": args.threads,
-                      "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-                      "torch": torch.__version__}
+    result["machine"] = machine()
+    result["host"] = {"threads": args.threads, "torch": torch.__version__}
     if rows:
         result["kernels"] = rows
+        result["paired_ours_vs_mcore_ce"] = paired
     if prox:
         result["prox_cost"] = prox
     write_json_atomic(args.out, result)

@@ -10,25 +10,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import platform
 import re
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
+from bench.common import machine
+
 ROOT = Path(__file__).resolve().parents[1]
 CHARS = "0123456789+-=* abcdefghijklmnopqrstuvwxyz"
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        m = re.search(r"Model name:\s*(.+)", out)
-        return m.group(1).strip() if m else platform.processor()
-    except OSError:
-        return platform.processor() or "unknown"
 
 
 def make_model(root: Path):
@@ -196,7 +186,7 @@ def main(argv=None):
             for e in eps:
                 e.stop()
     res = {
-        "cpu": cpu_model(), "threads": 1, "engines": args.engines, "groups": args.groups, "n": args.n,
+        "cpu": machine(), "threads": 1, "engines": args.engines, "groups": args.groups, "n": args.n,
         "max_new_tokens": args.max_new_tokens, "inflight": args.inflight, "repeats": args.repeats,
         "throughput": {"engine_tokens": et, "engine_s": es, "engine_tok_s": et / es, "controller_tokens": ct,
                        "controller_s": cs, "controller_tok_s": ct / cs, "overhead_ratio": (et / es) / (ct / cs)},
