@@ -196,3 +196,31 @@ def test_tp_not_dividing_heads_and_nonempty_out(hf_copy, tmp_path):
     p = _cli("hf-to-mcore", "--hf", hf_copy, "--out", out)
     assert p.returncode == 2 and "not empty (pass --overwrite" in p.stderr
     assert (out / "keep.txt").read_text() == "user data"
+
+
+def test_a_new_family_is_one_file(tmp_path, monkeypatch):
+    """A family file dropped into the families package is found by the builder and converter tables,
+    and its table names exactly the HF model's own parameters (transformers' Mistral as the reference)."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    import megatron_a3po.convert.families as fams
+    from megatron_a3po.convert.rules import fill
+    from megatron_a3po.models import arch_from_hf, family_of, supported_architectures
+
+    (tmp_path / "mistral.py").write_text(
+        "from megatron_a3po.convert.families import Family\n"
+        "FAMILY = Family('mistral', ('MistralForCausalLM',), qkv_bias=False)\n")
+    monkeypatch.setattr(fams, "__path__", [*fams.__path__, str(tmp_path)])
+    fams.registry.cache_clear()
+    try:
+        cfg = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, architectures=["MistralForCausalLM"])
+        assert supported_architectures()["MistralForCausalLM"] == "mistral" and family_of(cfg) == "mistral"
+        arch = arch_from_hf(cfg)
+        fam = fams.get_family("mistral")
+        ours = {n for i in range(2) for r in fam.layer_table(arch).values() for n in fill(r, i).names()}
+        ours |= {n for r in fam.global_table.values() for n in r.names()}
+        hf = set(MistralForCausalLM(cfg).state_dict())
+        assert ours == hf, (sorted(ours - hf), sorted(hf - ours))
+    finally:
+        fams.registry.cache_clear()

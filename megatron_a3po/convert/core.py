@@ -99,8 +99,8 @@ def _chunk_params(chunk):
             yield None, name, name, p
 
 
-def _rule_for(family, layer: int | None, key: str, name: str):
-    table = family.layer_table if layer is not None else family.global_table
+def _rule_for(family, arch, layer: int | None, key: str, name: str):
+    table = family.layer_table(arch) if layer is not None else family.global_table
     if key not in table:
         raise CheckpointError(f"no {family.name} mapping for Megatron parameter {name}")
     return fill(table[key], layer)
@@ -122,7 +122,7 @@ def load_hf_into_model(model_chunks, hf_dir, hf_config) -> None:
     pv = padded_vocab_size(arch.vocab_size, tp)
     for chunk in model_chunks:
         for layer, key, name, p in _chunk_params(chunk):
-            rule = _rule_for(fam, layer, key, name)
+            rule = _rule_for(fam, arch, layer, key, name)
 
             def get(n, rule=rule):
                 if n not in reader and isinstance(rule, Vocab) and rule.tied_fallback and arch.tie_embeddings:
@@ -154,7 +154,7 @@ def _global_param_order(model_chunks, arch, fam):
     """The export order, the same on every rank: (layer or None, key) for the whole model."""
     order = [(None, "embedding.word_embeddings.weight")]
     for i in range(arch.num_layers):
-        order += [(i, k) for k in fam.layer_table]
+        order += [(i, k) for k in fam.layer_table(arch)]
     order.append((None, "decoder.final_layernorm.weight"))
     if not arch.tie_embeddings:
         order.append((None, "output_layer.weight"))
@@ -190,7 +190,7 @@ def export_hf_weights(model_chunks, hf_config, bucket_bytes: int = 512 << 20, *,
     held = 0
     stage = ps.get_pipeline_model_parallel_rank()
     for layer, key in _global_param_order(model_chunks, arch, fam):
-        rule = _rule_for(fam, layer, key, key)
+        rule = _rule_for(fam, arch, layer, key, key)
         shapes = hf_shapes(rule, arch)
         owner_flag = torch.tensor([stage if (layer, key) in mine else -1])
         if pp > 1:

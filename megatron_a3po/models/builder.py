@@ -1,8 +1,9 @@
 """A Megatron GPTModel from an HF config, for this rank under the current parallel state.
 
-Supported families (``family_of``): Qwen2/Qwen2.5 (qkv bias, tied embeddings in the small models),
-Llama 3/3.1 (GQA, rope scaling "llama3"), Qwen3 (q/k RMSNorm per head). HF configs are read through
-``arch_from_hf`` only, which handles transformers 4.x and 5.x field names.
+Supported families (``family_of``; one file each in megatron_a3po/convert/families): Qwen2/Qwen2.5 (qkv
+bias, tied embeddings in the small models), Llama 3/3.1 (GQA, rope scaling "llama3"), Qwen3 (q/k RMSNorm
+per head). HF configs are read through ``arch_from_hf`` only, which handles transformers 4.x and 5.x
+field names.
 
 Rotary frequencies: megatron's built-in rope scaling hard-codes the Llama-3.1 constants, so instead the
 model's ``inv_freq`` is set from transformers' own rope initialisers for the config's rope type
@@ -20,8 +21,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-SUPPORTED = {"Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama", "Qwen3ForCausalLM": "qwen3"}
-_MODEL_TYPES = {"qwen2": "qwen2", "llama": "llama", "qwen3": "qwen3"}
 VOCAB_DIVISIBLE_BY = 128
 
 
@@ -47,16 +46,26 @@ class Arch:
     qk_norm: bool
 
 
+def supported_architectures() -> dict[str, str]:
+    """HF architecture name -> family name, for every family in megatron_a3po.convert.families."""
+    from megatron_a3po.convert.families import registry
+
+    return {a: f.name for f in registry().values() for a in f.architectures}
+
+
 def family_of(hf_config) -> str:
+    from megatron_a3po.convert.families import registry
+
     archs = list(getattr(hf_config, "architectures", None) or [])
+    supported = supported_architectures()
     for a in archs:
-        if a in SUPPORTED:
-            return SUPPORTED[a]
+        if a in supported:
+            return supported[a]
     mt = getattr(hf_config, "model_type", None)
-    if not archs and mt in _MODEL_TYPES:
-        return _MODEL_TYPES[mt]
+    if not archs and mt in registry():
+        return mt
     name = archs[0] if archs else mt
-    raise UnsupportedModel(f"unsupported architecture {name!r}; supported: {', '.join(sorted(SUPPORTED))}")
+    raise UnsupportedModel(f"unsupported architecture {name!r}; supported: {', '.join(sorted(supported))}")
 
 
 def _rope_params(cfg) -> dict:
@@ -71,7 +80,10 @@ def _rope_params(cfg) -> dict:
 
 
 def arch_from_hf(cfg) -> Arch:
+    from megatron_a3po.convert.families import get_family
+
     fam = family_of(cfg)
+    family = get_family(fam)
     nh = cfg.num_attention_heads
     hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // nh
     rope = _rope_params(cfg)
@@ -81,8 +93,7 @@ def arch_from_hf(cfg) -> Arch:
         num_kv_heads=getattr(cfg, "num_key_value_heads", None) or nh, head_dim=hd, rms_eps=cfg.rms_norm_eps,
         rope_theta=float(rope.get("rope_theta", 10000.0)), max_position=cfg.max_position_embeddings,
         tie_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
-        qkv_bias=True if fam == "qwen2" else bool(getattr(cfg, "attention_bias", False)),
-        qk_norm=fam == "qwen3",
+        qkv_bias=family.has_qkv_bias(cfg), qk_norm=family.qk_norm,
     )
 
 

@@ -1,13 +1,17 @@
 """One file per model family: a declarative table from Megatron (local spec) names to HF tensors.
 
-A family module defines ``FAMILY = Family(...)``; ``family_table(arch)`` returns its tables. Adding a
-family is one new file here plus its HF architecture name in megatron_a3po.models.builder.SUPPORTED.
+A family module defines ``FAMILY = Family(...)``: its name (the HF ``model_type``), the HF architecture
+names it serves, and its attention variants. ``registry()`` finds every module of this package, so adding
+a family is one new file here: the model builder, converters, weight export and CLI pick it up.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
+import pkgutil
 from dataclasses import dataclass, field
+from typing import Callable
 
 from megatron_a3po.convert.rules import GateUp, QKV, Replicated, Split, Vocab
 
@@ -43,10 +47,31 @@ GLOBAL_TABLE = {
 
 @dataclass(frozen=True)
 class Family:
-    name: str
-    layer_table: dict
+    name: str                           # also the HF config's model_type
+    architectures: tuple[str, ...]      # HF config.architectures served by this family
+    qkv_bias: bool | None = None        # None: the config's ``attention_bias`` decides
+    qk_norm: bool = False
+    make_layer_table: Callable[..., dict] = dense_layer_table
     global_table: dict = field(default_factory=lambda: dict(GLOBAL_TABLE))
+
+    def has_qkv_bias(self, hf_config) -> bool:
+        return self.qkv_bias if self.qkv_bias is not None else bool(getattr(hf_config, "attention_bias", False))
+
+    def layer_table(self, arch) -> dict:
+        """Megatron layer-parameter suffix -> rule, for a model of this family with ``arch``'s variants."""
+        return self.make_layer_table(qkv_bias=arch.qkv_bias, qk_norm=arch.qk_norm)
+
+
+@functools.cache
+def registry() -> dict[str, Family]:
+    """Every family defined in this package, by name."""
+    out = {}
+    for m in pkgutil.iter_modules(__path__):
+        fam = getattr(importlib.import_module(f"{__name__}.{m.name}"), "FAMILY", None)
+        if isinstance(fam, Family):
+            out[fam.name] = fam
+    return out
 
 
 def get_family(name: str) -> Family:
-    return importlib.import_module(f"{__name__}.{name}").FAMILY
+    return registry()[name]

@@ -1,4 +1,5 @@
-"""Llama 3 / 3.1: no biases, GQA; rope scaling lives in the model builder, not in the weights."""
-from megatron_a3po.convert.families import Family, dense_layer_table
+"""Llama 3 / 3.1: GQA, q/k/v biases only if the config says attention_bias; rope scaling lives in the
+model builder, not in the weights."""
+from megatron_a3po.convert.families import Family
 
-FAMILY = Family("llama", dense_layer_table(qkv_bias=False, qk_norm=False))
+FAMILY = Family("llama", ("LlamaForCausalLM",))

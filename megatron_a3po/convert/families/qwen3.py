@@ -1,4 +1,4 @@
 """Qwen3: per-head RMSNorm on queries and keys (q_norm / k_norm), no q/k/v biases."""
-from megatron_a3po.convert.families import Family, dense_layer_table
+from megatron_a3po.convert.families import Family
 
-FAMILY = Family("qwen3", dense_layer_table(qkv_bias=False, qk_norm=True))
+FAMILY = Family("qwen3", ("Qwen3ForCausalLM",), qkv_bias=False, qk_norm=True)
