@@ -97,7 +97,7 @@ def expected_hf_tensors(arch) -> dict[str, tuple[int, ...]]:
             continue
         out.update(hf_shapes(rule, arch))
     for i in range(arch.num_layers):
-        for rule in fam.layer_table.values():
+        for rule in fam.layer_table(arch).values():
             out.update(hf_shapes(fill(rule, i), arch))
     return out
 
