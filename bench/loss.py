@@ -79,11 +79,6 @@ def _init_megatron_tp1(dev):
 
 # ------------------------------------------------------------------------------------------ part (b)
 
-def default_chunk(device_type: str) -> int:
-    """Token chunk for ``ours``: small on CPU (the fp32 workspaces stay cache-sized), larger on GPU."""
-    return 1024 if device_type == "cuda" else 16
-
-
 def _variant_fn(name, chunk):
     import torch
 
@@ -122,7 +117,9 @@ def run_variant(name: str, tokens: int, vocab: int, reps: int, chunk: int | None
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     if name.startswith("mcore"):
         _init_megatron_tp1(dev)
-    chunk = chunk or default_chunk(dev.type)
+    from megatron_a3po.ops.logprobs import default_chunk_size
+
+    chunk = chunk or default_chunk_size(dev, vocab)
     fn = _variant_fn(name, chunk)
     g = torch.Generator(device=dev).manual_seed(0)
     x = torch.randn(tokens, vocab, generator=g, device=dev, dtype=torch.float32).to(dtype).requires_grad_(True)
@@ -190,7 +187,9 @@ def run_paired(a: str, b: str, tokens: int, vocab: int, reps: int, chunk: int | 
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     if a.startswith("mcore") or b.startswith("mcore"):
         _init_megatron_tp1(dev)
-    chunk = chunk or default_chunk(dev.type)
+    from megatron_a3po.ops.logprobs import default_chunk_size
+
+    chunk = chunk or default_chunk_size(dev, vocab)
     g = torch.Generator(device=dev).manual_seed(0)
     base = torch.randn(tokens, vocab, generator=g, device=dev, dtype=torch.float32).to(dtype)
     labels = torch.randint(0, vocab, (tokens,), generator=g, device=dev)
@@ -307,7 +306,7 @@ def main(argv=None):
     ap.add_argument("--vocab", type=int, default=151936)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
-    ap.add_argument("--chunk", type=int, default=None, help="token chunk of ours (default: 16 CPU, 1024 GPU)")
+    ap.add_argument("--chunk", type=int, default=None, help="token chunk of ours (default: the op's default_chunk_size)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--one", choices=VARIANTS, help=argparse.SUPPRESS)   # internal: run one variant, print JSON
     ap.add_argument("--paired", action="store_true", help=argparse.SUPPRESS)  # internal: ours vs mcore_ce paired
