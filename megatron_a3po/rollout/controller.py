@@ -198,8 +198,9 @@ class Controller:
         if tasks:  # a request stuck inside the HTTP client must not hang the shutdown of a finished run
             _, pending = await asyncio.wait(tasks, timeout=10.0)
             if pending:
-                log.warning("%d rollout task(s) did not stop within 10 s of being cancelled; abandoned",
-                            len(pending))
+                where = "; ".join(_where(t) for t in list(pending)[:3])
+                log.warning("%d rollout task(s) did not stop within 10 s of being cancelled; abandoned (%s)",
+                            len(pending), where)
 
     def _tick(self):
         self._tick_ev.set()
@@ -462,3 +463,16 @@ class Controller:
             "rollout/last_weight_sync_s": self.timings["last_weight_sync_s"],
         })
         return m
+
+
+def _where(task: asyncio.Task) -> str:
+    """The chain of coroutines a task is suspended in, with line numbers (for a shutdown that hangs)."""
+    parts, c = [], task.get_coro()
+    while c is not None and len(parts) < 12:
+        f = getattr(c, "cr_frame", None) or getattr(c, "gi_frame", None)
+        if f is None:
+            parts.append(type(c).__name__)
+            break
+        parts.append(f"{getattr(c, '__qualname__', type(c).__name__)}:{f.f_lineno}")
+        c = getattr(c, "cr_await", None) or getattr(c, "gi_yieldfrom", None)
+    return " > ".join(parts)
