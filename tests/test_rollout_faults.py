@@ -113,3 +113,32 @@ def test_weight_update_failure_retried_then_clear_error(dirs):
         rm.close()
         for e in eps:
             e.stop()
+
+
+def test_close_ends_the_servers_side_of_inflight_requests(dirs):
+    """Stopping the controller aborts its requests on the servers (a paused engine would otherwise keep
+    them, and a real fleet would keep generating for nobody), so shutdown leaves nothing queued."""
+    eps = launch_engines(dirs[0], n=1, version="0")
+    url = eps[0].url
+    cfg = ControllerConfig(n_samples=2, max_inflight_groups=6, batch_groups=2, max_staleness=2,
+                           max_new_tokens=16, seed=1)
+    rm = RolloutManager([url], toy_prompts(50), toy_task(), tokenizer(), cfg, request_timeout=60.0)
+
+    def queued():
+        info = httpx.get(f"{url}/get_server_info", timeout=10).json()["internal_states"][0]
+        return info["num_running"] + info["num_waiting"]
+
+    try:
+        r = httpx.post(f"{url}/pause_generation", json={"mode": "in_place"}, timeout=10)
+        assert r.status_code == 200, r.text
+        rm.start()  # its requests queue up in the paused engine
+        deadline = time.time() + 30
+        while queued() == 0 and time.time() < deadline:
+            time.sleep(0.1)
+        assert queued() > 0
+        rm.close()
+        assert queued() == 0
+    finally:
+        rm.close()
+        for e in eps:
+            e.stop()

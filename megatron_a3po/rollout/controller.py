@@ -193,6 +193,13 @@ class Controller:
         self._stopping = True
         self._tick()
         tasks = [t for t in [t for _, t in self.inflight.values()] + [self._admit_task] if t is not None]
+        self._open.clear()  # aborted samples must not be resubmitted: they wait here until cancelled
+        if self.inflight:  # end the servers' side first: a cancelled HTTP request can wait on its reply
+            try:
+                await asyncio.wait_for(self.fleet.call_all("/abort_request", {"abort_all": True}, retries=0,
+                                                            timeout=5.0), 6.0)
+            except Exception as e:  # noqa: BLE001 - best effort; the cancellation below still runs
+                log.debug("abort_all on stop failed: %s", e)
         for t in tasks:
             t.cancel()
         if tasks:  # a request stuck inside the HTTP client must not hang the shutdown of a finished run
