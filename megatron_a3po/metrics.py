@@ -6,7 +6,7 @@ trainer adds). Times are seconds per training step.
 
 PREFIX = "train/"
 
-# loss statistics (spec/loss.md, "Statistics to log every step")
+# loss statistics (docs/algorithm.md, "Statistics logged every step")
 PG_LOSS = "loss/pg"
 ENTROPY_LOSS = "loss/entropy"
 RATIO_MAX, RATIO_MIN, RATIO_MEAN = "ratio/max", "ratio/min", "ratio/mean"  # r = pi_theta / pi_prox

@@ -1,4 +1,4 @@
-"""A-3PO loss: the invariants of spec/loss.md, each against fp64 formulas written out here."""
+"""A-3PO loss: the invariants of docs/algorithm.md, each against fp64 formulas written out here."""
 
 import math
 
@@ -120,7 +120,7 @@ def test_prox_methods_match_fp64_formulas(method):
     assert (a > 0).any() and (a == 0).any()
 
 
-# ---------------------------------------------------------------- invariants of spec/loss.md
+# ---------------------------------------------------------------- invariants of docs/algorithm.md
 
 @pytest.mark.parametrize("method", ["loglinear", "linear", "behave"])
 def test_inv1_full_off_policy_correction_preserved(method):

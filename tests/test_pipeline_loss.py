@@ -1,5 +1,5 @@
 """The A-3PO loss inside Megatron's pipeline schedule (TP=2, PP=2) vs an independent reference:
-HF transformers' forward on the same weights + the loss formulas of spec/loss.md written here in fp64."""
+HF transformers' forward on the same weights + the loss formulas of docs/algorithm.md written here in fp64."""
 
 import math
 

@@ -10,8 +10,9 @@ from megatron_a3po.rollout.data import DataError, load_prompts, load_records
 from megatron_a3po.rollout.tasks import get_task
 from megatron_a3po.rollout.tasks.gsm8k import PROMPT_SUFFIX, extract_answer
 
-TEST = Path("/work/shared/data/gsm8k/test.jsonl")
-pytestmark = pytest.mark.skipif(not TEST.exists(), reason=f"{TEST} not present")
+# the project's shared data lies beside the checkout: <parent of the repository root>/shared/data
+TEST = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gsm8k" / "test.jsonl"
+pytestmark = pytest.mark.skipif(not TEST.exists(), reason=f"{TEST} not present (../shared beside the checkout)")
 
 
 def _gold(answer: str) -> str:  # independent parse of the dataset's final answer

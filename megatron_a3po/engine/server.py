@@ -1,7 +1,7 @@
 """HTTP front end of the CPU engine: the subset of SGLang's native API an RL trainer uses.
 
-Request/response shapes follow SGLang 0.5.23 (see /work/shared/spec/sglang_api.md and the contract
-tests in tests/test_engine_contract.py). Differences from SGLang, all deliberate:
+Request/response shapes follow SGLang 0.5.23 (the facts are in the project's SGLang API notes and the
+contract tests in tests/test_engine_contract.py). Differences from SGLang, all deliberate:
 
 * CPU only, HF transformers forward, one KV cache per sequence, no prefix cache (cached_tokens = 0);
 * no streaming, no text-in-logprobs, no penalties / grammars / logit bias (HTTP 400 if set to

@@ -1,6 +1,6 @@
 """The A-3PO loss: staleness-interpolated proximal log-probs and the decoupled PPO objective.
 
-See spec/loss.md. ``approximate_prox_logp`` -> ``decoupled_ppo_loss`` per micro-batch; stats combine with
+See docs/algorithm.md. ``approximate_prox_logp`` -> ``decoupled_ppo_loss`` per micro-batch; stats combine with
 ``aggregate_stats`` (micro-batches) and ``all_reduce_stats`` (data-parallel ranks).
 """
 

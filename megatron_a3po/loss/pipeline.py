@@ -6,7 +6,7 @@ micro-batch; on the last stage the returned ``loss_func`` receives this rank's v
 gather) and the decoupled PPO loss.
 
 Scaling. The loss of a minibatch is ``sum(mask * l) / N`` with N the masked-token count of the whole
-minibatch across micro-batches and data-parallel ranks (spec/loss.md). Each micro-batch's loss_func
+minibatch across micro-batches and data-parallel ranks (docs/algorithm.md, "The token mean"). Each micro-batch's loss_func
 therefore returns its *partial sum divided by the global N*, as a 3-tuple ``(loss, num_tokens, stats)``
 and the model config must have ``calculate_per_token_loss=True`` so the schedule neither divides by the
 micro-batch count nor by the token count; data-parallel gradients must then be *summed*, not averaged

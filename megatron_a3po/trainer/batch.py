@@ -1,6 +1,6 @@
 """Trainer-side samples and their aligned per-token tensors.
 
-Alignment (spec/loss.md, "Notation"): position i of a sequence scores token i+1. For a sample with a
+Alignment (docs/algorithm.md, "Alignment"): position i of a sequence scores token i+1. For a sample with a
 prompt of P tokens and a response of R tokens, the sequence is ``prompt + response`` and the response
 token j (0-based) is scored at position ``P - 1 + j``. Every per-token tensor (labels, behaviour
 log-probs, versions, loss mask, advantages) is written at that shifted position, together; prompt and
