@@ -63,8 +63,23 @@ class LossCfg(_Strict):
     dual_clip: float | None = None
     behave_weight_cap: float | None = None
     behave_weight_cap_mode: Literal["mask", "clamp"] = "mask"
+    # proximal-policy weight on the target per staleness d (loss/prox.py staleness_alpha): inverse (the
+    # paper's, 1 - 1/d), linear (min(alpha_slope * (d - 1), alpha_cap)) or fixed (alpha_fixed for d > 1)
     alpha_schedule: Literal["inverse", "linear", "fixed"] = "inverse"
+    alpha_slope: float = Field(0.25, gt=0)
+    alpha_cap: float = Field(0.75, ge=0, le=1)
+    alpha_fixed: float = Field(0.5, ge=0, le=1)
     entropy_coef: float = 0.0
+    # GRPO advantages (rollout/types.py): per group, rewards minus the mean (mean), divided by the
+    # unbiased std + adv_eps (mean_std) or the population std + adv_eps (mean_std_population); then,
+    # with adv_batch_norm, normalised over the batch's response tokens (AReaL's A-3PO GSM8K example)
+    adv_norm: Literal["mean", "mean_std", "mean_std_population"] = "mean_std"
+    adv_eps: float = Field(1e-6, gt=0)
+    adv_batch_norm: bool = False
+
+    def alpha_kwargs(self) -> dict:
+        """The schedule parameters loss/prox.py's staleness_alpha takes."""
+        return dict(alpha_slope=self.alpha_slope, alpha_cap=self.alpha_cap, alpha_fixed=self.alpha_fixed)
 
     @model_validator(mode="after")
     def _check(self):

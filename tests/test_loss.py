@@ -395,3 +395,30 @@ def test_bad_loss_inputs_name_the_argument(change, match):
     args.update(change)
     with pytest.raises(ValueError, match=match):
         decoupled_ppo_loss(args["lt"], args["lb"], args["lp"], args["adv"], args["mask"], **args["kw"])
+
+
+def test_alpha_schedule_parameters_reach_the_loss_from_the_recipe(monkeypatch):
+    """loss.alpha_* of a recipe -> LossCfg.alpha_kwargs -> policy_forward_step -> the logged alpha mean."""
+    from types import SimpleNamespace
+
+    from megatron_a3po.loss import pipeline
+    from recipes.config import LossCfg
+
+    monkeypatch.setattr(pipeline, "_tp_group", lambda: None)
+    d = _batch(seed=12, max_stale=4)
+    g = torch.Generator().manual_seed(12)
+    logits = torch.randn(B, L, 7, generator=g)
+    mb = SimpleNamespace(tokens=None, position_ids=None, labels=torch.randint(0, 7, (B, L), generator=g),
+                         loss_mask=d["mask"].float(), behave_logp=d["lb"].float(), versions=d["versions"],
+                         advantages=d["adv"].float(), prox_logp=None)
+    n = int(d["mask"].sum())
+    for lc, expect in ((LossCfg(alpha_schedule="fixed", alpha_fixed=0.3), lambda s: 0.3 * (s > 1)),
+                       (LossCfg(alpha_schedule="linear", alpha_slope=0.4, alpha_cap=0.9),
+                        lambda s: min(0.4 * (s - 1), 0.9) if s > 1 else 0.0)):
+        fwd = pipeline.policy_forward_step(mode="loglinear", current_version=V, num_tokens_global=n,
+                                           temperature=1.0, vocab_size=7, alpha_schedule=lc.alpha_schedule,
+                                           schedule_kwargs=lc.alpha_kwargs())
+        _, loss_func = fwd(iter([mb]), lambda *a: logits)
+        _, _, st = loss_func(logits)
+        stale = (V - d["versions"][d["mask"]]).tolist()
+        assert st[M.ALPHA_MEAN].item() == pytest.approx(sum(expect(s) for s in stale) / n, rel=1e-6)

@@ -5,7 +5,7 @@ import pytest
 
 from megatron_a3po.rollout.controller import Controller, ControllerConfig, RolloutError, token_versions
 from megatron_a3po.rollout.fleet import Fleet
-from megatron_a3po.rollout.types import Batch, Sample, group_advantages
+from megatron_a3po.rollout.types import Batch, Sample, batch_normalise, group_advantages
 
 
 def test_token_versions_from_spans_and_fallback():
@@ -19,13 +19,30 @@ def test_token_versions_from_spans_and_fallback():
         token_versions({"weight_version": "default"}, 1)
 
 
-def test_group_advantages_match_numpy():
+@pytest.mark.parametrize("norm,ddof", [("mean", None), ("mean_std", 1), ("mean_std_population", 0)])
+def test_group_advantages_match_numpy(norm, ddof):
     rng = np.random.default_rng(0)
-    for n in (1, 2, 4, 8):
-        r = rng.integers(0, 2, n).astype(float)
-        ref = (r - r.mean()) / (r.std() + 1e-6)
-        assert np.allclose(group_advantages(list(r)), ref)
-    assert group_advantages([1.0, 1.0, 1.0]) == [0.0, 0.0, 0.0]
+    for n in (2, 3, 4, 8):
+        for kind in ("binary", "real"):
+            r = rng.integers(0, 2, n).astype(float) if kind == "binary" else rng.normal(size=n)
+            if r.max() == r.min():
+                continue
+            eps = float(rng.choice([1e-6, 1e-5]))
+            ref = r - r.mean() if ddof is None else (r - r.mean()) / (np.std(r, ddof=ddof) + eps)
+            assert np.allclose(group_advantages(list(r), norm, eps), ref, rtol=1e-12, atol=1e-12)
+    for const in ([1.0, 1.0, 1.0], [0.1] * 4, [0.7], [0.0] * 8):  # constant groups: zeros, never NaN
+        assert group_advantages(const, norm) == [0.0] * len(const)
+    with pytest.raises(ValueError, match="adv_norm"):
+        group_advantages([0.0, 1.0], "zscore")
+
+
+def test_batch_normalise_is_token_weighted():
+    rng = np.random.default_rng(1)
+    a, w = rng.normal(size=12), rng.integers(1, 9, 12).astype(float)
+    tok = np.repeat(a, w.astype(int))  # every response token carries its sample's advantage
+    ref = (a - tok.mean()) / (tok.std() + 1e-5)
+    assert np.allclose(batch_normalise(list(a), list(w), 1e-5), ref)
+    assert batch_normalise([0.0, 0.0], [3, 1]) == [0.0, 0.0]
 
 
 def test_batch_padding_and_staleness():

@@ -46,17 +46,20 @@ def _forward_step(loss_func):
 
 def policy_forward_step(*, mode: str, current_version: int, num_tokens_global: int, temperature: float,
                         vocab_size: int, loss_kwargs: dict | None = None, alpha_schedule: str = "inverse",
-                        entropy_coef: float = 0.0, prox_timer: list | None = None):
+                        entropy_coef: float = 0.0, prox_timer: list | None = None,
+                        schedule_kwargs: dict | None = None):
     """Forward step for one PPO minibatch. ``mode``: coupled | loglinear | linear | recompute | metrics.
 
     In recompute/metrics mode every micro-batch must carry ``prox_logp`` from ``logprob_forward_step``.
     ``prox_timer`` (a one-element list) accumulates seconds spent forming the proximal log-probs.
+    ``schedule_kwargs`` (alpha_slope, alpha_cap, alpha_fixed) go to the alpha schedule with ``alpha_schedule``.
     """
     from megatron_a3po.loss import approx_error_stats, approximate_prox_logp, decoupled_ppo_loss, staleness_stats
 
     if mode not in ("coupled", "loglinear", "linear", "recompute", "metrics"):
         raise ValueError(f"trainer.mode: unknown mode {mode!r}")
     loss_kwargs = dict(loss_kwargs or {})
+    sk = dict(schedule_kwargs or {})
     tp_group = _tp_group()
 
     def loss_func(mb, logits):
@@ -74,19 +77,19 @@ def policy_forward_step(*, mode: str, current_version: int, num_tokens_global: i
             prox = mb.prox_logp.to(logp.device)
         else:
             prox = approximate_prox_logp(behave, logp.detach(), versions, current_version, method=mode,
-                                         alpha_schedule=alpha_schedule)
+                                         alpha_schedule=alpha_schedule, **sk)
         if prox_timer is not None:
             prox_timer[0] += time.perf_counter() - t0
         loss, stats = decoupled_ppo_loss(logp, behave, prox, mb.advantages.to(logp.device), mask,
                                          num_tokens=num_tokens_global, entropy=ent.detach(), **loss_kwargs)
         stats = dict(stats)
         stats.update(staleness_stats(versions, current_version, mask, alpha_schedule=alpha_schedule,
-                                     num_tokens=num_tokens_global))
+                                     num_tokens=num_tokens_global, **sk))
         if entropy_coef:
             loss = loss - entropy_coef * (ent * mask).sum() / num_tokens_global
         if mode == "metrics":
             stats.update(approx_error_stats(prox, behave, logp.detach(), versions, current_version, mask,
-                                            alpha_schedule=alpha_schedule, num_tokens=num_tokens_global))
+                                            alpha_schedule=alpha_schedule, num_tokens=num_tokens_global, **sk))
         stats["_loss"] = loss.detach()  # this micro-batch's share of the minibatch loss
         return loss, mask.sum().to(torch.int), stats
 

@@ -29,7 +29,8 @@ push fails on any server after retries, every server stays paused (none serves m
 succeeds.
 
 Each group is generated as ``n`` single-sample requests (so each can be resumed on its own);
-rewards are computed off the event loop; advantages are GRPO-normalised (see types.py).
+rewards are computed off the event loop; advantages are GRPO-normalised per group when a group completes
+(``adv_norm``, ``adv_eps``; see types.py) and, with ``adv_batch_norm``, once more over each delivered batch.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from megatron_a3po.rollout.fleet import BadRequestError, Fleet, FleetError, NoServersError
-from megatron_a3po.rollout.types import Batch, Sample, group_advantages
+from megatron_a3po.rollout.types import ADV_EPS, Batch, Sample, batch_normalise, group_advantages
 
 log = logging.getLogger("megatron_a3po.rollout.controller")
 
@@ -79,6 +80,10 @@ class ControllerConfig:
     # are resubmitted as prompt + partial) or "in_place" (they wait and continue under the new weights;
     # their later tokens carry the new version). Either way no token is generated from mixed weights.
     pause_mode: str = "abort"
+    # advantages (recipe loss.adv_norm / adv_eps / adv_batch_norm; see types.group_advantages)
+    adv_norm: str = "mean_std"
+    adv_eps: float = ADV_EPS
+    adv_batch_norm: bool = False
 
 
 def token_versions(meta: dict, n: int) -> list[int]:
@@ -356,7 +361,7 @@ class Controller:
         except asyncio.TimeoutError:
             self.counters["reward_timeouts"] += 1
             rewards = [0.0] * len(samples)
-        for s, r, a in zip(samples, rewards, group_advantages(rewards)):
+        for s, r, a in zip(samples, rewards, group_advantages(rewards, self.cfg.adv_norm, self.cfg.adv_eps)):
             s.reward, s.advantage = r, a
 
     # ---- trainer side
@@ -409,6 +414,11 @@ class Controller:
                     self.delivered_log.append((g[0].group_id, g[0].prompt_index))
                     assert all(s.staleness(current_version) <= self.cfg.max_staleness for s in g)
                 self.counters["groups_delivered"] += len(groups)
+                if self.cfg.adv_batch_norm:
+                    ss = [s for g in groups for s in g]
+                    for s, a in zip(ss, batch_normalise([s.advantage for s in ss],
+                                                        [len(s.response_ids) for s in ss], self.cfg.adv_eps)):
+                        s.advantage = a
                 self.last_consumed_version = max(self.last_consumed_version, current_version)
                 self.timings["last_wait_s"] = time.monotonic() - t0
                 self.timings["wait_s"] += self.timings["last_wait_s"]

@@ -5,9 +5,17 @@ A ``Sample`` is one response to one prompt; a group is the ``n`` samples of one 
 under the weights that sampled it, ``log_softmax(logits / T)``) and the integer weight version that
 produced it.
 
-Advantages are GRPO group-normalised rewards: ``A_i = (r_i - mean(r)) / (std(r) + eps)`` over the
-group's samples, with the population std (ddof = 0) and ``eps = 1e-6``; a group whose rewards are all
-equal gets zeros. Every token of a response shares its sample's advantage.
+Advantages are GRPO group-normalised rewards (:func:`group_advantages`, recipe ``loss.adv_norm``):
+
+* ``mean``: ``A_i = r_i - mean(r)`` (no std division; Dr. GRPO, slime's disable-std option);
+* ``mean_std`` (default): ``A_i = (r_i - mean(r)) / (std(r) + eps)`` with the unbiased std (ddof = 1),
+  as verl, slime and AReaL use it;
+* ``mean_std_population``: the same with the population std (ddof = 0).
+
+``eps`` is ``loss.adv_eps``. A group whose rewards are all equal gets zeros (never NaN; a group of one
+sample too). Optionally (``loss.adv_batch_norm``) the group advantages of a whole batch are normalised
+once more over its response tokens (:func:`batch_normalise`: token-weighted mean and population std),
+as AReaL's A-3PO GSM8K example does. Every token of a response shares its sample's advantage.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 ADV_EPS = 1e-6
+ADV_NORMS = ("mean", "mean_std", "mean_std_population")
 
 
 @dataclass
@@ -88,11 +97,32 @@ class Batch:
         }
 
 
-def group_advantages(rewards: list[float], eps: float = ADV_EPS) -> list[float]:
-    """GRPO: (r - mean) / (std + eps), population std over the group."""
+def group_advantages(rewards: list[float], norm: str = "mean_std", eps: float = ADV_EPS) -> list[float]:
+    """GRPO advantages of one group: rewards minus the group mean, divided (``mean_std*``) by std + eps."""
+    if norm not in ADV_NORMS:
+        raise ValueError(f"loss.adv_norm: unknown advantage normalisation {norm!r}; expected one of {ADV_NORMS}")
     n = len(rewards)
     if n == 0:
         return []
     mean = sum(rewards) / n
-    std = (sum((r - mean) ** 2 for r in rewards) / n) ** 0.5
-    return [(r - mean) / (std + eps) for r in rewards]
+    if max(rewards) == min(rewards):  # constant rewards: exactly zero, whatever the rounding of the mean
+        return [0.0] * n
+    centred = [r - mean for r in rewards]
+    if norm == "mean":
+        return centred
+    ddof = 1 if norm == "mean_std" else 0
+    std = (sum(c * c for c in centred) / (n - ddof)) ** 0.5 if n > ddof else 0.0
+    return [c / (std + eps) for c in centred]
+
+
+def batch_normalise(advantages: list[float], weights: list[float], eps: float = ADV_EPS) -> list[float]:
+    """Advantages normalised over a batch: ``(A - mean) / (std + eps)`` with the mean and population std
+    weighted by ``weights`` (each sample's response-token count: a token-level normalisation)."""
+    if len(advantages) != len(weights):
+        raise ValueError(f"{len(advantages)} advantages but {len(weights)} weights")
+    tot = float(sum(weights))
+    if tot <= 0:
+        return [0.0] * len(advantages)
+    mean = sum(a * w for a, w in zip(advantages, weights)) / tot
+    var = sum(w * (a - mean) ** 2 for a, w in zip(advantages, weights)) / tot
+    return [(a - mean) / (var ** 0.5 + eps) for a in advantages]

@@ -160,6 +160,7 @@ class Actor:
             fwd = policy_forward_step(mode=mode, current_version=current_version, num_tokens_global=n_global,
                                       temperature=rc.temperature, vocab_size=self.vocab_size,
                                       loss_kwargs=loss_kwargs, alpha_schedule=lc.alpha_schedule,
+                                      schedule_kwargs=lc.alpha_kwargs(),
                                       entropy_coef=lc.entropy_coef, prox_timer=prox_timer)
             self.optim.zero_grad()
             t0 = time.perf_counter()
