@@ -19,9 +19,18 @@ ALPHA_MEAN = "alpha/mean"
 STALENESS_MEAN, STALENESS_MAX, STALENESS_HIST = "staleness/mean", "staleness/max", "staleness/hist"
 NUM_TOKENS = "tokens/masked"
 GRAD_NORM = "grad_norm"
-# metrics mode: error of each approximation against the recomputed proximal log-probs
-APPROX_ERR_ABS = "approx_err/{method}/abs"
-APPROX_ERR_REL = "approx_err/{method}/rel"
+# metrics mode: error of each approximation a against the recomputed proximal log-probs p (loss/prox.py
+# approx_error_stats), token means: overall under the names below, per staleness bucket under
+# "<name>/<bucket>" with bucket in APPROX_ERR_BUCKETS (d1 holds d <= 1, d4+ holds d >= 4)
+APPROX_ERR_ABS = "approx_err/{method}/abs"              # |a - p|
+APPROX_ERR_SQ = "approx_err/{method}/sq"                # (a - p)^2
+APPROX_ERR_REL = "approx_err/{method}/rel"              # |a - p| / |p|
+APPROX_ERR_PROB_REL = "approx_err/{method}/prob_rel"    # |exp(a - p) - 1|: relative error of the probability
+APPROX_ERR_RATIO = "approx_err/{method}/ratio_abs"      # |exp(lt - a) - exp(lt - p)|: error of r
+APPROX_ERR_BEHAVE_W = "approx_err/{method}/behave_w_abs"  # |exp(a - lb) - exp(p - lb)|: error of w
+APPROX_ERR_BUCKETS = ("d1", "d2", "d3", "d4+")
+# per bucket, the fraction of masked tokens in it (the weights that turn bucket sums into bucket means)
+APPROX_ERR_BUCKET_FRAC = "approx_err/token_frac/{bucket}"
 
 # rollout / throughput
 REWARD_MEAN = "reward/mean"

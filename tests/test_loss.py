@@ -298,17 +298,52 @@ def test_staleness_stats_match_formula_and_sum_across_micro_batches():
         torch.testing.assert_close(agg[k].double(), st[k].double(), atol=1e-6, rtol=0)
 
 
-def test_approx_error_stats_match_formula():
-    d = _batch(seed=10)
-    m = d["mask"]
+def _errors64(rec, lb, lt, approx, m):
+    """Per-token fp64 errors of one approximation, written out from the definitions (one list per name)."""
+    out = {k: [] for k in ("abs", "sq", "rel", "prob_rel", "ratio_abs", "behave_w_abs")}
+    for i in range(rec.numel()):
+        if not m.view(-1)[i]:
+            continue
+        a, p, t, b = (float(x.reshape(-1)[i]) for x in (approx, rec, lt, lb))
+        out["abs"].append(abs(a - p))
+        out["sq"].append((a - p) ** 2)
+        out["rel"].append(abs(a - p) / max(abs(p), 1e-8))
+        out["prob_rel"].append(abs(math.exp(a - p) - 1))
+        out["ratio_abs"].append(abs(math.exp(t - a) - math.exp(t - p)))
+        out["behave_w_abs"].append(abs(math.exp(a - b) - math.exp(p - b)))
+    return out
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_approx_error_stats_per_staleness_bucket_match_fp64(split):
+    from megatron_a3po.loss import finalize_bucket_means
+
+    d = _batch(seed=10, max_stale=6)
+    m, ver = d["mask"], d["versions"]
     rec = d["lb"] + 0.4 * (d["lt"] - d["lb"]) + 0.01
-    st = approx_error_stats(rec, d["lb"], d["lt"], d["versions"], V, m)
-    a = _alpha64(d["versions"], V)
+    args = (d["lb"], d["lt"])
+    if split:  # two micro-batches with the global token count, combined as the trainer does
+        parts = [approx_error_stats(rec[r], d["lb"][r], d["lt"][r], ver[r], V, m[r], num_tokens=int(m.sum()))
+                 for r in (slice(0, 1), slice(1, 4))]
+        st = aggregate_stats(parts)
+    else:
+        st = approx_error_stats(rec, *args, ver, V, m)
+    st = finalize_bucket_means({k: float(v) for k, v in st.items()})
+    a = _alpha64(ver, V)
+    stale = V - ver
+    buckets = {"d1": stale <= 1, "d2": stale == 2, "d3": stale == 3, "d4+": stale >= 4}
     for method, approx in (("loglinear", d["lb"] + a * (d["lt"] - d["lb"])), ("behave", d["lb"]),
                            ("linear", torch.log((1 - a) * d["lb"].exp() + a * d["lt"].exp()))):
-        e = (approx - rec)[m]
-        assert st[f"approx_err/{method}/abs"].item() == pytest.approx(e.abs().mean().item(), rel=1e-6)
-        assert st[f"approx_err/{method}/rel"].item() == pytest.approx((e.exp() - 1).abs().mean().item(), rel=1e-6)
+        for name, vals in _errors64(rec, d["lb"], d["lt"], approx, m).items():
+            assert st[f"approx_err/{method}/{name}"] == pytest.approx(sum(vals) / len(vals), rel=1e-5)
+        for b, bm in buckets.items():
+            sel = m & bm
+            if not sel.any():
+                assert f"approx_err/{method}/abs/{b}" not in st
+                continue
+            for name, vals in _errors64(rec, d["lb"], d["lt"], approx, sel).items():
+                assert st[f"approx_err/{method}/{name}/{b}"] == pytest.approx(sum(vals) / len(vals), rel=1e-5), (b, name)
+    assert sum(1 for b, bm in buckets.items() if (m & bm).any()) == 4  # the batch fills every bucket
 
 
 # ---------------------------------------------------------------- TP / DP (2 gloo processes)

@@ -174,27 +174,61 @@ def staleness_stats(versions: torch.Tensor, current_version: int, loss_mask: tor
     }
 
 
+_REL_FLOOR = 1e-8  # |p| below this counts as this in "rel" (a token the policy is sure of has p ~ 0)
+
+
+def _bucket_masks(versions: torch.Tensor, current_version: int, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    d = current_version - versions
+    return {"d1": mask & (d <= 1), "d2": mask & (d == 2), "d3": mask & (d == 3), "d4+": mask & (d >= 4)}
+
+
 def approx_error_stats(recompute_logp: torch.Tensor, behave_logp: torch.Tensor, target_logp: torch.Tensor,
                        versions: torch.Tensor, current_version: int, loss_mask: torch.Tensor, *,
                        methods=APPROX_METHODS, alpha_schedule: str = "inverse", num_tokens=None,
                        **schedule_kwargs) -> dict[str, torch.Tensor]:
     """Metrics mode: error of each approximation against the recomputed proximal log-probs.
 
-    Over masked tokens, with ``a`` the approximation and ``r`` the recomputed log-prob:
-    ``approx_err/<method>/abs = mean |a - r|`` (log space) and
-    ``approx_err/<method>/rel = mean |exp(a - r) - 1|`` (relative error of the proximal probability).
-    Means divide by ``num_tokens`` (see :func:`staleness_stats`).
+    Per masked token, with ``a`` the approximation, ``p`` the recomputed proximal log-prob, ``lt`` the
+    target log-prob and ``lb`` the behaviour log-prob (names in :mod:`megatron_a3po.metrics`):
+
+    * ``abs`` ``|a - p|``, ``sq`` ``(a - p)^2``, ``rel`` ``|a - p| / |p|`` (|p| floored at 1e-8),
+      ``prob_rel`` ``|exp(a - p) - 1|`` (relative error of the proximal probability);
+    * ``ratio_abs`` ``|exp(lt - a) - exp(lt - p)|``: the error of the importance ratio r;
+    * ``behave_w_abs`` ``|exp(a - lb) - exp(p - lb)|``: the error of the behaviour weight w.
+
+    Each is a mean over masked tokens divided by ``num_tokens`` (see :func:`staleness_stats`) under
+    ``approx_err/<method>/<name>``, and per staleness bucket (``d1``: d <= 1, ``d2``, ``d3``, ``d4+``:
+    d >= 4) as that bucket's share of the overall mean under ``approx_err/<method>/<name>/<bucket>``, with
+    the bucket's token fraction under ``approx_err/token_frac/<bucket>``. All of them sum over
+    micro-batches and ranks; :func:`megatron_a3po.loss.stats.finalize_bucket_means` then divides the
+    shares by the fractions to give each bucket's own mean. Computed in fp64.
     """
     mask = _masked(loss_mask, recompute_logp)
     n = _denominator(mask, num_tokens)
     ref = recompute_logp.detach().to(torch.float64)
-    out = {}
+    lb = behave_logp.detach().to(torch.float64)
+    lt = target_logp.detach().to(torch.float64)
+    zero = torch.zeros_like(ref)
+    buckets = _bucket_masks(versions, current_version, mask)
+    out = {M.APPROX_ERR_BUCKET_FRAC.format(bucket=b): (bm.sum().to(torch.float64) / n).float()
+           for b, bm in buckets.items()}
     for method in methods:
         a = approximate_prox_logp(behave_logp, target_logp, versions, current_version, method, alpha_schedule,
                                   **schedule_kwargs).to(torch.float64)
-        diff = torch.where(mask, a - ref, torch.zeros_like(ref))
-        out[M.APPROX_ERR_ABS.format(method=method)] = (diff.abs().sum() / n).float()
-        out[M.APPROX_ERR_REL.format(method=method)] = (torch.expm1(diff).abs().sum() / n).float()
+        diff = torch.where(mask, a - ref, zero)
+        errs = {
+            M.APPROX_ERR_ABS: diff.abs(),
+            M.APPROX_ERR_SQ: diff * diff,
+            M.APPROX_ERR_REL: diff.abs() / ref.abs().clamp(min=_REL_FLOOR),
+            M.APPROX_ERR_PROB_REL: torch.expm1(diff).abs(),
+            M.APPROX_ERR_RATIO: torch.where(mask, (torch.exp(lt - a) - torch.exp(lt - ref)).abs(), zero),
+            M.APPROX_ERR_BEHAVE_W: torch.where(mask, (torch.exp(a - lb) - torch.exp(ref - lb)).abs(), zero),
+        }
+        for name, e in errs.items():
+            key = name.format(method=method)
+            out[key] = (torch.where(mask, e, zero).sum() / n).float()
+            for b, bm in buckets.items():
+                out[f"{key}/{b}"] = (torch.where(bm, e, zero).sum() / n).float()
     return out
 
 

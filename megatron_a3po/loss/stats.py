@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from megatron_a3po import metrics as M
 
-__all__ = ["STAT_REDUCTIONS", "stat_reduction", "aggregate_stats", "all_reduce_stats"]
+__all__ = ["STAT_REDUCTIONS", "stat_reduction", "aggregate_stats", "all_reduce_stats", "finalize_bucket_means"]
 
 STAT_REDUCTIONS: dict[str, str] = {
     M.PG_LOSS: "sum", M.ENTROPY: "sum", M.APPROX_KL: "sum", M.NUM_TOKENS: "sum",
@@ -70,4 +70,24 @@ def all_reduce_stats(stats: Mapping[str, torch.Tensor], group=None) -> dict[str,
         t = stats[key].detach().clone()
         dist.all_reduce(t, op=_DIST_OPS[stat_reduction(key)], group=group)
         out[key] = t
+    return out
+
+
+def finalize_bucket_means(stats: Mapping[str, float]) -> dict[str, float]:
+    """Turn metrics mode's per-staleness-bucket shares (``approx_err/<method>/<name>/<bucket>``, each a
+    bucket's sum divided by the overall token count) into that bucket's own mean: share / token fraction.
+    Buckets without tokens are left out. Call it once, on the combined (micro-batch, rank, minibatch) stats."""
+    out = dict(stats)
+    frac_prefix = M.APPROX_ERR_BUCKET_FRAC.split("{")[0]
+    for key, val in stats.items():
+        if not key.startswith(_ERR_PREFIX) or key.startswith(frac_prefix):
+            continue
+        bucket = key.rsplit("/", 1)[-1]
+        if bucket not in M.APPROX_ERR_BUCKETS:
+            continue
+        frac = float(stats.get(M.APPROX_ERR_BUCKET_FRAC.format(bucket=bucket), 0.0))
+        if frac > 0:
+            out[key] = float(val) / frac
+        else:
+            del out[key]
     return out

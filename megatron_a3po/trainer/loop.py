@@ -81,6 +81,7 @@ def prepare_initial_model(recipe, run_dir: Path):
 
 def run(recipe, *, run_dir: str | Path | None = None) -> dict:
     """Train per ``recipe`` in this (already spawned) process; returns the summary on rank 0."""
+    from megatron_a3po.loss import finalize_bucket_means
     from megatron_a3po.platform import init_distributed
     from megatron_a3po.trainer.actor import Actor
     from megatron_a3po.trainer.batch import TrainSample
@@ -153,6 +154,7 @@ def run(recipe, *, run_dir: str | Path | None = None) -> dict:
                          "rollout": side.state_dict() if rank == 0 else None}
                 save_checkpoint(save_dir, step + 1, actor, _bcast(state))
             if rank == 0:
+                stats = finalize_bucket_means(stats)  # metrics mode: per-staleness shares -> bucket means
                 stats.update(rollout_stats)
                 stats[M.TIME_WAIT] = t_wait
                 stats[M.TIME_SYNC] = t_sync
