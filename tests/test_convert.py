@@ -203,12 +203,12 @@ def test_a_new_family_is_one_file(tmp_path, monkeypatch):
     and its table names exactly the HF model's own parameters (transformers' Mistral as the reference)."""
     from transformers import MistralConfig, MistralForCausalLM
 
-    import megatron_a3po.convert.families as fams
+    import megatron_a3po.models.families as fams
     from megatron_a3po.convert.rules import fill
     from megatron_a3po.models import arch_from_hf, family_of, supported_architectures
 
     (tmp_path / "mistral.py").write_text(
-        "from megatron_a3po.convert.families import Family\n"
+        "from megatron_a3po.models.families import Family\n"
         "FAMILY = Family('mistral', ('MistralForCausalLM',), qkv_bias=False)\n")
     monkeypatch.setattr(fams, "__path__", [*fams.__path__, str(tmp_path)])
     fams.registry.cache_clear()

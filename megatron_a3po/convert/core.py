@@ -25,7 +25,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from megatron_a3po.convert.families import get_family
+from megatron_a3po.models.families import get_family
 from megatron_a3po.convert.rules import Vocab, fill, hf_shapes, local_name, shard, unshard
 from megatron_a3po.models.builder import arch_from_hf, padded_vocab_size
 

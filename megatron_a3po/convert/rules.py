@@ -1,88 +1,14 @@
-"""How one Megatron parameter relates to HF tensors, at any tensor-parallel size.
+"""Applying a family's mapping rules (megatron_a3po.models.mapping) to tensors, at any tensor-parallel size.
 
-A family (qwen2.py, llama.py, qwen3.py) is a table ``megatron local-spec name -> Rule``; per-layer
-names use ``{i}`` for the global layer index in HF names. Rules:
-
-  Replicated(hf)      same tensor on every TP rank (norms)
-  Split(hf, dim)      contiguous TP chunks along ``dim`` (o_proj/down_proj: dim 1)
-  Vocab(hf)           rows padded with zeros to the padded vocab, then TP chunks along dim 0
-  QKV(q, k, v)        rows grouped per KV group g: [q heads of g | k_g | v_g], then TP chunks along dim 0
-                      (a group never straddles ranks: TP divides the KV heads)
-  GateUp(gate, up)    TP rank i holds cat[gate.chunk(TP)[i]; up.chunk(TP)[i]]
-
-``shard(rule, hf, tp_rank, tp, arch)`` -> this rank's tensor; ``unshard(rule, shards, arch)`` -> {hf: tensor}.
-TransformerEngine's fused names are folded onto local-spec names by ``local_name``.
+``shard(rule, hf, tp_rank, tp, arch)`` -> this rank's tensor; ``unshard(rule, shards, arch)`` -> {hf: tensor};
+``hf_shapes(rule, arch)`` -> the HF shapes a rule expects.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-# TE layer spec fuses the pre-attention / pre-MLP norms into the following linear layer
-TE_ALIASES = {
-    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
-    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
-}
-
-
-def local_name(suffix: str) -> str:
-    return TE_ALIASES.get(suffix, suffix)
-
-
-@dataclass(frozen=True)
-class Replicated:
-    hf: str
-
-    def names(self):
-        return (self.hf,)
-
-
-@dataclass(frozen=True)
-class Split:
-    hf: str
-    dim: int
-
-    def names(self):
-        return (self.hf,)
-
-
-@dataclass(frozen=True)
-class Vocab:
-    hf: str
-    tied_fallback: str | None = None  # for the output layer of tied models: read the embedding instead
-
-    def names(self):
-        return (self.hf,)
-
-
-@dataclass(frozen=True)
-class QKV:
-    q: str
-    k: str
-    v: str
-
-    def names(self):
-        return (self.q, self.k, self.v)
-
-
-@dataclass(frozen=True)
-class GateUp:
-    gate: str
-    up: str
-
-    def names(self):
-        return (self.gate, self.up)
-
-
-def fill(rule, i: int | None):
-    """The rule with ``{i}`` replaced by the global layer index."""
-    if i is None:
-        return rule
-    kw = {k: (v.format(i=i) if isinstance(v, str) else v) for k, v in rule.__dict__.items()}
-    return type(rule)(**kw)
-
+from megatron_a3po.models.mapping import GateUp, QKV, Replicated, Split, TE_ALIASES, Vocab, fill, local_name  # noqa: F401
 
 def _qkv_full(q, k, v, arch):
     g, r, d = arch.num_kv_heads, arch.num_heads // arch.num_kv_heads, arch.head_dim

@@ -1,6 +1,6 @@
 """A Megatron GPTModel from an HF config, for this rank under the current parallel state.
 
-Supported families (``family_of``; one file each in megatron_a3po/convert/families): Qwen2/Qwen2.5 (qkv
+Supported families (``family_of``; one file each in megatron_a3po/models/families): Qwen2/Qwen2.5 (qkv
 bias, tied embeddings in the small models), Llama 3/3.1 (GQA, rope scaling "llama3"), Qwen3 (q/k RMSNorm
 per head). HF configs are read through ``arch_from_hf`` only, which handles transformers 4.x and 5.x
 field names.
@@ -47,14 +47,14 @@ class Arch:
 
 
 def supported_architectures() -> dict[str, str]:
-    """HF architecture name -> family name, for every family in megatron_a3po.convert.families."""
-    from megatron_a3po.convert.families import registry
+    """HF architecture name -> family name, for every family in megatron_a3po.models.families."""
+    from megatron_a3po.models.families import registry
 
     return {a: f.name for f in registry().values() for a in f.architectures}
 
 
 def family_of(hf_config) -> str:
-    from megatron_a3po.convert.families import registry
+    from megatron_a3po.models.families import registry
 
     archs = list(getattr(hf_config, "architectures", None) or [])
     supported = supported_architectures()
@@ -80,7 +80,7 @@ def _rope_params(cfg) -> dict:
 
 
 def arch_from_hf(cfg) -> Arch:
-    from megatron_a3po.convert.families import get_family
+    from megatron_a3po.models.families import get_family
 
     fam = family_of(cfg)
     family = get_family(fam)

@@ -87,7 +87,7 @@ def _arch_and_layout(cfg, tp: int, pp: int, where: str):
 
 def expected_hf_tensors(arch) -> dict[str, tuple[int, ...]]:
     """Every HF tensor the config implies, with its shape (from the family's declarative table)."""
-    from megatron_a3po.convert.families import get_family
+    from megatron_a3po.models.families import get_family
     from megatron_a3po.convert.rules import fill, hf_shapes
 
     fam = get_family(arch.family)

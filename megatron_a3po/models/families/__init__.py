@@ -13,7 +13,7 @@ import pkgutil
 from dataclasses import dataclass, field
 from typing import Callable
 
-from megatron_a3po.convert.rules import GateUp, QKV, Replicated, Split, Vocab
+from megatron_a3po.models.mapping import GateUp, QKV, Replicated, Split, Vocab
 
 L = "model.layers.{i}."
 
