@@ -26,7 +26,7 @@ from bench.common import RESULTS, machine
 
 
 def _recipe(mode, args):
-    from recipes.config import Recipe
+    from megatron_a3po.config import Recipe
 
     return Recipe.model_validate({
         "name": f"bench_e2e_{mode}",

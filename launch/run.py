@@ -45,7 +45,7 @@ def read_cluster_file(path) -> dict:
     """A YAML mapping of ClusterCfg keys (a top-level ``cluster:`` wrapper is accepted)."""
     from omegaconf import OmegaConf
 
-    from recipes.config import ClusterCfg
+    from megatron_a3po.config import ClusterCfg
 
     p = Path(path)
     if not p.is_file():
@@ -79,7 +79,7 @@ def flag_layer(args) -> dict:
 
 def recipe_ref(path: Path, executor: str) -> str:
     """What the trainer is given as --recipe: the name of a packaged recipe, else a path."""
-    from recipes.config import RECIPES_DIR
+    from megatron_a3po.config import RECIPES_DIR
 
     path = path.resolve()
     if path.parent == RECIPES_DIR.resolve():
@@ -251,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
 def prepare(argv):
     """Parse, load and validate everything; no file is written. Returns (args, recipe, layout, ref)."""
     from launch.layout import plan_layout
-    from recipes.config import load_recipe, resolve_recipe_path
+    from megatron_a3po.config import load_recipe, resolve_recipe_path
 
     args = build_parser().parse_args(argv)
     layers = []
@@ -268,7 +268,7 @@ def prepare(argv):
 
 def main(argv=None) -> int:
     from launch.layout import LayoutError
-    from recipes.config import RecipeError
+    from megatron_a3po.config import RecipeError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     try:

@@ -437,7 +437,7 @@ def test_alpha_schedule_parameters_reach_the_loss_from_the_recipe(monkeypatch):
     from types import SimpleNamespace
 
     from megatron_a3po.loss import pipeline
-    from recipes.config import LossCfg
+    from megatron_a3po.config import LossCfg
 
     monkeypatch.setattr(pipeline, "_tp_group", lambda: None)
     d = _batch(seed=12, max_stale=4)

@@ -9,7 +9,7 @@ import pytest
 from conftest import subprocess_env
 
 from megatron_a3po.trainer.preflight import PreflightError, preflight
-from recipes.config import RecipeError, load_recipe
+from megatron_a3po.config import RecipeError, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -43,7 +43,7 @@ def test_grad_norm_invariant_to_micro_batch_size(dist1, tmp_path):
     from megatron_a3po.models.tiny import save_tiny_hf_model
     from megatron_a3po.trainer.actor import Actor
     from megatron_a3po.trainer.packing import pack_microbatches
-    from recipes.config import Recipe
+    from megatron_a3po.config import Recipe
 
     d = save_tiny_hf_model(tmp_path / "m", "qwen2", num_hidden_layers=2)
     cfg = AutoConfig.from_pretrained(d)

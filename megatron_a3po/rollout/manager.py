@@ -80,7 +80,7 @@ class RolloutManager:
     @classmethod
     def from_recipe(cls, recipe, *, engine_urls: list[str] | None = None, tokenizer=None, prompts=None,
                     initial_version: int = 0, transport=None, model_path=None, log_dir=None) -> "RolloutManager":
-        """Build from a ``recipes.config.Recipe`` (rollout + data sections).
+        """Build from a ``megatron_a3po.config.Recipe`` (rollout + data sections).
 
         Engine URLs come from ``engine_urls``, else ``recipe.rollout.engine_urls``; if both are empty and
         ``rollout.backend == "cpu"``, ``rollout.num_engines`` CPU engines are started here from

@@ -68,7 +68,7 @@ def main(argv=None) -> int:
                         stream=sys.stdout)
     for noisy in ("httpx", "httpcore", "megatron", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from recipes.config import RecipeError, load_recipe
+    from megatron_a3po.config import RecipeError, load_recipe
 
     try:
         recipe = load_recipe(args.recipe, args.overrides)

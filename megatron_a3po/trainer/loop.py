@@ -224,7 +224,7 @@ def _verify_sync(actor, side) -> dict:
 
 def run_worker(rank, world, recipe_dict, run_dir):
     """Entry of a spawned rank (megatron_a3po.platform.procs.run_distributed)."""
-    from recipes.config import Recipe
+    from megatron_a3po.config import Recipe
 
     return run(Recipe.model_validate(recipe_dict), run_dir=run_dir)
 

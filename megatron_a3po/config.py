@@ -13,7 +13,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-RECIPES_DIR = Path(__file__).resolve().parent
+# The YAML recipes ship beside the package (repository root / site-packages): recipes/*.yaml. They are data:
+# nothing here imports the recipes folder.
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 
 
 class _Strict(BaseModel):
