@@ -66,13 +66,19 @@ def _rss_peak_bytes() -> int:
 
 def _init_megatron_tp1(dev):
     """World-size-1 process group + Megatron parallel state (Megatron's CE needs a TP group)."""
+    import datetime
+
     import torch.distributed as dist
     from megatron.core import parallel_state
+
+    from megatron_a3po.platform.stores import init_default_group
 
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=0, world_size=1)
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        init_default_group("nccl" if dev.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30))
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(1, 1)
 

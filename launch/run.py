@@ -25,6 +25,7 @@ import os
 import re
 import shlex
 import sys
+import uuid
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -211,8 +212,15 @@ def build_local(run, recipe, layout, ref: str, overrides: list[str], exp_dir: st
                             bind_host="127.0.0.1", stop_file=stop_file, health_timeout=c.health_timeout_s)
         tasks.append(run.Script(path="launch.fleet", entrypoint=sys.executable, m=True, args=f_args))
         executors.append(run.LocalExecutor(ntasks_per_node=1, env_vars=env))
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
-                f"--nproc-per-node={layout.trainer_procs_per_node}"]
+    # Not ``--standalone``: its rendezvous and agent stores listen on every interface. A file store for
+    # the rendezvous, no shared agent store and MASTER_ADDR 127.0.0.1: rank 0's own store (see
+    # megatron_a3po/platform/stores.py) then binds loopback only.
+    env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    rdzv_id = uuid.uuid4().hex[:12]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1",
+                f"--nproc-per-node={layout.trainer_procs_per_node}", "--rdzv-backend=c10d",
+                f"--rdzv-endpoint={os.path.join(exp_dir, f'rdzv_{rdzv_id}.store')}", "--rdzv-conf=store_type=file",
+                f"--rdzv-id={rdzv_id}", "--local-addr=127.0.0.1"]
     t_args = trainer_args(ref, overrides, engine_urls, router_url, torchrun, health_timeout=c.health_timeout_s,
                           stop_file=stop_file)
     tasks.insert(0, run.Script(path="launch.health", entrypoint=sys.executable, m=True, args=t_args))

@@ -302,6 +302,8 @@ def test_local_dryrun_cpu_fleet(home, tmp_path, capsys):
     assert [tr[i + 1] for i, a in enumerate(tr) if a == "--url"] == urls
     assert f"rollout.engine_urls=[{','.join(urls)}]" in tr and "--nproc-per-node=1" in tr
     assert tr[tr.index("-m", tr.index("--")) + 1] == "torch.distributed.run"
+    # no TCP rendezvous (torchrun's stores listen on every interface): a file store, loopback master
+    assert "--standalone" not in tr and "--rdzv-conf=store_type=file" in tr and "--local-addr=127.0.0.1" in tr
 
 
 @pytest.mark.slow

@@ -24,6 +24,42 @@ def _run_trainer(run_dir, *overrides, timeout=420):
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def _run_watching_listeners(run_dir, *overrides, timeout=420):
+    """Run the trainer and sample, every 0.1 s, the listening sockets of its whole process tree (trainer
+    ranks, engines, their stores and gloo pairs); returns (completed process, set of (ip, port))."""
+    import time
+
+    import psutil
+
+    env = subprocess_env(A3PO_NO_PROGRESS="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "megatron_a3po.trainer", "--recipe", "demo_cpu", "--run-dir", str(run_dir),
+           *overrides]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out: list[str] = []
+    import threading
+
+    reader = threading.Thread(target=lambda: out.extend(proc.stdout), daemon=True)
+    reader.start()
+    listeners, deadline = set(), time.monotonic() + timeout
+    root = psutil.Process(proc.pid)
+    while proc.poll() is None:
+        assert time.monotonic() < deadline, "trainer timed out"
+        try:
+            tree = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            break
+        for p in tree:
+            try:
+                listeners |= {(c.laddr.ip, c.laddr.port) for c in p.net_connections(kind="inet")
+                              if c.status == psutil.CONN_LISTEN}
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+        time.sleep(0.1)
+    proc.wait()
+    reader.join(timeout=10)
+    return subprocess.CompletedProcess(cmd, proc.returncode, "".join(out), ""), listeners
+
+
 def _records(run_dir):
     return [json.loads(l) for l in (Path(run_dir) / "steps.jsonl").read_text().splitlines()]
 
@@ -116,11 +152,17 @@ def test_resume_after_sigkill_continues_the_same_batches(tmp_path):
 @pytest.mark.slow
 def test_pp2_streamed_weight_sync_reaches_the_engine(tmp_path):
     """rollout.weight_sync=nccl (gloo on CPU): no HF dir per step; the engine's served weights equal the
-    trainer's export after every step, and the engine reports every new version."""
+    trainer's export after every step, and the engine reports every new version. Nothing in the run's
+    process tree listens outside loopback."""
     run = tmp_path / "run"
-    p = _run_trainer(run, "parallel.pp=2", "rollout.weight_sync=nccl", "rollout.weight_sync_bucket_mb=1",
-                     "trainer.steps=3", "trainer.verify_weight_sync=true", *SMALL)
+    p, listeners = _run_watching_listeners(run, "parallel.pp=2", "rollout.weight_sync=nccl",
+                                           "rollout.weight_sync_bucket_mb=1", "trainer.steps=3",
+                                           "trainer.verify_weight_sync=true", *SMALL)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    # a single-machine run listens on loopback only: the engine's HTTP port, the default group's store
+    # (2 ranks), the weight-update group's store and gloo's pair sockets
+    assert listeners, "no listening socket seen (the sampling missed the run)"
+    assert {ip for ip, _ in listeners} <= {"127.0.0.1", "::1"}, sorted(listeners)
     recs = _records(run)
     assert [r["version_after"] for r in recs] == [1, 2, 3]
     for r in recs:

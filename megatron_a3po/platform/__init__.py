@@ -1,6 +1,7 @@
 """Running megatron-core here: distributed init, CPU support (gloo), seeding.
 
-    init_distributed(tp, pp, seed)   torch.distributed from the environment (torchrun / run_distributed),
+    init_distributed(tp, pp, seed)   torch.distributed from the environment (torchrun / run_distributed;
+                                     the store listens on MASTER_ADDR only, see platform/stores.py),
                                      megatron's model-parallel groups, the CPU patches when no CUDA,
                                      and seeds.
 """
@@ -14,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_a3po.platform.cpu import apply_cpu_patches
+from megatron_a3po.platform.stores import init_default_group
 
 
 def is_cpu() -> bool:
@@ -46,7 +48,7 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = 0, *, timeout_s: floa
         backend = "gloo" if is_cpu() else "nccl"
         if not is_cpu():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+        init_default_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     world = dist.get_world_size()
     if world % (tp * pp):
         raise ValueError(f"world size {world} is not a multiple of parallel.tp x parallel.pp = {tp} x {pp}")

@@ -28,12 +28,16 @@ def _entry(rank, world_size, port, backend, fn, args, kwargs, queue, env):
     os.environ.update(env)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
+    import datetime
+
     import torch
     import torch.distributed as dist
 
+    from megatron_a3po.platform.stores import init_default_group
+
     torch.set_num_threads(int(env.get("A3PO_THREADS_PER_RANK", "1")))
     try:
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+        init_default_group(backend, timeout=datetime.timedelta(minutes=30))
         out = fn(rank, world_size, *args, **kwargs)
         queue.put((rank, True, out))
     except BaseException:  # noqa: BLE001 - forwarded to the parent

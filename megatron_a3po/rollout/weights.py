@@ -49,15 +49,17 @@ class DiskTransport:
 
 def init_update_group(master_address: str, master_port: int, rank: int, world_size: int, group_name: str,
                       backend: str = "nccl", timeout_s: float = 300.0):
-    """Create an extra torch.distributed process group outside the default one (rendezvous over
-    ``tcp://master_address:master_port``, keys under ``group_name``), as an SGLang server does on
-    ``/init_weights_update_group``; returns the group."""
+    """Create an extra torch.distributed process group outside the default one (a store at
+    ``master_address:master_port`` hosted by rank 0 and listening on that address only, keys under
+    ``group_name``), as an SGLang server does on ``/init_weights_update_group``; returns the group."""
     from torch.distributed import distributed_c10d as c10d
 
+    from megatron_a3po.platform.stores import loopback_gloo, tcp_store
+
     timeout = timedelta(seconds=timeout_s)
-    store, rank, world_size = next(c10d.rendezvous(f"tcp://{master_address}:{master_port}", rank, world_size,
-                                                   timeout=timeout))
-    store.set_timeout(timeout)
+    if backend == "gloo":
+        loopback_gloo(master_address)
+    store = tcp_store(master_address, master_port, world_size=world_size, is_master=rank == 0, timeout=timeout)
     store = c10d.PrefixStore(group_name, store)
     pg, _ = c10d._new_process_group_helper(world_size, rank, [], c10d.Backend(backend), store,
                                            group_name=group_name, timeout=timeout)
