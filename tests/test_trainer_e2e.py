@@ -135,8 +135,23 @@ def test_resume_after_sigkill_continues_the_same_batches(tmp_path):
 
     p = _run_trainer(b, *common, "trainer.resume=true")
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    after = _records(b)[len(before):]
-    assert [r["step"] for r in after] == [3, 4]
+    # one history: the records of the killed run's steps after the checkpoint (3, maybe 4) are replaced
+    final = _records(b)
+    assert [r["step"] for r in final] == [1, 2, 3, 4]
+    assert final[:2] == before[:2]
+    gids = [g for r in final for g in r["group_ids"]]
+    assert len(gids) == len(set(gids)), "a group id appears twice in steps.jsonl"
+    after = final[2:]
+    # TensorBoard: one value per step, the resumed run's (events of the killed run's steps 3+ purged)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(b / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    for tag in ("train/reward/mean", "train/policy/version"):
+        ev = acc.Scalars(tag)
+        assert [e.step for e in ev] == [0, 1, 2, 3], (tag, [(e.step, e.value) for e in ev])
+    assert [e.value for e in acc.Scalars("train/reward/mean")] == pytest.approx(
+        [r["stats"]["reward/mean"] for r in final], abs=1e-6)
     # same version numbering as the uninterrupted run
     assert [r["version_trained"] for r in after] == [r["version_trained"] for r in rec_a[2:]] == [2, 3]
     # the same batches: no prompt lost or used twice across the crash (ordered delivery)

@@ -114,6 +114,8 @@ def run(recipe, *, run_dir: str | Path | None = None) -> dict:
             set_rng_state(st["rng"])
             resumed = True
 
+    if rank == 0:  # one history: records of steps after the one resumed from are replaced, not repeated
+        _cut_history(run_dir / "steps.jsonl", start_step)
     side = RolloutSide(recipe, run_dir=run_dir, tokenizer_dir=tok_dir) if rank == 0 else None
     t_start = time.perf_counter()
     try:
@@ -129,7 +131,7 @@ def run(recipe, *, run_dir: str | Path | None = None) -> dict:
             side.start(weights_dir=wdir, version=version, state=rollout_state)
         if external:
             _push_weights(actor, side, recipe, version, run_dir, tok_dir)
-        writer = _writer(run_dir) if rank == 0 else None
+        writer = _writer(run_dir, purge_step=start_step) if rank == 0 else None
         bar = _progress(start_step, tc.steps) if rank == 0 else None
         history = []
         for step in range(start_step, tc.steps):
@@ -207,6 +209,31 @@ def _append_jsonl(path: Path, obj) -> None:
         os.fsync(f.fileno())
 
 
+def _cut_history(path: Path, last_step: int) -> None:
+    """Keep the records of steps 1..``last_step`` of ``path`` (atomic rewrite); a line a kill cut short
+    is dropped."""
+    import json
+
+    from megatron_a3po.io import atomic_write_text
+
+    if not path.exists():
+        return
+    keep, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            dropped += 1
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= last_step:
+            keep.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        log.info("%s: starting at step %d, dropped %d later or unreadable record(s)", path, last_step + 1, dropped)
+        atomic_write_text(path, "".join(x + "\n" for x in keep))
+
+
 def _verify_sync(actor, side) -> dict:
     """Digest of the trainer's export vs each engine's served weights (collective; rank 0 compares)."""
     from megatron_a3po.convert.digest import state_digest
@@ -243,10 +270,12 @@ def _warm_start(actor, side, recipe):
             log.info("warm start %d/%d: nll %.3f", k + 1, tc.warm_start_steps, nll)
 
 
-def _writer(run_dir: Path):
+def _writer(run_dir: Path, purge_step: int):
+    """TensorBoard writer; events of steps >= ``purge_step`` from an earlier (killed) run are purged
+    (scalars are logged at the 0-based step index)."""
     from torch.utils.tensorboard import SummaryWriter
 
-    return SummaryWriter(log_dir=str(run_dir / "tb"))
+    return SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=purge_step)
 
 
 def _progress(start, total):
