@@ -19,20 +19,31 @@ RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # NaN and infinities are never a valid setting: a schema error naming the key, not a crash later
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class TinyModel(_Strict):
     """A Qwen2-shaped model built locally with random weights (CPU demos and tests)."""
 
-    hidden_size: int = 64
-    intermediate_size: int = 128
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
-    max_position_embeddings: int = 128
+    hidden_size: int = Field(64, ge=1)
+    intermediate_size: int = Field(128, ge=1)
+    num_hidden_layers: int = Field(2, ge=1)
+    num_attention_heads: int = Field(4, ge=1)
+    num_key_value_heads: int = Field(2, ge=1)
+    max_position_embeddings: int = Field(128, ge=2)
     tie_word_embeddings: bool = True
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _heads(self):
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"model.tiny.hidden_size={self.hidden_size} is not a multiple of "
+                             f"num_attention_heads={self.num_attention_heads}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"model.tiny.num_attention_heads={self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads={self.num_key_value_heads}")
+        return self
 
 
 class ModelCfg(_Strict):
@@ -61,9 +72,9 @@ class ParallelCfg(_Strict):
 
 class LossCfg(_Strict):
     eps_clip: float = Field(0.2, gt=0)
-    eps_clip_high: float | None = None
+    eps_clip_high: float | None = Field(None, gt=0)
     dual_clip: float | None = None
-    behave_weight_cap: float | None = None
+    behave_weight_cap: float | None = Field(None, gt=0)
     behave_weight_cap_mode: Literal["mask", "clamp"] = "mask"
     # proximal-policy weight on the target per staleness d (loss/prox.py staleness_alpha): inverse (the
     # paper's, 1 - 1/d), linear (min(alpha_slope * (d - 1), alpha_cap)) or fixed (alpha_fixed for d > 1)
@@ -95,17 +106,17 @@ class TrainerCfg(_Strict):
     # metrics: recompute + approximation-error logs.
     mode: Literal["coupled", "recompute", "loglinear", "linear", "metrics"] = "loglinear"
     steps: int = Field(100, ge=1)
-    lr: float = 1e-6
+    lr: float = Field(1e-6, gt=0)
     lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
-    lr_warmup_steps: int = 0
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    grad_clip: float = 1.0
+    lr_warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.999, ge=0, lt=1)
+    adam_eps: float = Field(1e-8, gt=0)
+    grad_clip: float = Field(1.0, ge=0)  # 0 = no clipping
     ppo_n_minibatches: int = Field(4, ge=1)
     max_tokens_per_mb: int = Field(10240, ge=1)
-    save_every: int = 0
+    save_every: int = Field(0, ge=0)
     save_dir: str | None = None
     resume: bool = False
     log_dir: str = "runs/default"
@@ -114,8 +125,8 @@ class TrainerCfg(_Strict):
     # weights (CPU engine only: SGLang has no such endpoint); a mismatch stops the run
     verify_weight_sync: bool = False
     # Optional supervised warm start (demo only): steps of next-token training on task answers.
-    warm_start_steps: int = 0
-    warm_start_lr: float = 1e-3
+    warm_start_steps: int = Field(0, ge=0)
+    warm_start_lr: float = Field(1e-3, gt=0)
 
 
 class RolloutCfg(_Strict):
@@ -132,8 +143,8 @@ class RolloutCfg(_Strict):
     max_new_tokens: int = Field(1024, ge=1)
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = -1
-    request_timeout_s: float = 600.0
+    top_k: int = Field(-1, ge=-1)  # -1 = all tokens
+    request_timeout_s: float = Field(600.0, gt=0)
     # disk: the trainer writes an HF dir each step, engines load it (/update_weights_from_disk).
     # nccl: trainer rank 0 broadcasts the streamed HF tensors into every engine
     # (/update_weights_from_distributed); NCCL on GPU, the same code over gloo with the CPU engine.
@@ -143,11 +154,17 @@ class RolloutCfg(_Strict):
     weight_sync_master_addr: str | None = None
     # /pause_generation mode around weight updates: abort (resubmit prompt + partial output) or in_place
     pause_mode: Literal["abort", "in_place"] = "abort"
-    weight_sync_bucket_mb: int = 512
+    weight_sync_bucket_mb: int = Field(512, ge=1)
     # SGLang server knobs the launcher passes to every engine (launch/ only): the fraction of GPU memory
     # for weights + KV cache (None = SGLang's default) and any further server flags, verbatim.
     mem_fraction_static: float | None = Field(None, gt=0, lt=1)
     engine_args: list[str] = []
+
+    @model_validator(mode="after")
+    def _top_k(self):
+        if self.top_k == 0:
+            raise ValueError("rollout.top_k must be -1 (all tokens) or >= 1, got 0")
+        return self
 
 
 class DataCfg(_Strict):

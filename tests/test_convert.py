@@ -224,3 +224,23 @@ def test_a_new_family_is_one_file(tmp_path, monkeypatch):
         assert ours == hf, (sorted(ours - hf), sorted(hf - ours))
     finally:
         fams.registry.cache_clear()
+
+
+def test_out_overlapping_a_source_is_refused(hf_copy, tmp_path, capsys):
+    """--out equal to, inside, or above a source (with --overwrite it would be deleted): exit 2, the
+    source intact. Refused before any rank starts, so in-process."""
+    from tools.convert_ckpt.cli import main
+
+    before = sorted((p.name, p.stat().st_size) for p in hf_copy.iterdir())
+    for out, what in ((hf_copy, "is the --hf directory itself"), (hf_copy / "mcore", "lies inside --hf"),
+                      (hf_copy.parent, "contains --hf")):
+        assert main(["hf-to-mcore", "--hf", str(hf_copy), "--out", str(out), "--overwrite"]) == 2
+        assert what in capsys.readouterr().err
+    (hf_copy / "metadata.json").write_text("{}")  # looks like an mcore checkpoint: the check comes first
+    assert main(["mcore-to-hf", "--mcore", str(hf_copy), "--out", str(hf_copy / "x"), "--overwrite"]) == 2
+    assert "lies inside --mcore" in capsys.readouterr().err
+    assert main(["mcore-to-hf", "--mcore", str(tmp_path / "m"), "--hf-config", str(hf_copy), "--out",
+                 str(hf_copy), "--overwrite"]) == 2
+    assert "is the --hf-config directory itself" in capsys.readouterr().err
+    (hf_copy / "metadata.json").unlink()
+    assert sorted((p.name, p.stat().st_size) for p in hf_copy.iterdir()) == before

@@ -1,6 +1,7 @@
 """Bad input reaches the user as a clear error before any training starts (the CLI exits 2)."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -67,3 +68,17 @@ def test_cli_exits_2_before_training(tmp_path):
     assert p.returncode == 2
     assert "parallel.tp=3 does not divide num_attention_heads=4" in p.stderr
     assert not (tmp_path / "run").exists()  # nothing started, nothing written
+
+
+@pytest.mark.parametrize("override,key", [
+    ("trainer.lr=-5e-4", "trainer.lr"), ("trainer.lr=0", "trainer.lr"), ("trainer.lr=nan", "trainer.lr"),
+    ("trainer.adam_beta2=1.0", "trainer.adam_beta2"), ("trainer.adam_eps=0", "trainer.adam_eps"),
+    ("trainer.grad_clip=-1", "trainer.grad_clip"), ("trainer.warm_start_lr=0", "trainer.warm_start_lr"),
+    ("trainer.weight_decay=-0.1", "trainer.weight_decay"), ("trainer.save_every=-2", "trainer.save_every"),
+    ("rollout.top_k=0", "rollout.top_k"), ("rollout.temperature=inf", "rollout.temperature"),
+    ("rollout.request_timeout_s=0", "rollout.request_timeout_s"), ("loss.eps_clip_high=-0.2", "loss.eps_clip_high"),
+    ("model.tiny.num_attention_heads=3", "model.tiny"),
+])
+def test_impossible_values_are_schema_errors_naming_the_key(override, key):
+    with pytest.raises(RecipeError, match=re.escape(key)):
+        load_recipe("demo_cpu", [override])

@@ -74,6 +74,21 @@ def _check_out(out: Path, overwrite: bool):
         raise CliError(f"output directory {out} exists and is not empty (pass --overwrite to replace it)")
 
 
+def _check_apart(out: Path, **sources):
+    """--out must not be, lie inside, or contain a source directory (--overwrite would delete it)."""
+    o = out.resolve()
+    for flag, src in sources.items():
+        if src is None:
+            continue
+        s = Path(src).resolve()
+        if o == s:
+            raise CliError(f"--out {out} is the --{flag.replace('_', '-')} directory itself")
+        if s in o.parents:
+            raise CliError(f"--out {out} lies inside --{flag.replace('_', '-')} {src}")
+        if o in s.parents:
+            raise CliError(f"--out {out} contains --{flag.replace('_', '-')} {src}")
+
+
 def _arch_and_layout(cfg, tp: int, pp: int, where: str):
     from megatron_a3po.models import arch_from_hf, check_layout
 
@@ -148,6 +163,7 @@ def hf_to_mcore(args):
     hf, out = Path(args.hf), Path(args.out)
     if not hf.is_dir():
         raise CliError(f"--hf {hf} is not a directory")
+    _check_apart(out, hf=hf)
     _check_out(out, args.overwrite)
     cfg, arch = validate_hf_dir(hf, args.tp, args.pp)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -169,6 +185,7 @@ def mcore_to_hf(args):
     from transformers import AutoConfig
 
     mc, out = Path(args.mcore), Path(args.out)
+    _check_apart(out, mcore=mc, hf_config=args.hf_config, tokenizer=args.tokenizer)
     if not (mc / "metadata.json").exists():
         raise CliError(f"--mcore {mc}: not a Megatron dist checkpoint (no metadata.json)")
     cfg_dir = Path(args.hf_config) if args.hf_config else mc / "hf_config"
