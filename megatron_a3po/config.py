@@ -33,7 +33,8 @@ class TinyModel(_Strict):
     num_key_value_heads: int = Field(2, ge=1)
     max_position_embeddings: int = Field(128, ge=2)
     tie_word_embeddings: bool = True
-    seed: int = 0
+    # weight-init seed; None (the default): trainer.seed, so one key seeds init, sampling and data
+    seed: int | None = None
 
     @model_validator(mode="after")
     def _heads(self):
@@ -120,6 +121,9 @@ class TrainerCfg(_Strict):
     save_dir: str | None = None
     resume: bool = False
     log_dir: str = "runs/default"
+    # the run's one seed: torch (trainer ranks), the tiny model's init (unless model.tiny.seed is set),
+    # the synthetic dataset and the data order, the warm start's samples, and the CPU engines' sampling
+    # (a per-request sampling_seed, so the draws do not depend on how the engine batches requests)
     seed: int = 1234
     # after every weight sync, compare a digest of the exported HF tensors with each engine's served
     # weights (CPU engine only: SGLang has no such endpoint); a mismatch stops the run

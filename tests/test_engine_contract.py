@@ -101,7 +101,7 @@ def test_client_requests_and_aborted_responses_validate(api, engine):
     ep, d = engine
     sent, received = [], []
     cfg = ControllerConfig(n_samples=2, max_inflight_groups=4, batch_groups=2, max_staleness=1, max_new_tokens=12,
-                           top_k=5, top_p=0.95, temperature=0.9)
+                           top_k=5, top_p=0.95, temperature=0.9, sampling_seed=7)  # seeded: sampling_seed sent
     rm = RolloutManager([ep.url], toy_prompts(40), toy_task(), tokenizer(), cfg)
     orig = rm.fleet.generate
 
@@ -120,6 +120,7 @@ def test_client_requests_and_aborted_responses_validate(api, engine):
     finally:
         rm.close()
     assert sent and received
+    assert all(isinstance(p["sampling_params"].get("sampling_seed"), int) for p in sent)
     for p in sent:
         api.GenerateRequest.from_json_value(dict(p, rid="x"))
         api.SamplingParams.from_json_value(p["sampling_params"])

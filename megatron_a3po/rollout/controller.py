@@ -39,6 +39,7 @@ import asyncio
 import logging
 import random
 import time
+import zlib
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,6 +71,11 @@ class ControllerConfig:
     extra_sampling: dict = field(default_factory=dict)  # e.g. {"stop_token_ids": [...]}
     shuffle: bool = True
     seed: int = 0
+    # not None: every request carries a ``sampling_seed`` derived from (this, group id, sample, segment),
+    # so what a sample draws does not depend on which other requests the engine batches it with. The CPU
+    # engine gives sample j of an ``n`` request the seed ``s * 1000003 + j``; SGLang would give all n the
+    # same seed (identical samples), so RolloutManager.from_recipe sets this for the CPU backend only.
+    sampling_seed: int | None = None
     epochs: int | None = None  # None: cycle over the data forever
     reward_timeout_s: float = 30.0
     update_retries: int = 2
@@ -275,6 +281,11 @@ class Controller:
         return {"max_new_tokens": remaining, "temperature": cfg.temperature, "top_p": cfg.top_p,
                 "top_k": cfg.top_k, **cfg.extra_sampling}
 
+    def _request_seed(self, gid: int, j: int, seg: int) -> int:
+        """The sampling_seed of a request: a 31-bit hash of (run seed, group id, sample j + 1 or 0 for the
+        group request, segment), the same in every run with this seed whatever the timing."""
+        return zlib.crc32(f"{self.cfg.sampling_seed}/{gid}/{j}/{seg}".encode()) & 0x7FFFFFFF
+
     async def _group_request(self, gid: int, prompt) -> list[tuple[dict, str]]:
         """All n samples of a group in ONE /generate (SGLang's ``n``): n times fewer requests, which is
         what bounds throughput when responses are short. Returns (response, engine rid) per sample."""
@@ -284,6 +295,8 @@ class Controller:
             raise self._broken
         n = self.cfg.n_samples
         sp = dict(self._sampling(self.cfg.max_new_tokens), n=n) if n > 1 else self._sampling(self.cfg.max_new_tokens)
+        if self.cfg.sampling_seed is not None:
+            sp["sampling_seed"] = self._request_seed(gid, 0, 0)
         payload = {"input_ids": list(prompt.prompt_ids), "sampling_params": sp, "return_logprob": True}
         resp, rid, _url = await self.fleet.generate(payload, rid_base=f"g{gid}-n{n}")
         resps = resp if isinstance(resp, list) else [resp]
@@ -308,8 +321,10 @@ class Controller:
                     await self._open.wait()
                 if self._broken:
                     raise self._broken
-                payload = {"input_ids": list(prompt.prompt_ids) + out,
-                           "sampling_params": self._sampling(cfg.max_new_tokens - len(out)), "return_logprob": True}
+                sp = self._sampling(cfg.max_new_tokens - len(out))
+                if cfg.sampling_seed is not None:
+                    sp["sampling_seed"] = self._request_seed(gid, j + 1, seg)
+                payload = {"input_ids": list(prompt.prompt_ids) + out, "sampling_params": sp, "return_logprob": True}
                 resp, rid, _url = await self.fleet.generate(payload, rid_base=f"g{gid}-s{j}-p{seg}")
             seg += 1
             meta = resp["meta_info"]

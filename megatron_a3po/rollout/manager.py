@@ -108,6 +108,7 @@ class RolloutManager:
                                batch_groups=r.batch_prompts, max_staleness=r.max_staleness,
                                max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
                                top_k=r.top_k, shuffle=d.shuffle, seed=recipe.trainer.seed,
+                               sampling_seed=recipe.trainer.seed if r.backend == "cpu" else None,
                                pause_mode=r.pause_mode, adv_norm=recipe.loss.adv_norm,
                                adv_eps=recipe.loss.adv_eps, adv_batch_norm=recipe.loss.adv_batch_norm)
         try:

@@ -55,8 +55,10 @@ class RolloutSide:
                                  "(launch/ starts the SGLang fleet)")
             from megatron_a3po.engine.launch import launch_engines
 
+            # --random-seed: the draws of requests without a sampling_seed (the controller seeds its own)
             self.engines = launch_engines(weights_dir, n=rc.num_engines, version=str(version),
-                                          log_dir=self.run_dir / "engines")
+                                          log_dir=self.run_dir / "engines",
+                                          extra_args=["--random-seed", str(self.recipe.trainer.seed)])
             urls = [e.url for e in self.engines]
         if weights_dir is not None:
             self._weight_dirs.append(Path(weights_dir))

@@ -61,7 +61,8 @@ def prepare_initial_model(recipe, run_dir: Path):
                                  pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                                  eos_token_id=tok.eos_token_id)
             with atomic_dir(init) as tmp:
-                build_tiny_hf_model(cfg, seed=t.seed, randomize_norms=False).save_pretrained(tmp)
+                build_tiny_hf_model(cfg, seed=recipe.trainer.seed if t.seed is None else t.seed,
+                                    randomize_norms=False).save_pretrained(tmp)
                 tok.save_pretrained(tmp)
         _barrier()
         return AutoConfig.from_pretrained(init), str(init), None, str(init)
