@@ -1,0 +1,5 @@
+import sys
+
+from tools.sweep.sweep import main
+
+sys.exit(main())
