@@ -16,7 +16,7 @@ Grid file (YAML; every key is checked, errors name the file and the key)::
         seeds: 1                      # optional: only the first N of --seeds for this block
 
 A grid point is a *group*: its runs differ only in ``trainer.seed`` (the run's one seed: model init,
-data and data order, engine sampling; see recipes/config.py). Runs go to ``OUT/<group>/seed<k>/``, where
+data and data order, engine sampling; see megatron_a3po/config.py). Runs go to ``OUT/<group>/seed<k>/``, where
 ``<group>`` is the point's ``key=value`` pairs (last key component, the full key if that is ambiguous)
 joined by commas. tools/report groups runs by it.
 
@@ -161,7 +161,7 @@ def _group_name(point: dict[str, str], ambiguous: set[str]) -> str:
 
 def load_grid(path, seeds: list[int]) -> list[RunSpec]:
     """The grid file's runs, each validated as a recipe now (a typo fails before any run starts)."""
-    from recipes.config import RecipeError, load_recipe
+    from megatron_a3po.config import RecipeError, load_recipe
 
     path = Path(path)
     try:
