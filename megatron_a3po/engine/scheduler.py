@@ -131,6 +131,7 @@ class Scheduler:
         self.waiting: list[Seq] = []
         self.running: list[Seq] = []
         self.paused = False
+        self.pause_mode: str | None = None
         self.step_count = 0
         self.tokens_generated = 0
         self._stop = False
@@ -173,7 +174,7 @@ class Scheduler:
         for lst in (self.running, self.waiting):
             keep = []
             for s in lst:
-                if rid is None or s.rid == rid or s.rid.startswith(f"{rid}_"):
+                if rid is None or s.rid == rid:
                     self._finish(s, {"type": "abort", "message": message, "status_code": status_code,
                                      "err_type": None})
                     n += 1
@@ -183,34 +184,56 @@ class Scheduler:
         return n
 
     def _cmd_pause(self, mode: str):
+        """abort: end running and queued requests (partial output); retract: running requests drop their
+        KV caches and go back to the queue (recomputed from prompt + output on continue); in_place: they
+        keep their KV caches and wait."""
         n = 0
         if mode == "abort":
             n = self._cmd_abort(None, "Abort in pause_generation")
+        elif mode == "retract":
+            for s in self.running:
+                s.cache = None
+            self.waiting[:0] = self.running
+            self.running = []
         self.paused = True
+        self.pause_mode = mode
         return n
 
     def _cmd_continue(self):
         self.paused = False
+        self.pause_mode = None
         return 0
 
-    def _cmd_swap(self, model, version: str | None, abort_all: bool):
+    def _flush_blocked(self) -> str | None:
+        """Why a cache flush cannot run now (None: it can): requests holding KV caches block it."""
+        if self.running:
+            how = f" (paused with mode {self.pause_mode})" if self.paused else ""
+            return (f"{len(self.running)} request(s) still running{how}: the cache cannot be flushed; pause "
+                    "with mode 'abort' or 'retract' before a flush, or send flush_cache=false")
+        return None
+
+    def _cmd_swap(self, model, version: str | None, abort_all: bool, flush: bool = False):
         n = self._cmd_abort(None, "Abort for weight update") if abort_all else 0
         self.model = model
-        if version is not None:
-            self.weight_version = str(version)
-        return n
+        return self._after_update(n, version, flush)
 
-    def _cmd_load(self, named_tensors: list, version: str | None, abort_all: bool):
+    def _after_update(self, n_aborted: int, version: str | None, flush: bool) -> tuple[int, str | None]:
+        """Weights are loaded; flush the cache if asked. A flush that cannot run fails the update (the
+        weights stay loaded, the version is not changed), as in SGLang."""
+        why = self._flush_blocked() if flush else None
+        if why is None and version is not None:
+            self.weight_version = str(version)
+        return n_aborted, why
+
+    def _cmd_load(self, named_tensors: list, version: str | None, abort_all: bool, flush: bool = False):
         """Copy received tensors into the served model in place, between steps (the distributed update:
-        one bucket per call, so no whole-model copy per bucket)."""
+        one bucket per call, so no whole-model copy per bucket). Returns (aborted, flush failure)."""
         n = self._cmd_abort(None, "Abort for weight update") if abort_all else 0
         params = dict(self.model.named_parameters())
         with torch.no_grad():
             for name, t in named_tensors:
                 params[name].copy_(t)
-        if version is not None:
-            self.weight_version = str(version)
-        return n
+        return self._after_update(n, version, flush)
 
     def _cmd_set_version(self, version: str, abort_all: bool):
         n = self._cmd_abort(None, "Abort for weight version update") if abort_all else 0
@@ -218,7 +241,10 @@ class Scheduler:
         return n
 
     def _cmd_flush(self):
-        return 0  # no prefix cache: nothing to flush
+        why = self._flush_blocked()  # no prefix cache to drop, but the same refusal as SGLang's
+        if why is not None:
+            raise EngineError(why)
+        return 0
 
     # ---- internals
     def _finish(self, s: Seq, reason: dict):
@@ -283,17 +309,18 @@ class Scheduler:
     @torch.inference_mode()
     def _prefill_batch(self, seqs: list[Seq]) -> list[tuple[Seq, bool]]:
         """Prefill newly admitted sequences: prompts of equal length share one forward pass (no padding,
-        so the result is the same as one pass each); returns (seq, finished) pairs."""
+        so the result is the same as one pass each); a retracted sequence is prefilled with its prompt
+        and its output so far. Returns (seq, finished) pairs."""
         from transformers import DynamicCache
 
         by_len: dict[int, list[Seq]] = {}
         for s in seqs:
-            by_len.setdefault(len(s.prompt), []).append(s)
+            by_len.setdefault(len(s.prompt) + len(s.output), []).append(s)
         out_pairs = []
         for group in by_len.values():
             for i in range(0, len(group), self.max_batch):
                 chunk = group[i:i + self.max_batch]
-                ids = torch.tensor([s.prompt for s in chunk], dtype=torch.long)
+                ids = torch.tensor([s.prompt + s.output for s in chunk], dtype=torch.long)
                 out = self.model(input_ids=ids, past_key_values=DynamicCache(), use_cache=True)
                 kv = self._kv_of(out.past_key_values)
                 for b, s in enumerate(chunk):

@@ -1,14 +1,18 @@
 """HTTP front end of the CPU engine: the subset of SGLang's native API an RL trainer uses.
 
-Request/response shapes follow SGLang 0.5.23 (the facts are in the project's SGLang API notes and the
-contract tests in tests/test_engine_contract.py). Differences from SGLang, all deliberate:
+Request/response shapes and behaviour follow SGLang 0.5.23 (the project's SGLang API notes,
+"Behaviour", and tests/test_engine_contract.py):
+unknown top-level /generate keys are ignored (unknown sampling_params keys are a 400); the distributed
+and tensor weight updates need a ``/begin_weight_update`` .. ``/end_weight_update`` session; a weight
+update with ``flush_cache`` (default true) while requests hold KV caches (pause mode ``in_place``)
+loads the weights and then fails with 400; with ``n > 1`` every sample has its own rid; ``/health``
+is a one-token generation (waits out a pause, 503 after ``--health-check-timeout``); ``/ready`` is 503
+while paused; ``/update_weight_version`` aborts all requests unless told not to. Differences from
+SGLang, all deliberate:
 
 * CPU only, HF transformers forward, one KV cache per sequence, no prefix cache (cached_tokens = 0);
 * no streaming, no text-in-logprobs, no penalties / grammars / logit bias (HTTP 400 if set to
-  non-default values);
-* ``/pause_generation`` mode ``retract`` behaves like ``in_place`` (requests keep their KV caches and
-  resume on ``/continue_generation``); ``abort`` ends running and queued requests with finish_reason
-  ``abort`` and their partial output;
+  non-default values); ``/update_weights_from_tensor`` is refused (inside a session) with 400;
 * ``meta_info.weight_versions`` is always present when a request produced tokens (one span when the
   version did not change);
 * test hooks (only with ``--enable-test-hooks``): ``POST /debug/fault`` to make /generate and /health
@@ -33,7 +37,7 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-from megatron_a3po.engine.scheduler import Sampling, Scheduler, Seq
+from megatron_a3po.engine.scheduler import EngineError, Sampling, Scheduler, Seq
 
 log = logging.getLogger("megatron_a3po.engine")
 
@@ -52,12 +56,6 @@ _NEUTRAL = {
     "structural_tag": (None,), "logit_bias": (None, {}), "custom_params": (None,), "beam_width": (None,),
     "watermark": (None,), "choice": (None, []), "stream_interval": (None,),
     "spaces_between_special_tokens": (None, True),
-}
-GENERATE_KEYS = {
-    "rid", "text", "input_ids", "stream", "sampling_params", "return_logprob", "logprob_start_len",
-    "top_logprobs_num", "token_ids_logprob", "return_text_in_logprobs", "return_hidden_states",
-    "custom_logit_processor", "priority", "extra_key", "cache_salt", "return_prompt_token_ids",
-    "lora_path", "routing_key", "custom_labels",
 }
 
 
@@ -170,6 +168,8 @@ class Engine:
         self.update_lock = threading.Lock()
         self.fault: dict[str, Any] = {}
         self.groups: dict[str, Any] = {}  # weight-update process groups by name
+        self.session_lock = threading.Lock()
+        self.session_open = False  # between /begin_weight_update and /end_weight_update
         self.started = time.time()
         self.sched.start()
 
@@ -189,9 +189,8 @@ class Engine:
     async def generate(self, body: dict) -> Any:
         if not isinstance(body, dict):
             raise BadRequest("request body must be a JSON object")
-        unknown = sorted(set(body) - GENERATE_KEYS)
-        if unknown:
-            raise BadRequest(f"unknown field `{unknown[0]}` in /generate request")
+        # unknown top-level keys are ignored, as SGLang does (sglang-router adds several: background,
+        # log_metrics, model, no_logs, return_bytes, return_entropy, ...); only sampling_params is strict
         if body.get("stream"):
             raise BadRequest("stream=true is not supported by the CPU engine")
         ids = body.get("input_ids")
@@ -250,7 +249,8 @@ class Engine:
                 gen = None
                 if sp.seed is not None:
                     gen = torch.Generator().manual_seed(sp.seed * 1000003 + j)
-                seq = Seq(rid=rids[i] if n == 1 else f"{rids[i]}_{j}", prompt=list(p), sp=sp, on_done=done,
+                # n > 1: every sample gets its own uuid4 rid (meta_info.id), as in SGLang
+                seq = Seq(rid=rids[i] if n == 1 else uuid.uuid4().hex, prompt=list(p), sp=sp, on_done=done,
                           gen=gen)
                 futs.append(fut)
                 seqs.append(seq)
@@ -296,8 +296,7 @@ class Engine:
             "weight_version": s.versions[-1] if s.versions else self.sched.weight_version,
             "e2e_latency": time.time() - s.created,
         }
-        if spans:
-            meta["weight_versions"] = spans
+        meta["weight_versions"] = spans  # on every finished response, as in SGLang (also with 0 tokens)
         if with_lp:
             meta["output_token_logprobs"] = [[lp, t, None] for lp, t in zip(s.logprobs, out)]
         return {"text": text, "output_ids": out, "meta_info": meta}
@@ -323,8 +322,9 @@ class Engine:
                              "num_paused_requests": 0}
             version = None if body.get("weight_version") is None else str(body["weight_version"])
             abort_all = bool(body.get("abort_all_requests", False))
+            flush = bool(body.get("flush_cache", True))
             if sd is not None:  # same architecture: copied into the served model in place, between steps
-                n = self.sched.command("load", list(sd.items()), version, abort_all)
+                n, why = self.sched.command("load", list(sd.items()), version, abort_all, flush)
             else:
                 old_shapes = {k: tuple(v.shape) for k, v in self.sched.model.state_dict().items()}
                 new_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -333,8 +333,11 @@ class Engine:
                     return 400, {"success": False, "message": f"{path!r} does not match the served model's "
                                  f"architecture ({type(model).__name__} vs {type(self.sched.model).__name__}; "
                                  f"differing params: {diff})", "num_paused_requests": 0}
-                n = self.sched.command("swap", model, version, abort_all)
+                n, why = self.sched.command("swap", model, version, abort_all, flush)
             self.model_path = path
+        if why is not None:
+            return 400, {"success": False, "message": f"weights loaded, but the cache flush failed: {why}",
+                         "num_paused_requests": n}
         return 200, {"success": True, "message": "Succeeded to update model weights.", "num_paused_requests": n}
 
 
@@ -392,9 +395,36 @@ class Engine:
             return 400, {"success": False, "message": f"failed to join group {name!r}: {e}"}
         return 200, {"success": True, "message": "Succeeded to initialize custom process group."}
 
+    # ---- weight-update session (SGLang 0.5.23: the distributed and tensor updates need one)
+    def begin_update(self, body: dict) -> tuple[int, dict]:
+        sel = body.get("selector", "all")
+        if sel not in ("target", "draft", "all"):
+            return 400, {"success": False, "message": f"selector={sel!r}: expected target, draft or all"}
+        with self.session_lock:
+            if self.session_open:
+                return 400, {"success": False, "message": "a weight-update session is already open"}
+            self.session_open = True
+        return 200, {"success": True, "message": "weight-update session opened"}
+
+    def end_update(self, body: dict) -> tuple[int, dict]:
+        with self.session_lock:
+            if not self.session_open:
+                return 400, {"success": False, "message": "no weight-update session is open"}
+            self.session_open = False
+        return 200, {"success": True, "message": "weight-update session closed"}
+
+    def _no_session(self, what: str) -> tuple[int, dict] | None:
+        if self.session_open:
+            return None
+        return 400, {"success": False, "message": f"{what} must run between begin_weight_update() and "
+                     "end_weight_update()"}
+
     def update_from_distributed(self, body: dict) -> tuple[int, dict]:
         import torch.distributed as dist
 
+        refused = self._no_session("update_weights_from_distributed")
+        if refused is not None:  # before the broadcast: this server never joins it
+            return refused
         name = body.get("group_name")
         if name not in self.groups:
             return 400, {"success": False, "message": f"group {name!r} not initialised (call /init_weights_update_group)"}
@@ -415,8 +445,12 @@ class Engine:
             if bad:
                 return 400, {"success": False, "message": f"unknown parameter or wrong shape: {bad[:3]}"}
             v = body.get("weight_version")
-            n_ab = self.sched.command("load", recv, None if v is None else str(v),
-                                      bool(body.get("abort_all_requests", False)))
+            n_ab, why = self.sched.command("load", recv, None if v is None else str(v),
+                                           bool(body.get("abort_all_requests", False)),
+                                           bool(body.get("flush_cache", True)))
+        if why is not None:
+            return 400, {"success": False, "message": f"weights loaded, but the cache flush failed: {why}",
+                         "num_paused_requests": n_ab}
         return 200, {"success": True, "message": f"Succeeded to update {len(recv)} parameters.",
                      "num_paused_requests": n_ab}
 
@@ -461,25 +495,26 @@ def build_app(engine: Engine):
         return JSONResponse(await engine.generate(await body_of(request)))
 
     @app.get("/health")
-    async def health():
-        if engine.fault_active("e503"):
-            return unavailable()
-        if engine.fault_active("hang"):
-            await asyncio.sleep(max(0.0, engine.fault["hang"] - time.time()))
-        return PlainTextResponse("")
-
     @app.get("/health_generate")
-    async def health_generate():
+    async def health():
+        """As SGLang's: a one-token generation, so it waits out a pause and answers 503 after
+        ``--health-check-timeout`` seconds."""
         if engine.fault_active("e503"):
             return unavailable()
-        if engine.sched.paused:
-            return PlainTextResponse("")
-        await engine.generate({"input_ids": [1], "sampling_params": {"max_new_tokens": 1, "ignore_eos": True},
-                               "rid": f"health-{uuid.uuid4().hex[:8]}"})
+        rid = f"HEALTH_CHECK_{uuid.uuid4().hex[:12]}"
+        try:
+            await asyncio.wait_for(engine.generate({"input_ids": [1], "rid": rid, "sampling_params": {
+                "max_new_tokens": 1, "ignore_eos": True}}), engine.args.health_check_timeout)
+        except asyncio.TimeoutError:
+            await asyncio.to_thread(engine.sched.command, "abort", rid)
+            return JSONResponse({"error": {"message": f"health check generation did not finish within "
+                                           f"{engine.args.health_check_timeout:g}s", "code": 503}}, status_code=503)
         return PlainTextResponse("")
 
     @app.get("/ready")
     async def ready():
+        if engine.sched.paused:
+            return JSONResponse({"error": {"message": "generation is paused", "code": 503}}, status_code=503)
         return PlainTextResponse("")
 
     def model_info():
@@ -504,7 +539,10 @@ def build_app(engine: Engine):
 
     @app.api_route("/flush_cache", methods=["GET", "POST"])
     async def flush_cache():
-        await asyncio.to_thread(engine.sched.command, "flush")
+        try:
+            await asyncio.to_thread(engine.sched.command, "flush")
+        except EngineError as e:
+            return PlainTextResponse(f"Cache not flushed: {e}\n", status_code=400)
         return PlainTextResponse("Cache flushed.\nPlease check backend logs for more details. "
                                  "(When there are running or waiting requests, the operation will not be performed.)\n")
 
@@ -546,7 +584,7 @@ def build_app(engine: Engine):
         v = body.get("new_version")
         if v is None:
             raise BadRequest("new_version is required")
-        await asyncio.to_thread(engine.sched.command, "set_version", str(v), bool(body.get("abort_all_requests", False)))
+        await asyncio.to_thread(engine.sched.command, "set_version", str(v), bool(body.get("abort_all_requests", True)))
         return {"success": True, "message": f"Weight version updated to {v}", "new_version": str(v)}
 
     @app.get("/get_weight_version")
@@ -572,8 +610,21 @@ def build_app(engine: Engine):
         code, out = await asyncio.to_thread(engine.destroy_group, body)
         return JSONResponse(out, status_code=code)
 
+    @app.post("/begin_weight_update")
+    async def begin_update(request: Request):
+        code, out = engine.begin_update(await body_of(request))
+        return JSONResponse(out, status_code=code)
+
+    @app.post("/end_weight_update")
+    async def end_update(request: Request):
+        code, out = engine.end_update(await body_of(request))
+        return JSONResponse(out, status_code=code)
+
     @app.post("/update_weights_from_tensor")
     async def _from_tensor():
+        refused = engine._no_session("update_weights_from_tensor")
+        if refused is not None:
+            return JSONResponse(refused[1], status_code=refused[0])
         return JSONResponse({"success": False, "message": "update_weights_from_tensor is not supported by the CPU "
                              "engine (use update_weights_from_disk or update_weights_from_distributed)"},
                             status_code=400)
@@ -631,6 +682,8 @@ def parse_args(argv=None):
     p.add_argument("--version-log", default=None, help="append a jsonl record per finished request "
                    "(rid, output_ids, per-token versions)")
     p.add_argument("--enable-test-hooks", action="store_true", help="TESTS ONLY: /debug/fault, /debug/version_log")
+    p.add_argument("--health-check-timeout", type=float, default=20.0,
+                   help="seconds /health waits for its one-token generation before answering 503")
     p.add_argument("--log-level", default="warning")
     return p.parse_args(argv)
 
