@@ -140,8 +140,11 @@ class Fleet:
         self._notify()
 
     async def _healthy(self, s: Server) -> bool:
+        """Liveness: GET /model_info answers (SGLang's /health is a generation that waits out a pause, and
+        a router's /health answers 200 with no live worker: neither tells whether the process is up)."""
         try:
-            r = await self._client.get(f"{s.url}/health", timeout=self.health_timeout)
+            r = await self._client.get(f"{s.url}/model_info" if s is not self.router else f"{s.url}/workers",
+                                       timeout=self.health_timeout)
         except httpx.ConnectError:
             s.connect_failures += 1
             return False
