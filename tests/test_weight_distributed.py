@@ -80,7 +80,7 @@ def test_nccl_backend_group_on_gpu():
     """Rank 0 (trainer) + rank 1 (a second process standing in for an SGLang TP rank) over NCCL."""
     import multiprocessing as mp
 
-    from megatron_a3po.rollout.weights import init_update_group
+    from megatron_a3po.platform.stores import init_update_group
 
     port = free_port()
     ctx = mp.get_context("spawn")
@@ -100,7 +100,7 @@ def test_nccl_backend_group_on_gpu():
 def _gpu_receiver(port, q):
     import torch.distributed as dist
 
-    from megatron_a3po.rollout.weights import init_update_group
+    from megatron_a3po.platform.stores import init_update_group
 
     pg = init_update_group("127.0.0.1", port, 1, 2, "g", "nccl")
     t = torch.empty(1000, dtype=torch.float32, device="cuda")

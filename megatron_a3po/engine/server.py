@@ -375,7 +375,7 @@ class Engine:
 
     # ---- distributed weight update (the NCCL path of SGLang; gloo on CPU)
     def init_group(self, body: dict) -> tuple[int, dict]:
-        from megatron_a3po.rollout.weights import init_update_group
+        from megatron_a3po.platform.stores import init_update_group
 
         need = ("master_address", "master_port", "rank_offset", "world_size", "group_name")
         missing = [k for k in need if k not in body]

@@ -22,11 +22,11 @@ controller.py); a transport only moves the weights.
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
 from typing import Iterable, Iterator
 
 import torch
 
+from megatron_a3po.platform.stores import init_update_group
 from megatron_a3po.rollout.fleet import Fleet, FleetError, ServerCallError
 
 
@@ -50,26 +50,6 @@ class DiskTransport:
             raise ValueError("DiskTransport.push needs hf_dir (the HF directory the trainer wrote)")
         await fleet.call_all("/update_weights_from_disk", self.body(version, hf_dir, flush_cache), retries=retries,
                              timeout=600.0, servers=servers)
-
-
-def init_update_group(master_address: str, master_port: int, rank: int, world_size: int, group_name: str,
-                      backend: str = "nccl", timeout_s: float = 300.0):
-    """Create an extra torch.distributed process group outside the default one (a store at
-    ``master_address:master_port`` hosted by rank 0 and listening on that address only, keys under
-    ``group_name``), as an SGLang server does on ``/init_weights_update_group``; returns the group."""
-    from torch.distributed import distributed_c10d as c10d
-
-    from megatron_a3po.platform.stores import loopback_gloo, tcp_store
-
-    timeout = timedelta(seconds=timeout_s)
-    if backend == "gloo":
-        loopback_gloo(master_address)
-    store = tcp_store(master_address, master_port, world_size=world_size, is_master=rank == 0, timeout=timeout)
-    store = c10d.PrefixStore(group_name, store)
-    pg, _ = c10d._new_process_group_helper(world_size, rank, [], c10d.Backend(backend), store,
-                                           group_name=group_name, timeout=timeout)
-    c10d._world.pg_group_ranks[pg] = {i: i for i in range(world_size)}
-    return pg
 
 
 async def _begin_session(fleet: Fleet, s):
