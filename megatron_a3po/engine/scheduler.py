@@ -130,6 +130,7 @@ class Scheduler:
         self._wake = threading.Event()
         self.waiting: list[Seq] = []
         self.running: list[Seq] = []
+        self._admitting: list[Seq] = []  # taken from ``waiting`` for this step's prefill
         self.paused = False
         self.pause_mode: str | None = None
         self.step_count = 0
@@ -316,22 +317,55 @@ class Scheduler:
         by_len: dict[int, list[Seq]] = {}
         for s in seqs:
             by_len.setdefault(len(s.prompt) + len(s.output), []).append(s)
+
+        def forward(chunk):
+            ids = torch.tensor([s.prompt + s.output for s in chunk], dtype=torch.long)
+            out = self.model(input_ids=ids, past_key_values=DynamicCache(), use_cache=True)
+            kv = self._kv_of(out.past_key_values)
+            return [([(K[b:b + 1].clone(), V[b:b + 1].clone()) for K, V in kv], out.logits[b, -1])
+                    for b in range(len(chunk))]
+
         out_pairs = []
         for group in by_len.values():
             for i in range(0, len(group), self.max_batch):
-                chunk = group[i:i + self.max_batch]
-                ids = torch.tensor([s.prompt + s.output for s in chunk], dtype=torch.long)
-                out = self.model(input_ids=ids, past_key_values=DynamicCache(), use_cache=True)
-                kv = self._kv_of(out.past_key_values)
-                for b, s in enumerate(chunk):
-                    s.cache = [(K[b:b + 1].clone(), V[b:b + 1].clone()) for K, V in kv]
-                    out_pairs.append((s, self._emit(s, out.logits[b, -1])))
+                out_pairs += self._isolated(group[i:i + self.max_batch], forward)
         return out_pairs
+
+    def _fail(self, s: Seq, e: BaseException):
+        log.error("request %s failed inside the engine: %s: %s", s.rid, type(e).__name__, e)
+        self._finish(s, {"type": "abort", "message": f"engine error: {type(e).__name__}: {str(e)[:300]}",
+                         "status_code": 500, "err_type": "InternalServerError"})
+
+    def _isolated(self, chunk: list[Seq], forward) -> list[tuple[Seq, bool]]:
+        """Run ``forward(chunk) -> [(new cache, last logits)]`` (no side effects) and emit a token for each
+        sequence. A failing batched forward is retried one sequence at a time, so a failure ends exactly
+        the sequences it belongs to (with an error reply); the others go on."""
+        try:
+            res = forward(chunk)
+        except Exception as e:  # noqa: BLE001
+            if len(chunk) > 1:
+                return [pair for s in chunk for pair in self._isolated([s], forward)]
+            self._fail(chunk[0], e)
+            return [(chunk[0], True)]
+        pairs = []
+        for s, (cache, logits) in zip(chunk, res):
+            try:
+                s.cache = cache
+                pairs.append((s, self._emit(s, logits)))
+            except Exception as e:  # noqa: BLE001 - e.g. sampling from non-finite logits
+                self._fail(s, e)
+                pairs.append((s, True))
+        return pairs
 
     @torch.inference_mode()
     def _decode_batch(self, seqs: list[Seq]) -> list[bool]:
-        """One decode step for all ``seqs`` together: their per-sequence KV caches are left-padded into
-        one batch (pads masked out), positions are each sequence's true positions."""
+        """One decode step for all ``seqs`` together (see ``_decode_forward``); a failure ends only the
+        sequences it belongs to."""
+        return [fin for _, fin in self._isolated(seqs, self._decode_forward)]
+
+    def _decode_forward(self, seqs: list[Seq]) -> list[tuple[list, torch.Tensor]]:
+        """Their per-sequence KV caches are left-padded into one batch (pads masked out), positions are
+        each sequence's true positions; returns each one's new cache and last logits."""
         from transformers import DynamicCache
 
         B = len(seqs)
@@ -355,11 +389,8 @@ class Scheduler:
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
                          use_cache=True, cache_position=torch.tensor([Lmax], dtype=torch.long))
         kv = self._kv_of(out.past_key_values)
-        done = []
-        for b, s in enumerate(seqs):
-            s.cache = [(K[b:b + 1, :, Lmax - lens[b]:].clone(), V[b:b + 1, :, Lmax - lens[b]:].clone()) for K, V in kv]
-            done.append(self._emit(s, out.logits[b, -1]))
-        return done
+        return [([(K[b:b + 1, :, Lmax - lens[b]:].clone(), V[b:b + 1, :, Lmax - lens[b]:].clone()) for K, V in kv],
+                 out.logits[b, -1]) for b in range(B)]
 
     @torch.inference_mode()
     def _decode(self, s: Seq) -> bool:
@@ -387,10 +418,11 @@ class Scheduler:
                     except queue.Empty:
                         break
                 if not self.paused:
-                    admit = []
+                    admit = self._admitting
                     while self.waiting and len(self.running) + len(admit) < self.max_running:
                         admit.append(self.waiting.pop(0))
                     self.running += [s for s, fin in self._prefill_batch(admit) if not fin]
+                    admit.clear()
                     still = []
                     for i in range(0, len(self.running), self.max_batch):
                         chunk = self.running[i:i + self.max_batch]
@@ -400,11 +432,11 @@ class Scheduler:
                 if self.paused or not (self.running or self.waiting):
                     self._wake.wait(timeout=0.05)
                     self._wake.clear()
-            except Exception as e:  # noqa: BLE001 - fail the requests, keep serving
+            except Exception as e:  # noqa: BLE001 - outside any one request: fail those in the engine, keep serving
                 log.exception("scheduler step failed")
-                for s in self.running + self.waiting:
-                    self._finish(s, {"type": "abort", "message": f"engine error: {e}", "status_code": 500,
-                                     "err_type": "InternalServerError"})
-                self.running, self.waiting = [], []
+                for s in self._admitting + self.running + self.waiting:
+                    if s.finish is None:
+                        self._fail(s, e)
+                self._admitting, self.running, self.waiting = [], [], []
         if self._log_f is not None:
             self._log_f.close()
