@@ -25,6 +25,8 @@ rename) only after the trainer exited 0 and its steps.jsonl holds every step. A 
 finished runs whose recorded recipe and overrides equal the grid's (and stops with an error naming the
 directory if they differ, rather than mixing two grids), and deletes and reruns any other run directory
 (a crash, a kill, a failed run). A failed run does not stop the others; the command exits 1 listing them.
+Ctrl-C or SIGTERM stops the runs in progress (SIGTERM to each trainer; its engines die with it) and exits
+130; the same command later continues.
 
 Why a plain subprocess loop, not nemo-run's LocalExecutor: every run is one local command (the trainer
 starts its own engine), the limit of concurrent runs is a thread pool's size, and skip/resume is
@@ -47,6 +49,7 @@ import itertools
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -428,6 +431,10 @@ def export(runs: list[RunSpec], out: Path, dest: Path) -> int:
     return n
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def _seeds(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
@@ -456,7 +463,13 @@ def main(argv=None) -> int:
                 print(f"{s.rel}: {' '.join(s.argv(out / s.rel)[1:])}")
             print(f"{len(runs)} runs in {len({s.group for s in runs})} groups")
             return 0
-        results = Sweep(runs, out, parallel=args.parallel, timeout_s=args.run_timeout).run()
+        signal.signal(signal.SIGTERM, _interrupt)  # kill / a job scheduler: stop the runs, like Ctrl-C
+        signal.signal(signal.SIGINT, _interrupt)  # also when started in the background (SIGINT ignored)
+        try:
+            results = Sweep(runs, out, parallel=args.parallel, timeout_s=args.run_timeout).run()
+        except KeyboardInterrupt:
+            print("sweep: interrupted; its runs were stopped (rerun the same command to continue)", file=sys.stderr)
+            return 130
         if args.export:
             print(f"exported {export(runs, out, Path(args.export))} run summaries to {args.export}")
     except SweepError as e:
