@@ -57,10 +57,10 @@ def _samples(hf_dir, args, vocab):
     return out
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_batch_args(ap, *, layers: int) -> None:
+    """The model and replayed-batch options (shared with bench.scaling)."""
     ap.add_argument("--hidden", type=int, default=512)
-    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--layers", type=int, default=layers)
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--batch", type=int, default=8, help="prompt groups per step")
     ap.add_argument("--n-samples", type=int, default=4)
@@ -68,6 +68,11 @@ def main(argv=None):
     ap.add_argument("--response-len", type=int, default=192)
     ap.add_argument("--minibatches", type=int, default=2)
     ap.add_argument("--max-tokens-per-mb", type=int, default=4096)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_batch_args(ap, layers=6)
     ap.add_argument("--steps", type=int, default=4, help="timed steps per mode (after one warm-up)")
     ap.add_argument("--out", default=str(RESULTS / "e2e.json"))
     args = ap.parse_args(argv)

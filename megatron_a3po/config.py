@@ -66,7 +66,9 @@ class ModelCfg(_Strict):
 class ParallelCfg(_Strict):
     tp: int = Field(1, ge=1)
     pp: int = Field(1, ge=1)
-    # Data-parallel size is derived: world_size / (tp * pp).
+    # Data-parallel size: world_size / (tp * pp) under torchrun (checked against dp when set); started
+    # without torchrun, the trainer spawns tp * pp * dp local ranks (dp defaults to 1).
+    dp: int | None = Field(None, ge=1)
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = True
 

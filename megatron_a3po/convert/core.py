@@ -30,8 +30,7 @@ from megatron_a3po.convert.rules import Vocab, fill, hf_shapes, local_name, shar
 from megatron_a3po.models.builder import arch_from_hf, padded_vocab_size
 
 
-class CheckpointError(ValueError):
-    pass
+from megatron_a3po.convert.distckpt import CheckpointError, load_dist_checkpoint
 
 
 # ------------------------------------------------------------------------------------------ HF files
@@ -376,15 +375,12 @@ def _in_process_results_queue():
 
 
 def load_mcore_checkpoint(model_chunks, ckpt_dir) -> None:
-    from megatron.core import dist_checkpointing
-
+    """Load a dist checkpoint into the chunks (verified first, tensors only: see convert.distckpt)."""
     ckpt_dir = Path(ckpt_dir)
-    if not (ckpt_dir / "metadata.json").exists():
-        raise CheckpointError(f"{ckpt_dir}: not a Megatron dist checkpoint (no metadata.json)")
     for i, m in enumerate(model_chunks):
         prefix = f"model{i}." if len(model_chunks) > 1 else ""
         sd = m.sharded_state_dict(prefix=prefix)
-        loaded = dist_checkpointing.load(sd, str(ckpt_dir))
+        loaded = load_dist_checkpoint(sd, ckpt_dir)
         if prefix:
             loaded = {k[len(prefix):]: v for k, v in loaded.items()}
         missing, unexpected = m.load_state_dict(loaded, strict=False)

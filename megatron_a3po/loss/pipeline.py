@@ -22,6 +22,7 @@ from functools import partial
 import torch
 
 from megatron_a3po.ops import vocab_parallel_logprobs_entropy
+from megatron_a3po.platform import synchronize
 
 
 def _tp_group():
@@ -68,6 +69,8 @@ def policy_forward_step(*, mode: str, current_version: int, num_tokens_global: i
         mask = mb.loss_mask.to(logp.device)
         behave = mb.behave_logp.to(logp.device)
         versions = mb.versions.to(logp.device)
+        if prox_timer is not None:
+            synchronize()  # the logits' kernels are queued on a GPU: time only the proximal step
         t0 = time.perf_counter()
         if mode == "coupled":
             prox = behave
@@ -79,6 +82,7 @@ def policy_forward_step(*, mode: str, current_version: int, num_tokens_global: i
             prox = approximate_prox_logp(behave, logp.detach(), versions, current_version, method=mode,
                                          alpha_schedule=alpha_schedule, **sk)
         if prox_timer is not None:
+            synchronize()
             prox_timer[0] += time.perf_counter() - t0
         loss, stats = decoupled_ppo_loss(logp, behave, prox, mb.advantages.to(logp.device), mask,
                                          num_tokens=num_tokens_global, entropy=ent.detach(), **loss_kwargs)

@@ -1,5 +1,6 @@
 """Running megatron-core here: distributed init, CPU support (gloo), seeding.
 
+    synchronize()                    wait for queued device work (timers); no-op on CPU
     init_distributed(tp, pp, seed)   torch.distributed from the environment (torchrun / run_distributed;
                                      the store listens on MASTER_ADDR only, see platform/stores.py),
                                      megatron's model-parallel groups, the CPU patches when no CUDA,
@@ -20,6 +21,12 @@ from megatron_a3po.platform.stores import init_default_group
 
 def is_cpu() -> bool:
     return not torch.cuda.is_available()
+
+
+def synchronize() -> None:
+    """Wait for the device's queued work (before reading a wall clock); a no-op on CPU."""
+    if not is_cpu():
+        torch.cuda.synchronize()
 
 
 def seed_everything(seed: int) -> None:
@@ -60,4 +67,4 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = 0, *, timeout_s: floa
     seed_everything(seed + 100 * ps.get_pipeline_model_parallel_rank())
 
 
-__all__ = ["init_distributed", "is_cpu", "seed_everything", "apply_cpu_patches"]
+__all__ = ["init_distributed", "is_cpu", "seed_everything", "apply_cpu_patches", "synchronize"]

@@ -49,6 +49,14 @@ PATCHED_MODULES = (
     "megatron.core.dist_checkpointing.strategies.async_utils",
     "megatron.core.dist_checkpointing.strategies.filesystem_async",
     "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.distributed.distributed_data_parallel",
+    "megatron.core.distributed.finalize_model_grads",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.distrib_optimizer",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.optimizer.grad_scaler",
+    "megatron.core.utils",
 )
 _FACTORIES = ("zeros", "empty", "ones", "tensor", "full", "arange", "zeros_like", "empty_like")
 _applied: list[str] = []
@@ -111,23 +119,82 @@ class _TorchOnCPU(types.ModuleType):
 TORCH_ON_CPU = _TorchOnCPU()
 
 
-def _tensor_cuda_is_identity(fn):
-    def wrapped(*args, **kwargs):
-        saved = torch.Tensor.cuda
-        torch.Tensor.cuda = lambda t, *a, **k: t
+def _scoped_tensor_method(name: str, replacement):
+    """A wrapper that swaps ``torch.Tensor.<name>`` for ``replacement(original)`` during one call."""
+
+    def wrap(fn):
+        def wrapped(*args, **kwargs):
+            saved = getattr(torch.Tensor, name)
+            setattr(torch.Tensor, name, replacement(saved))
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                setattr(torch.Tensor, name, saved)
+
+        wrapped.__wrapped__ = fn
+        wrapped.__name__ = getattr(fn, "__name__", "wrapped")
+        wrapped._a3po_cpu_patch = True
+        return wrapped
+
+    return wrap
+
+
+def _cuda_identity(_orig):
+    return lambda t, *a, **k: t
+
+
+def _cuda_type_names(orig):
+    """``t.type()`` (no argument) of a CPU tensor names its CUDA twin: 'torch.FloatTensor' reads
+    'torch.cuda.FloatTensor'. With an argument it converts as usual."""
+
+    def type_(t, *a, **k):
+        s = orig(t, *a, **k)
+        if not a and not k and t.device.type == "cpu" and s.startswith("torch.") and not s.startswith("torch.cuda."):
+            return "torch.cuda." + s[len("torch."):]
+        return s
+
+    return type_
+
+
+_tensor_cuda_is_identity = _scoped_tensor_method("cuda", _cuda_identity)
+_tensor_type_reads_cuda = _scoped_tensor_method("type", _cuda_type_names)
+
+def _keep_torch_adam_step(fn):
+    """``DistributedOptimizer._set_main_param_and_optimizer_states`` copies every key of the inner
+    optimizer's per-parameter state from the loaded tensors. torch's AdamW (used when neither TE nor
+    apex is installed, as on every CPU machine) also keeps a ``step`` there, which the checkpoint
+    formats carry in the param groups instead (``load_state_dict`` restores it), so the copy fails with
+    KeyError 'step'. The wrapper leaves ``step`` out of that copy; the rest is megatron's code."""
+
+    def wrapped(self, model_param, tensors):
+        if "step" in tensors or getattr(self.config, "use_precision_aware_optimizer_no_fp8_or_ds_fp8", False):
+            return fn(self, model_param, tensors)
+        gi, go = self.model_param_group_index_map[model_param]
+        state = self.optimizer.state[self.optimizer.param_groups[gi]["params"][go]]
+        step = state.pop("step", None)
         try:
-            return fn(*args, **kwargs)
+            return fn(self, model_param, tensors)
         finally:
-            torch.Tensor.cuda = saved
+            if step is not None:
+                state["step"] = step
 
     wrapped.__wrapped__ = fn
     wrapped._a3po_cpu_patch = True
     return wrapped
 
 
+# (module, attribute path in it, wrapper): "Class.method" wraps the method on the class; "function"
+# rebinds the module-level name (only that module's callers see the wrapper)
 WRAPPED_METHODS = (
-    ("megatron.core.models.common.language_module.language_module", "LanguageModule",
-     "setup_embeddings_and_output_layer"),
+    ("megatron.core.models.common.language_module.language_module",
+     "LanguageModule.setup_embeddings_and_output_layer", _tensor_cuda_is_identity),
+    ("megatron.core.optimizer.optimizer", "Float16OptimizerWithFloat16Params.__init__", _tensor_type_reads_cuda),
+    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer.__init__", _tensor_type_reads_cuda),
+    ("megatron.core.optimizer.optimizer", "clip_grad_by_total_norm_fp32", _tensor_type_reads_cuda),
+    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer.get_parameter_state_dp_zero",
+     _tensor_cuda_is_identity),
+    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer._set_main_param_and_optimizer_states",
+     _keep_torch_adam_step),
 )
 
 
@@ -148,17 +215,20 @@ def apply_cpu_patches(force: bool = False) -> list[str]:
         if getattr(mod, "torch", None) is torch:
             mod.torch = TORCH_ON_CPU
         _applied.append(name)
-    for modname, cls, meth in WRAPPED_METHODS:
-        key = f"{modname}.{cls}.{meth}"
+    for modname, path, wrapper in WRAPPED_METHODS:
+        key = f"{modname}.{path}"
         if key in _applied:
             continue
         try:
-            klass = getattr(importlib.import_module(modname), cls)
-        except (ImportError, AttributeError):
+            owner = importlib.import_module(modname)
+            *outer, attr = path.split(".")
+            for part in outer:
+                owner = getattr(owner, part)
+            fn = getattr(owner, attr)
+        except (ImportError, AttributeError):  # absent in this megatron-core version: nothing to wrap
             continue
-        fn = getattr(klass, meth)
         if not getattr(fn, "_a3po_cpu_patch", False):
-            setattr(klass, meth, _tensor_cuda_is_identity(fn))
+            setattr(owner, attr, wrapper(fn))
         _applied.append(key)
     return list(_applied)
 

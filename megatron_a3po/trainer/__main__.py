@@ -1,7 +1,8 @@
 """``python -m megatron_a3po.trainer --recipe NAME_OR_PATH [key.path=value ...]``
 
 Under torchrun (WORLD_SIZE set) every rank runs the loop. Started directly, it spawns the
-TP x PP ranks itself (gloo on CPU), so the CPU demo and tests need no launcher.
+TP x PP x DP ranks itself (``parallel.dp``, default 1; gloo on CPU), so the CPU demo and tests need
+no launcher. Exit code 2: a bad recipe, a failed preflight check or a damaged/foreign checkpoint.
 """
 
 from __future__ import annotations
@@ -57,6 +58,22 @@ def print_summary(summary: dict, run_dir: str | None = None) -> None:
             f"(tensorboard --logdir {summary['tensorboard']})")
 
 
+def check_resume(recipe, run_dir) -> None:
+    """With trainer.resume, the checkpoint to resume from is checked before any rank starts: its files
+    (missing or truncated shards, pickles) and that it holds this recipe's model."""
+    from pathlib import Path
+
+    from megatron_a3po.trainer.checkpoint import latest_checkpoint, verify_checkpoint
+    from megatron_a3po.trainer.preflight import _arch
+
+    tc = recipe.trainer
+    if not tc.resume:
+        return
+    ck = latest_checkpoint(Path(tc.save_dir) if tc.save_dir else Path(run_dir) / "checkpoints")
+    if ck is not None:
+        verify_checkpoint(ck, _arch(recipe))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m megatron_a3po.trainer", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -75,6 +92,7 @@ def main(argv=None) -> int:
     except RecipeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from megatron_a3po.convert.distckpt import CheckpointError
     from megatron_a3po.trainer.preflight import PreflightError, preflight
 
     try:
@@ -83,7 +101,12 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     run_dir = args.run_dir or recipe.trainer.log_dir
-    world = recipe.parallel.tp * recipe.parallel.pp
+    world = recipe.parallel.tp * recipe.parallel.pp * (recipe.parallel.dp or 1)
+    try:
+        check_resume(recipe, run_dir)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if "WORLD_SIZE" in os.environ:  # torchrun / srun
         from megatron_a3po.trainer.loop import run
 

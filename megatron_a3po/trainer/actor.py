@@ -3,9 +3,11 @@
 One training step (``train_step``) takes a batch of samples and the trainer's policy version V, then
   1. in recompute/metrics mode, runs one forward-only pass with the weights at the start of the step
      to get the proximal log-probs (frozen for all minibatches);
-  2. splits the batch into ``ppo_n_minibatches`` minibatches (whole prompt groups), packs each into
-     micro-batches under ``max_tokens_per_mb`` and runs Megatron's pipeline schedule with the loss of
-     megatron_a3po.loss.pipeline, then one optimizer update per minibatch.
+  2. splits the batch into ``ppo_n_minibatches`` minibatches (whole prompt groups), deals each
+     minibatch's groups to the data-parallel ranks by tokens (packing.plan_data_parallel), packs this
+     rank's share into micro-batches under ``max_tokens_per_mb`` and runs Megatron's pipeline schedule
+     with the loss of megatron_a3po.loss.pipeline, then one optimizer update per minibatch (the
+     gradients of the DP shares are summed by Megatron's DDP; the loss is the global token mean).
 Every mode runs the same code; only the proximal log-probs differ, so mode comparisons are fair.
 """
 
@@ -18,9 +20,10 @@ import torch
 import torch.distributed as dist
 
 from megatron_a3po import metrics as M
+from megatron_a3po.platform import synchronize
 from megatron_a3po.trainer.batch import MicroBatch, TrainSample, collate
 from megatron_a3po.trainer.optim import build_optimizer, lr_at
-from megatron_a3po.trainer.packing import pack_microbatches, split_minibatches
+from megatron_a3po.trainer.packing import dp_shares, pack_microbatches, plan_data_parallel
 
 
 def combine_minibatches(mbs_stats: list[dict]) -> dict:
@@ -132,22 +135,43 @@ class Actor:
             for mb, o in zip(mbs, out):
                 mb.prox_logp = o["logp"]
 
+    def dp_share(self, samples: list[TrainSample], group_size: int) -> list[list[TrainSample]]:
+        """This DP rank's share of each minibatch of a whole batch (the same plan on every rank)."""
+        if len(samples) % group_size:
+            raise ValueError(f"{len(samples)} samples is not a whole number of groups of {group_size}")
+        groups = [samples[i:i + group_size] for i in range(0, len(samples), group_size)]
+        ps = _ps()
+        plan = plan_data_parallel([sum(s.length for s in g) for g in groups], self.recipe.trainer.ppo_n_minibatches,
+                                  ps.get_data_parallel_world_size())
+        r = ps.get_data_parallel_rank()
+        return [[s for gi in mb[r] for s in groups[gi]] for mb in plan]
+
     def train_step(self, samples: list[TrainSample], current_version: int, group_size: int) -> dict:
-        """One PPO step (``ppo_n_minibatches`` optimizer updates) on ``samples``; returns logged stats."""
+        """One PPO step on a whole batch (the same on every rank): each DP rank trains on its share."""
+        return self.train_share(self.dp_share(samples, group_size), current_version)
+
+    def train_share(self, shares: list[list[TrainSample]], current_version: int) -> dict:
+        """One PPO step (one optimizer update per entry of ``shares``: this DP rank's samples of each
+        minibatch); returns the logged stats of the whole batch on global rank 0 ({} elsewhere)."""
         from megatron_a3po.loss import aggregate_stats
         from megatron_a3po.loss.pipeline import policy_forward_step
 
         rc, tc, lc = self.recipe.rollout, self.recipe.trainer, self.recipe.loss
         mode = tc.mode
         t_step = time.perf_counter()
-        minibatches = [self._microbatches(samples, idx)
-                       for idx in split_minibatches(len(samples), tc.ppo_n_minibatches, group_size)]
+        minibatches = [self._microbatches(share, list(range(len(share)))) for share in shares]
+        # what this rank packed, per minibatch (tests check the work split)
+        self.last_packed = [{"group_ids": sorted({share[i].group_id for m in mbs for i in m.sample_index}),
+                             "tokens": sum(share[i].length for m in mbs for i in m.sample_index)}
+                            for share, mbs in zip(shares, minibatches)]
         times = defaultdict(float)
         prox_timer = [0.0]
         if mode in ("recompute", "metrics"):
+            synchronize()
             t0 = time.perf_counter()
             for mbs in minibatches:
                 self.recompute_logprobs(mbs)
+            synchronize()
             prox_timer[0] += time.perf_counter() - t0
         loss_kwargs = dict(eps_clip=lc.eps_clip, eps_clip_high=lc.eps_clip_high, dual_clip=lc.dual_clip,
                            behave_weight_cap=lc.behave_weight_cap, behave_weight_cap_mode=lc.behave_weight_cap_mode)
@@ -173,7 +197,8 @@ class Actor:
                 per_minibatch.append(aggregate_stats({k: v for k, v in o.items() if not k.startswith("_")}
                                                      for o in out))
         self.step_count += 1
-        gathered = self._gather_to_rank0((per_minibatch, prox_timer[0]))
+        n_tok = float(sum(s.length for share in shares for s in share))
+        gathered = self._gather_to_rank0((per_minibatch, prox_timer[0], n_tok))
         if dist.is_initialized() and dist.get_rank() != 0:
             return {}
         # data-parallel ranks hold disjoint token shares of each minibatch: combine them per minibatch
@@ -186,14 +211,16 @@ class Actor:
         stats[M.TIME_FWD_BWD] = times["fwd_bwd"]
         stats[M.TIME_OPT] = times["opt"]
         stats["time/train"] = time.perf_counter() - t_step
-        stats["tokens/trained"] = float(sum(s.length for s in samples))
+        stats["tokens/trained"] = sum(g[2] for g in gathered)
         return stats
 
     def sft_step(self, samples: list[TrainSample]) -> float:
         """One supervised step on the response tokens (warm start); returns the mean NLL."""
         from megatron_a3po.loss.pipeline import sft_forward_step
 
-        mbs = self._microbatches(samples, list(range(len(samples))))
+        ps = _ps()
+        mine = dp_shares([s.length for s in samples], ps.get_data_parallel_world_size())[ps.get_data_parallel_rank()]
+        mbs = self._microbatches(samples, mine)
         n = self._global_tokens(mbs)
         self.set_lr(self.recipe.trainer.warm_start_lr)
         self.optim.zero_grad()

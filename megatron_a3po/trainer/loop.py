@@ -4,7 +4,8 @@
     repeat: batch of complete prompt groups (staleness-bounded) -> A-3PO step -> version += 1
             -> weights pushed to every engine -> log, checkpoint
 
-Global rank 0 owns the rollout fleet and the logs; it broadcasts each batch to the other ranks.
+Global rank 0 owns the rollout fleet and the logs. It deals each minibatch's prompt groups to the
+data-parallel ranks (balanced by tokens) and sends every rank only its share.
 """
 
 from __future__ import annotations
@@ -96,6 +97,7 @@ def run(recipe, *, run_dir: str | Path | None = None) -> dict:
         # spin on an oversubscribed machine make every step several times slower
         torch.set_num_threads(int(os.environ.get("A3PO_THREADS_PER_RANK", "1")))
     init_distributed(tp=recipe.parallel.tp, pp=recipe.parallel.pp, seed=tc.seed)
+    _check_dp(recipe.parallel)
     torch.manual_seed(tc.seed)
     rank = _rank()
     if rank == 0:
@@ -135,21 +137,22 @@ def run(recipe, *, run_dir: str | Path | None = None) -> dict:
         writer = _writer(run_dir, purge_step=start_step) if rank == 0 else None
         bar = _progress(start_step, tc.steps) if rank == 0 else None
         history = []
+        dp_of = _dp_ranks()
         for step in range(start_step, tc.steps):
             t0 = time.perf_counter()
             V = version  # read once per step; constant across this step's minibatches
             groups = side.get_batch(V) if rank == 0 else None
-            groups, rollout_stats = _bcast((groups, side.stats(V, groups) if rank == 0 else None))
+            rollout_stats = side.stats(V, groups) if rank == 0 else None
+            share = _scatter_shares(groups, tc.ppo_n_minibatches, dp_of)  # this rank's groups, per minibatch
             t_wait = time.perf_counter() - t0
-            samples = [TrainSample(**s) for g in groups for s in g]
-            stats = actor.train_step(samples, V, group_size=rc.n_samples)
+            stats = actor.train_share([[TrainSample(**s) for g in mb for s in g] for mb in share], V)
             version += 1
             t1 = time.perf_counter()
             _push_weights(actor, side, recipe, version, run_dir, tok_dir)
             t_sync = time.perf_counter() - t1
             record = {"step": step + 1, "version_trained": V, "version_after": version,
-                      "prompt_indices": [g[0]["prompt_index"] for g in groups],
-                      "group_ids": [g[0]["group_id"] for g in groups]}
+                      "prompt_indices": [g[0]["prompt_index"] for g in groups or []],
+                      "group_ids": [g[0]["group_id"] for g in groups or []]}
             if tc.verify_weight_sync:
                 record.update(_verify_sync(actor, side))
             if tc.save_every and (step + 1) % tc.save_every == 0:
@@ -178,6 +181,47 @@ def run(recipe, *, run_dir: str | Path | None = None) -> dict:
     finally:
         if side is not None:
             side.close()
+
+
+def _check_dp(pc) -> None:
+    from megatron.core import parallel_state as ps
+
+    dp = ps.get_data_parallel_world_size()
+    if pc.dp is not None and pc.dp != dp:
+        raise ValueError(f"parallel.dp={pc.dp}, but the world of {dist.get_world_size()} ranks at tp={pc.tp} "
+                         f"x pp={pc.pp} gives dp={dp}")
+
+
+def _dp_ranks() -> list[int]:
+    """The data-parallel rank of every global rank (collective)."""
+    from megatron.core import parallel_state as ps
+
+    mine = ps.get_data_parallel_rank()
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [mine]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, mine)
+    return out
+
+
+def _scatter_shares(groups, n_minibatches: int, dp_of: list[int]):
+    """Rank 0 deals each minibatch's prompt groups to the DP ranks by tokens (packing.plan_data_parallel)
+    and sends every rank only its DP rank's share: ``share[k]`` = this rank's groups of minibatch k.
+    The TP/PP ranks of one data-parallel replica receive the same share (collective)."""
+    from megatron_a3po.trainer.packing import plan_data_parallel
+
+    dp = max(dp_of) + 1
+    objs = None
+    if _rank() == 0:
+        tokens = [sum(len(s["prompt_ids"]) + len(s["response_ids"]) for s in g) for g in groups]
+        plan = plan_data_parallel(tokens, n_minibatches, dp)
+        per_dp = [[[groups[g] for g in mb[r]] for mb in plan] for r in range(dp)]
+        objs = [per_dp[d] for d in dp_of]
+    if len(dp_of) == 1:
+        return objs[0]
+    box = [None]
+    dist.scatter_object_list(box, objs, src=0)
+    return box[0]
 
 
 def _push_weights(actor, side, recipe, version: int, run_dir: Path, tok_dir) -> None:

@@ -1,14 +1,18 @@
-"""Optimizers for the actor: Megatron's (DDP + distributed optimizer) on GPU, a plain one on CPU.
+"""The actor's optimizer: megatron-core's DistributedDataParallel + ``get_megatron_optimizer``.
 
-Why two: megatron-core's DDP grad buffers, ``MegatronOptimizer`` and ``clip_grad_norm_fp32`` allocate
-on ``cuda`` unconditionally, so on a CPU machine the trainer uses ``torch.optim.AdamW`` with the same
-semantics Megatron gives: gradients summed over data-parallel ranks (the loss is already divided by the
-global token count: see megatron_a3po.loss.pipeline), tied embedding/output gradients summed between the
-first and last pipeline stage, and the global gradient norm counted once per parameter shard
-(tensor-parallel duplicates and the pipeline-shared output weight excluded), then clipped.
+One path on every machine: CPU (gloo) runs the same Megatron DDP grad buffers, distributed optimizer
+(``parallel.use_distributed_optimizer``, on by default: each data-parallel rank keeps the fp32 main
+weights and Adam moments of its 1/DP slice, reduce-scatters gradients and all-gathers the updated
+weights) and mixed precision (bf16 parameters with fp32 main weights) as a GPU. The few CUDA-only calls
+inside megatron.core.distributed / megatron.core.optimizer are redirected to the CPU by module-local
+stand-ins (megatron_a3po.platform.cpu), applied only when there is no CUDA device.
 
-Both expose the same small interface: ``zero_grad()``, ``step() -> grad_norm``, ``set_lr(lr)``,
-``state_dict()`` / ``load_state_dict()``, and ``model_chunks`` (what the schedule runs).
+Gradient semantics: the loss of every micro-batch is already divided by the minibatch's global token
+count N (megatron_a3po.loss.pipeline), so DDP runs with ``calculate_per_token_loss=True`` (gradients
+are *summed* over data-parallel ranks, not averaged) and the schedule's ``finalize_model_grads`` gets
+no token count (no second division). finalize_model_grads also sums the tied embedding/output
+gradients between the first and last pipeline stage. The grad norm is Megatron's (tensor-parallel
+duplicates and the pipeline-shared output weight counted once), clipped at ``trainer.grad_clip``.
 """
 
 from __future__ import annotations
@@ -16,7 +20,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 
 
 def lr_at(step: int, cfg) -> float:
@@ -33,106 +36,41 @@ def lr_at(step: int, cfg) -> float:
     return base * 0.5 * (1.0 + math.cos(math.pi * frac))  # cosine
 
 
-class PlainOptimizer:
-    """torch AdamW with Megatron's gradient semantics, for CPU (gloo) runs."""
-
-    def __init__(self, model_chunks, cfg):
-        self.model_chunks = model_chunks
-        self.params = [p for m in model_chunks for p in m.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                     eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
-        self.grad_clip = cfg.grad_clip
-
-    def zero_grad(self):
-        for p in self.params:
-            p.grad = None
-
-    def set_lr(self, lr: float):
-        for g in self.opt.param_groups:
-            g["lr"] = lr
-
-    def _sync_grads(self):
-        from megatron.core import parallel_state as ps
-
-        # tied word embeddings: first-stage embedding and last-stage output weight are one parameter
-        if ps.get_pipeline_model_parallel_world_size() > 1 and ps.is_rank_in_embedding_group():
-            grp = ps.get_embedding_group()
-            if dist.get_world_size(grp) > 1:
-                for m in self.model_chunks:
-                    w = None
-                    if hasattr(m, "shared_embedding_or_output_weight") and getattr(m, "share_embeddings_and_output_weights", False):
-                        w = m.shared_embedding_or_output_weight()
-                    if w is not None:
-                        g = w.grad if w.grad is not None else torch.zeros_like(w)
-                        dist.all_reduce(g, group=grp)
-                        w.grad = g
-        # data parallel: SUM (the loss is already normalised by the global token count)
-        dp = ps.get_data_parallel_world_size()
-        if dp > 1:
-            grp = ps.get_data_parallel_group()
-            for p in self.params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                dist.all_reduce(p.grad, group=grp)
-
-    def grad_norm(self) -> float:
-        from megatron.core import parallel_state as ps
-        from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
-        from megatron.core.transformer.module import param_is_not_shared
-
-        sq = torch.zeros((), dtype=torch.float64)
-        for p in self.params:
-            if p.grad is None or not param_is_not_shared(p) or not param_is_not_tensor_parallel_duplicate(p):
-                continue
-            sq += p.grad.detach().double().pow(2).sum()
-        if ps.get_model_parallel_group() is not None and dist.get_world_size(ps.get_model_parallel_group()) > 1:
-            dist.all_reduce(sq, group=ps.get_model_parallel_group())
-        return float(sq.sqrt())
-
-    def step(self) -> float:
-        self._sync_grads()
-        norm = self.grad_norm()
-        if not math.isfinite(norm):
-            raise FloatingPointError(f"gradient norm is {norm}: refusing to step (check the loss stats)")
-        if self.grad_clip and self.grad_clip > 0 and norm > self.grad_clip:
-            scale = self.grad_clip / (norm + 1e-6)
-            for p in self.params:
-                if p.grad is not None:
-                    p.grad.mul_(scale)
-        self.opt.step()
-        return norm
-
-    def state_dict(self):
-        return self.opt.state_dict()
-
-    def load_state_dict(self, sd):
-        self.opt.load_state_dict(sd)
-
-
 class MegatronOptimizer:
-    """Megatron DDP + ``get_megatron_optimizer`` (distributed optimizer when configured); GPU only."""
+    """Megatron DDP-wrapped model chunks (``model_chunks``: what the schedule runs) and their optimizer."""
+
+    # the distributed optimizer's checkpoint format: one ShardedTensor per parameter, a flattened piece
+    # of the canonical (unsharded) state, so a checkpoint resumes at any TP/PP/DP (megatron-core 0.16-0.19)
+    SHARDING_TYPE = "fully_reshardable"
 
     def __init__(self, model_chunks, cfg, parallel_cfg, *, bf16: bool):
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.distributed.finalize_model_grads import finalize_model_grads
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
+        self.distributed = bool(parallel_cfg.use_distributed_optimizer)
         ddp_cfg = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-            use_distributed_optimizer=parallel_cfg.use_distributed_optimizer,
-            calculate_per_token_loss=True)  # sum over DP: the loss is already a global token mean
-        wrapped = []
-        for m in model_chunks:
-            wrapped.append(DistributedDataParallel(config=m.config, ddp_config=ddp_cfg, module=m))
-        self.model_chunks = wrapped
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False, overlap_param_gather=False,
+            use_distributed_optimizer=self.distributed)
+        for m in model_chunks:  # DDP reads it from the model config: SUM over DP, no 1/DP pre-scaling
+            if not m.config.calculate_per_token_loss:
+                raise ValueError("MegatronOptimizer needs model.config.calculate_per_token_loss=True "
+                                 "(the loss is already a global token mean)")
+        self.model_chunks = [DistributedDataParallel(config=m.config, ddp_config=ddp_cfg, module=m)
+                             for m in model_chunks]
         ocfg = OptimizerConfig(optimizer="adam", lr=cfg.lr, weight_decay=cfg.weight_decay,
                                adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps,
-                               clip_grad=cfg.grad_clip, bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
-                               use_distributed_optimizer=parallel_cfg.use_distributed_optimizer)
-        self.opt = get_megatron_optimizer(ocfg, wrapped)
+                               clip_grad=float(cfg.grad_clip or 0.0), bf16=bf16,
+                               params_dtype=torch.bfloat16 if bf16 else torch.float32,
+                               use_distributed_optimizer=self.distributed)
+        self.opt = get_megatron_optimizer(ocfg, self.model_chunks)
+
         # num_tokens=None: no extra token normalisation in finalize (our loss already divides by N)
-        for m in wrapped:
-            m.config.finalize_model_grads_func = lambda chunks, num_tokens=None, *a, **k: finalize_model_grads(chunks, None)
+        def finalize(chunks, num_tokens=None, *a, **k):
+            return finalize_model_grads(chunks, None)
+
+        for m in self.model_chunks:
+            m.config.finalize_model_grads_func = finalize
 
     def zero_grad(self):
         for m in self.model_chunks:
@@ -144,19 +82,85 @@ class MegatronOptimizer:
             g["lr"] = lr
 
     def step(self) -> float:
+        """One update from the reduced gradients; returns the global grad norm (before clipping)."""
         ok, grad_norm, _ = self.opt.step()
         if not ok:
-            raise FloatingPointError("optimizer step skipped (inf/nan gradients)")
-        return float(grad_norm)
+            raise FloatingPointError("optimizer step skipped (inf/nan gradients): check the loss stats")
+        norm = float(grad_norm)
+        if not math.isfinite(norm):
+            raise FloatingPointError(f"gradient norm is {norm}: check the loss stats (the run stops here; "
+                                     "the last checkpoint is intact)")
+        return norm
 
-    def state_dict(self):
-        return self.opt.state_dict()
+    def sharded_state_dict(self, model_sharded_state_dict, *, is_loading: bool = False):
+        """The optimizer's dist_checkpointing state dict (reshardable: see SHARDING_TYPE)."""
+        if is_loading:
+            self._allocate_state()
+        return self.opt.sharded_state_dict(model_sharded_state_dict, is_loading=is_loading,
+                                           metadata={"distrib_optim_sharding_type": self.SHARDING_TYPE})
+
+    def _allocate_state(self):
+        """Give a fresh distributed optimizer its Adam state before a load.
+
+        With torch's AdamW (no TE/apex fused Adam: every CPU, and GPUs without TE),
+        ``DistributedOptimizer.state_dict()`` reads the per-parameter ``step`` and fails on an
+        optimizer that has not stepped yet; megatron's own ``_init_optimizer_states_with_dummy_values``
+        allocates it with one zero-gradient step, run here at lr 0 so no weight moves (the values are
+        then overwritten by the load)."""
+        from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+        for o in getattr(self.opt, "chained_optimizers", [self.opt]):
+            if isinstance(o, DistributedOptimizer) and len(o.optimizer.state) == 0:
+                lrs = [g["lr"] for g in o.optimizer.param_groups]
+                for g in o.optimizer.param_groups:
+                    g["lr"] = 0.0
+                o._init_optimizer_states_with_dummy_values()
+                for g, lr in zip(o.optimizer.param_groups, lrs):
+                    g["lr"] = lr
 
     def load_state_dict(self, sd):
+        """Restore from a loaded ``sharded_state_dict`` (fp32 main weights, moments, step)."""
         self.opt.load_state_dict(sd)
+
+    def main_state(self, name: str) -> dict[str, torch.Tensor]:
+        """``{param name: this rank's slice of the Adam state ``name`` ('exp_avg', 'exp_avg_sq')}``
+        (flattened; under the distributed optimizer, only the slice this DP rank owns). For tests."""
+        out = {}
+        for m in self.model_chunks:
+            names = {id(p): n for n, p in m.module.named_parameters()}
+            for opt in getattr(self.opt, "chained_optimizers", [self.opt]):
+                inner = opt.optimizer
+                for group in inner.param_groups:
+                    for p in group["params"]:
+                        st = inner.state.get(p, {})
+                        if name in st:
+                            key = _model_param_name(opt, p, names)
+                            if key is not None:
+                                out[key] = st[name].detach().clone().reshape(-1)
+        return out
+
+
+def _model_param_name(opt, main_param, names):
+    """The model parameter name of an optimizer (main) parameter."""
+    if id(main_param) in names:
+        return names[id(main_param)]
+    for model_groups, main_groups in _group_pairs(opt):
+        for mg, sg in zip(model_groups, main_groups):
+            for mp, sp in zip(mg, sg):
+                if sp is main_param:
+                    return names.get(id(mp))
+    return None
+
+
+def _group_pairs(opt):
+    pairs = []
+    for a, b in (("model_float16_groups", "shard_fp32_from_float16_groups"),
+                 ("model_fp32_groups", "shard_fp32_groups"),
+                 ("float16_groups", "fp32_from_float16_groups")):
+        if hasattr(opt, a) and hasattr(opt, b):
+            pairs.append((getattr(opt, a), getattr(opt, b)))
+    return pairs
 
 
 def build_optimizer(model_chunks, trainer_cfg, parallel_cfg, *, bf16: bool = False):
-    if torch.cuda.is_available():
-        return MegatronOptimizer(model_chunks, trainer_cfg, parallel_cfg, bf16=bf16)
-    return PlainOptimizer(model_chunks, trainer_cfg)
+    return MegatronOptimizer(model_chunks, trainer_cfg, parallel_cfg, bf16=bf16)

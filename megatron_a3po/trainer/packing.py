@@ -97,3 +97,35 @@ def split_minibatches(n_samples: int, n_minibatches: int, group_size: int = 1) -
         g1 = (k + 1) * n_groups // n_minibatches
         out.append(list(range(g0 * group_size, g1 * group_size)))
     return out
+
+
+def dp_shares(costs: list[int], dp: int) -> list[list[int]]:
+    """Deal items (prompt groups) to ``dp`` data-parallel ranks so their token counts are even.
+
+    Largest first, each to the rank with the fewest tokens so far (ties: the lower rank); each rank's
+    indices come back in batch order. Every item lands on exactly one rank; no rank is left empty
+    while there are at least ``dp`` items. Deterministic: every caller computes the same split."""
+    if dp < 1:
+        raise ValueError(f"data-parallel size must be >= 1, got {dp}")
+    load = [0] * dp
+    out: list[list[int]] = [[] for _ in range(dp)]
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        r = min(range(dp), key=lambda r: (load[r], len(out[r]), r))
+        out[r].append(i)
+        load[r] += costs[i]
+    return [sorted(s) for s in out]
+
+
+def plan_data_parallel(group_tokens: list[int], n_minibatches: int, dp: int) -> list[list[list[int]]]:
+    """``plan[k][r]``: the prompt groups (indices into the batch) that DP rank ``r`` trains on in
+    minibatch ``k``. Minibatches are contiguous runs of whole groups (as ``split_minibatches``);
+    inside each, the groups are dealt to the DP ranks by tokens (``dp_shares``)."""
+    mbs = split_minibatches(len(group_tokens), n_minibatches, 1)
+    plan = []
+    for k, idx in enumerate(mbs):
+        if len(idx) < dp:
+            raise ValueError(f"minibatch {k} has {len(idx)} prompt groups, fewer than the {dp} data-parallel "
+                             "ranks: raise rollout.batch_size or lower trainer.ppo_n_minibatches")
+        shares = dp_shares([group_tokens[g] for g in idx], dp)
+        plan.append([[idx[j] for j in s] for s in shares])
+    return plan

@@ -15,7 +15,9 @@ def _arch(recipe) -> dict:
     if mc.tiny is not None:
         t = mc.tiny
         return {"num_attention_heads": t.num_attention_heads, "num_key_value_heads": t.num_key_value_heads,
-                "num_hidden_layers": t.num_hidden_layers, "source": "model.tiny"}
+                "num_hidden_layers": t.num_hidden_layers, "hidden_size": t.hidden_size,
+                "intermediate_size": t.intermediate_size, "tie_word_embeddings": t.tie_word_embeddings,
+                "model_type": "qwen2", "source": "model.tiny"}
     if mc.hf_path is not None:
         cfg = Path(mc.hf_path) / "config.json"
         if not cfg.exists():

@@ -1,0 +1,125 @@
+"""Data parallelism (gloo, CPU): DP=2 against DP=1 on the same global batch.
+
+The references are the DP=1 run's own numbers (one process trains on the whole batch) and the batch
+itself: which prompt groups and how many tokens each DP rank packs is read off the batch through a
+wrapper around ``collate`` (what the packer hands to the model), not from the trainer's bookkeeping.
+"""
+
+import pytest
+import torch
+
+from megatron_a3po import metrics as M
+
+COUNT_KEYS = (M.NUM_TOKENS, M.CLIP_COUNT, M.DUAL_CLIP_COUNT, M.STALENESS_HIST)
+
+
+def _samples(seed, n_groups=6, n=4):
+    from megatron_a3po.trainer.batch import TrainSample
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for k in range(n_groups * n):
+        P, R = 4 + (k * 5) % 7, 2 + (k * 7) % 9  # uneven lengths: a split by count would be unbalanced
+        out.append(TrainSample(prompt_ids=torch.randint(3, 90, (P,), generator=g).tolist(),
+                               response_ids=torch.randint(3, 90, (R,), generator=g).tolist(),
+                               behave_logprobs=(-torch.rand(R, generator=g) * 3 - 1).tolist(),
+                               versions=torch.randint(3, 6, (R,), generator=g).tolist(),
+                               advantage=float(torch.randn((), generator=g)), group_id=k // n))
+    return out
+
+
+def _recipe(d, *, dist_opt, n_mb):
+    from megatron_a3po.config import Recipe
+
+    return Recipe.model_validate({
+        "name": "t", "model": {"hf_path": str(d)}, "parallel": {"use_distributed_optimizer": dist_opt},
+        "trainer": {"mode": "loglinear", "lr": 1e-3, "ppo_n_minibatches": n_mb, "max_tokens_per_mb": 64},
+        "loss": {"eps_clip": 0.1, "dual_clip": 3.0},
+        "rollout": {"n_samples": 4, "temperature": 0.7}})
+
+
+def _worker(rank, world, d, full=True):
+    from transformers import AutoConfig
+
+    import megatron_a3po.trainer.actor as A
+    from megatron_a3po.platform import init_distributed
+    from megatron_a3po.trainer.actor import Actor
+
+    init_distributed(tp=1, pp=1, seed=0)
+    cfg = AutoConfig.from_pretrained(d)
+    packed = []
+    orig = A.collate
+
+    def counting_collate(samples, indices, seq_len, *a, **k):
+        packed.extend((samples[i].group_id, samples[i].length) for i in indices)
+        return orig(samples, indices, seq_len, *a, **k)
+
+    A.collate = counting_collate
+    out = {}
+    # distributed optimizer on: two steps, grad norm, counts, the next step's loss, weights after
+    actor = Actor(_recipe(d, dist_opt=True, n_mb=2), cfg, hf_dir=d)
+    s1 = actor.train_step(_samples(0), 6, group_size=4)
+    out["packed"] = list(packed)
+    A.collate = orig
+    if not full:
+        return out
+    s2 = actor.train_step(_samples(1), 7, group_size=4)
+    # numpy: tensors would cross the result queue through shared memory that dies with the process
+    weights = {n: t.float().numpy().copy() for bucket in actor.export_hf_weights(64 << 20) for n, t in bucket}
+    # distributed optimizer off: the all-reduced gradient itself (one minibatch: the buffers still hold it)
+    actor2 = Actor(_recipe(d, dist_opt=False, n_mb=1), cfg, hf_dir=d)
+    actor2.train_step(_samples(0), 6, group_size=4)
+    grads = {n: p.main_grad.detach().float().numpy().copy() for n, p in actor2.chunks[0].module.named_parameters()}
+    if rank == 0:
+        out.update(s1=s1, s2=s2, weights=weights, grads=grads)
+    return out
+
+
+@pytest.mark.slow
+def test_each_dp_rank_packs_only_its_token_balanced_share(tmp_path):
+    from megatron_a3po.models.tiny import save_tiny_hf_model
+    from megatron_a3po.platform.procs import run_distributed
+
+    d = str(save_tiny_hf_model(tmp_path / "m", "qwen2", num_hidden_layers=1))
+    r0, r1 = run_distributed(_worker, 2, d, False, timeout=600)
+    # each DP rank packs whole groups of its own, disjoint, together the whole batch, balanced in tokens
+    tokens = {}
+    for s in _samples(0):
+        tokens[s.group_id] = tokens.get(s.group_id, 0) + s.length
+    g0 = {g for g, _ in r0["packed"]}
+    g1 = {g for g, _ in r1["packed"]}
+    assert not g0 & g1, f"both DP ranks packed groups {sorted(g0 & g1)}"
+    assert g0 | g1 == set(tokens)
+    for r in (r0, r1):  # whole groups: every sample of a packed group, once
+        assert sorted(L for _, L in r["packed"]) == sorted(s.length for s in _samples(0) if s.group_id in
+                                                           {g for g, _ in r["packed"]})
+    t0, t1 = sum(L for _, L in r0["packed"]), sum(L for _, L in r1["packed"])
+    assert t0 + t1 == sum(tokens.values())
+    # balanced by tokens: per minibatch (groups 0-2, 3-5) the larger share exceeds the smaller by at
+    # most the largest group of that minibatch
+    for lo, hi in ((0, 3), (3, 6)):
+        a = sum(L for g, L in r0["packed"] if lo <= g < hi)
+        b = sum(L for g, L in r1["packed"] if lo <= g < hi)
+        assert a > 0 and b > 0
+        assert abs(a - b) <= max(tokens[g] for g in range(lo, hi))
+
+
+@pytest.mark.slow
+def test_dp2_matches_dp1_gradient_loss_counts(tmp_path):
+    from megatron_a3po.models.tiny import save_tiny_hf_model
+    from megatron_a3po.platform.procs import run_distributed
+
+    d = str(save_tiny_hf_model(tmp_path / "m", "qwen2", num_hidden_layers=2))
+    (ref,) = run_distributed(_worker, 1, d, timeout=600)
+    r0, _ = run_distributed(_worker, 2, d, timeout=600)
+    for key in COUNT_KEYS:
+        assert r0["s1"][key] == ref["s1"][key], key
+        assert r0["s2"][key] == ref["s2"][key], key
+    assert r0["s1"][M.GRAD_NORM] == pytest.approx(ref["s1"][M.GRAD_NORM], rel=1e-6)
+    assert r0["s2"][M.PG_LOSS] == pytest.approx(ref["s2"][M.PG_LOSS], abs=1e-6)
+    for n, g in ref["grads"].items():
+        torch.testing.assert_close(torch.from_numpy(r0["grads"][n]), torch.from_numpy(g), rtol=0, atol=1e-6, msg=n)
+    for n, w in ref["weights"].items():
+        if n.endswith("k_proj.bias"):  # its true gradient is 0 (softmax ignores a per-query shift of the
+            continue  # scores): Adam turns the rounding noise into +-lr steps, at DP=1 as at DP=2
+        torch.testing.assert_close(torch.from_numpy(r0["weights"][n]), torch.from_numpy(w), rtol=0, atol=1e-6, msg=n)
