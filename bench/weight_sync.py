@@ -47,7 +47,7 @@ def _build(root: Path, layers: int, hidden: int, vocab: int):
 
 
 def _receiver(master: str, port: int, sizes: list[int], q):
-    from megatron_a3po.rollout.weights import init_update_group
+    from megatron_a3po.platform.stores import init_update_group
     import torch.distributed as dist
 
     g = init_update_group(master, port, 1, 2, "bench_raw", "gloo")
@@ -62,7 +62,7 @@ def raw_broadcast(sizes: list[int], reps: int) -> float:
     import torch.distributed as dist
 
     from megatron_a3po.platform.procs import free_port
-    from megatron_a3po.rollout.weights import init_update_group
+    from megatron_a3po.platform.stores import init_update_group
 
     ctx = mp.get_context("spawn")
     times = []

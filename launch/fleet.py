@@ -7,7 +7,9 @@
 ``--engine INDEX:NODE:BASE_GPU:PORT`` places one engine (one SGLang server of ``--engine-tp`` GPUs starting
 at ``--base-gpu-id BASE_GPU``); every node of the rollout group gets the full list and starts the engines
 whose NODE is its own index in ``--hosts`` (matched by host name, else $SLURM_NODEID, else 0). The
-node of index 0 also starts the router once every engine of the fleet answers /health.
+node of index 0 also starts the router once every engine of the fleet answers /health (sglang-router
+0.3.2 with its prometheus exporter on 127.0.0.1 and its own port: by default it would bind 0.0.0.0:29000;
+see ``megatron_a3po.rollout.router``).
 With ``--backend cpu`` each engine is the project's CPU engine (``megatron_a3po.engine``).
 
 Exits when any server exits (with its status, or 1), on SIGTERM, or with 0 when ``--stop-file`` appears.
@@ -26,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launch.health import healthy
+from megatron_a3po.platform.procs import free_port
+from megatron_a3po.rollout.router import router_command
 
 
 @dataclass(frozen=True)
@@ -60,12 +64,6 @@ def server_command(backend: str, model_path: str, engine: Engine, *, engine_tp: 
     return cmd + list(extra)
 
 
-def router_command(worker_urls: list[str], *, port: int, policy: str, bind_host: str,
-                   python: str = sys.executable) -> list[str]:
-    return [python, "-m", "sglang_router.launch_router", "--worker-urls", *worker_urls, "--policy", policy,
-            "--host", bind_host, "--port", str(port)]
-
-
 def my_node_index(hosts: list[str], explicit: int | None) -> int:
     if explicit is not None:
         return explicit
@@ -95,6 +93,8 @@ def main(argv=None) -> int:
     ap.add_argument("--mem-fraction-static", type=float, default=None)
     ap.add_argument("--router-port", type=int, default=None)
     ap.add_argument("--router-policy", default="cache_aware")
+    ap.add_argument("--router-prometheus-port", type=int, default=None,
+                    help="the router's metrics port, bound on 127.0.0.1 (default: a free port)")
     ap.add_argument("--health-timeout", type=float, default=3600.0)
     ap.add_argument("--stop-file", default=None)
     args = ap.parse_args(argv)
@@ -147,7 +147,7 @@ def main(argv=None) -> int:
                     break
             if router_pending and not down:
                 cmd = router_command(worker_urls, port=args.router_port, policy=args.router_policy,
-                                     bind_host=args.bind_host)
+                                     host=args.bind_host, prometheus_port=args.router_prometheus_port or free_port())
                 print(f"[launch.fleet] router: {' '.join(cmd)}", flush=True)
                 procs.append(("router", subprocess.Popen(cmd)))
                 router_pending = False

@@ -79,7 +79,8 @@ def test_update_mid_request_records_spans(setup):
             break
         time.sleep(0.005)
     httpx.post(f"{ep.url}/pause_generation", json={"mode": "in_place"})
-    r = httpx.post(f"{ep.url}/update_weights_from_disk", json={"model_path": dirs[1], "weight_version": "1"},
+    r = httpx.post(f"{ep.url}/update_weights_from_disk", json={"model_path": dirs[1], "weight_version": "1",
+                                                                   "flush_cache": False},
                    timeout=120)
     assert r.status_code == 200 and r.json()["success"], r.text
     httpx.post(f"{ep.url}/continue_generation", json={})

@@ -1,6 +1,8 @@
 """Contract: what our client sends and what our engine answers validate against SGLang's own published
-schema (sglang 0.5.23 wheel, sglang/api/v1/api_types.py, downloaded at test time into a cache), and the
-weight-update bodies use exactly the keys of the spec table (the schema does not cover those)."""
+schema (sglang 0.5.23 wheel, sglang/api/v1/api_types.py, downloaded at test time into a cache), the
+weight-update bodies use exactly the keys of the spec table (the schema does not cover those), the engine
+behaves as the spec's "Behaviour" section says a real 0.5.23 server does, and generation works behind the
+real sglang-router (0.3.2), which rebuilds the /generate body."""
 
 import importlib.util
 import os
@@ -46,7 +48,7 @@ def api():
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
     d = model_dirs(tmp_path_factory.mktemp("contract"), 1)[0]
-    ep = launch_engine(d, version="0")
+    ep = launch_engine(d, version="0", extra_args=["--health-check-timeout", "2"])
     yield ep, d
     ep.stop()
 
@@ -177,9 +179,133 @@ def test_weight_update_bodies_match_spec_table():
     assert [n for x in bs for n, _ in x] == [f"w{i}" for i in range(10)]
 
 
-def test_generation_through_a_router_control_calls_to_workers(engine):
-    """A stand-in router (forwards only /generate and /health, like sglang-router forwards no weight-update
-    call): generation goes through it, pause/update/continue go straight to the workers."""
+def _running(url):
+    return httpx.get(f"{url}/server_info", timeout=10).json()["internal_states"][0]["num_running"]
+
+
+def _start_long_request(url, box, key, **body):
+    import threading
+
+    body = {"input_ids": [3, 4, 5], "sampling_params": {"max_new_tokens": 400, "ignore_eos": True}, **body}
+    t = threading.Thread(target=lambda: box.update({key: httpx.post(f"{url}/generate", json=body, timeout=120)}))
+    t.start()
+    return t
+
+
+def _wait_running(url, n=1):
+    import time
+
+    deadline = time.time() + 60
+    while _running(url) < n:
+        assert time.time() < deadline, "request never started running"
+        time.sleep(0.01)
+
+
+def test_engine_behaves_like_sglang_0_5_23(engine):
+    """Every point of the spec's "Behaviour" section, checked on the engine directly."""
+    import time
+
+    ep, d = engine
+    url = ep.url
+    # unknown top-level keys are ignored; an unknown sampling_params key stays a 400
+    r = httpx.post(f"{url}/generate", json={"input_ids": [5, 6], "no_such_key": 1, "background": False,
+                                            "sampling_params": {"max_new_tokens": 2}}, timeout=60)
+    assert r.status_code == 200, r.text
+    r = httpx.post(f"{url}/generate", json={"input_ids": [5, 6], "sampling_params": {"max_tokens": 2}}, timeout=60)
+    assert r.status_code == 400 and "max_tokens" in r.text
+
+    # weight_versions spans on every finished response, also with 0 tokens
+    r = httpx.post(f"{url}/generate", json={"input_ids": [5], "sampling_params": {"max_new_tokens": 0}}, timeout=60)
+    assert r.status_code == 200 and r.json()["meta_info"]["weight_versions"] == []
+
+    # the weight-update session
+    must = "must run between begin_weight_update() and end_weight_update()"
+    r = httpx.post(f"{url}/update_weights_from_distributed", json={"names": [], "dtypes": [], "shapes": [],
+                                                                    "group_name": "nope"}, timeout=30)
+    assert r.status_code == 400 and r.json()["success"] is False and must in r.json()["message"]
+    r = httpx.post(f"{url}/update_weights_from_tensor", json={"serialized_named_tensors": []}, timeout=30)
+    assert r.status_code == 400 and must in r.json()["message"]
+    r = httpx.post(f"{url}/end_weight_update", json={}, timeout=30)
+    assert r.status_code == 400 and "no weight-update session is open" in r.json()["message"]
+    assert httpx.post(f"{url}/begin_weight_update", json={}, timeout=30).json()["success"] is True
+    r = httpx.post(f"{url}/begin_weight_update", json={"selector": "all"}, timeout=30)
+    assert r.status_code == 400 and "a weight-update session is already open" in r.json()["message"]
+    r = httpx.post(f"{url}/update_weights_from_distributed", json={"names": [], "dtypes": [], "shapes": [],
+                                                                    "group_name": "nope"}, timeout=30)
+    assert r.status_code == 400 and must not in r.json()["message"]  # inside a session: the group is the problem
+    assert httpx.post(f"{url}/end_weight_update", json={}, timeout=30).json()["success"] is True
+    # /update_weights_from_disk needs no session
+    r = httpx.post(f"{url}/update_weights_from_disk", json={"model_path": d, "weight_version": "0"}, timeout=120)
+    assert r.status_code == 200 and r.json()["success"], r.text
+
+    # n > 1: each sample its own rid; aborting by the group's rid does nothing
+    box = {}
+    assert httpx.post(f"{url}/pause_generation", json={"mode": "in_place"}).status_code == 200
+    t = _start_long_request(url, box, "g", rid="grp", sampling_params={"max_new_tokens": 30, "n": 2,
+                                                                      "ignore_eos": True})
+    time.sleep(0.5)
+    assert httpx.post(f"{url}/abort_request", json={"rid": "grp"}).status_code == 200
+    # /ready is 503 while paused; /health runs a one-token generation, so it waits out the pause -> 503
+    assert httpx.get(f"{url}/ready", timeout=10).status_code == 503
+    t0 = time.monotonic()
+    assert httpx.get(f"{url}/health", timeout=30).status_code == 503
+    assert time.monotonic() - t0 >= 1.5  # it waited for its generation (the engine's --health-check-timeout 2)
+    httpx.post(f"{url}/continue_generation", json={})
+    t.join(120)
+    out = box["g"].json()
+    ids = [o["meta_info"]["id"] for o in out]
+    assert len(set(ids)) == 2 and "grp" not in ids
+    assert [o["meta_info"]["finish_reason"]["type"] for o in out] == ["length", "length"]
+    assert httpx.get(f"{url}/ready", timeout=10).status_code == 200
+    assert httpx.get(f"{url}/health", timeout=30).status_code == 200
+
+    # flush_cache=true (the default) while a request holds its KV cache (pause in_place): weights load, call fails
+    t = _start_long_request(url, box, "long")
+    _wait_running(url)
+    assert httpx.post(f"{url}/pause_generation", json={"mode": "in_place"}).status_code == 200
+    r = httpx.post(f"{url}/update_weights_from_disk", json={"model_path": d, "weight_version": "5"}, timeout=120)
+    assert r.status_code == 400 and r.json()["success"] is False and "flush" in r.json()["message"]
+    assert httpx.get(f"{url}/model_info").json()["weight_version"] == "0"
+    assert httpx.post(f"{url}/flush_cache", timeout=30).status_code == 400
+    r = httpx.post(f"{url}/update_weights_from_disk", json={"model_path": d, "weight_version": "5",
+                                                            "flush_cache": False}, timeout=120)
+    assert r.status_code == 200 and r.json()["success"], r.text
+    # retract: the request gives its KV cache back, so a flush works (the request resumes afterwards)
+    assert httpx.post(f"{url}/pause_generation", json={"mode": "retract"}).status_code == 200
+    r = httpx.post(f"{url}/update_weights_from_disk", json={"model_path": d, "weight_version": "0"}, timeout=120)
+    assert r.status_code == 200 and r.json()["success"], r.text
+    httpx.post(f"{url}/continue_generation", json={})
+    # /update_weight_version aborts running requests unless told otherwise
+    _wait_running(url)
+    r = httpx.post(f"{url}/update_weight_version", json={"new_version": "0"}, timeout=30)
+    assert r.status_code == 200
+    t.join(120)
+    o = box["long"].json()
+    assert o["meta_info"]["finish_reason"]["type"] == "abort" and len(o["output_ids"]) < 400
+    assert o["meta_info"]["weight_versions"][-1]["end"] == len(o["output_ids"])
+
+
+@pytest.fixture(scope="module")
+def router_for(tmp_path_factory):
+    pytest.importorskip("sglang_router")
+    from megatron_a3po.rollout.router import start_router
+
+    started = []
+
+    def start(urls):
+        rp = start_router(urls, log_path=tmp_path_factory.mktemp("router") / "router.log")
+        started.append(rp)
+        return rp
+
+    yield start
+    for rp in started:
+        rp.stop()
+
+
+def test_real_router_rewritten_body_is_accepted_by_the_engine(api, engine, router_for):
+    """Capture the body sglang-router really sends (from a logging worker registered behind it) and post
+    it to the engine: 200. The router 404s the control routes (so they must go to the workers)."""
+    import json
     import threading
 
     import uvicorn
@@ -188,38 +314,65 @@ def test_generation_through_a_router_control_calls_to_workers(engine):
 
     from megatron_a3po.platform.procs import free_port
 
-    ep, d = engine
-    httpx.post(f"{ep.url}/update_weight_version", json={"new_version": "0"})
+    ep, _ = engine
     seen = []
     app = FastAPI()
 
     @app.post("/generate")
     async def gen(request: Request):
-        body = await request.json()
-        seen.append(body["rid"])
-        async with httpx.AsyncClient(timeout=60) as c:
-            r = await c.post(f"{ep.url}/generate", json=body)
-        return JSONResponse(r.json(), status_code=r.status_code)
+        seen.append(json.loads(await request.body()))
+        return JSONResponse({"text": "", "output_ids": [], "meta_info": {"id": "x", "finish_reason": {
+            "type": "length", "length": 0}}})
 
     @app.get("/health")
     async def health():
         return PlainTextResponse("")
+
+    @app.get("/get_model_info")
+    @app.get("/get_server_info")
+    async def info():
+        return {}
 
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
     th = threading.Thread(target=server.run, daemon=True)
     th.start()
     try:
-        cfg = ControllerConfig(n_samples=2, max_inflight_groups=2, batch_groups=2, max_staleness=1, max_new_tokens=6)
-        rm = RolloutManager([ep.url], toy_prompts(20), toy_task(), tokenizer(), cfg,
-                            router_url=f"http://127.0.0.1:{port}")
-        with rm:
-            rm.get_batch(2, 0, timeout=60)
-            rm.update_weights(1, hf_dir=d)  # would fail if sent to the router (404)
-            b = rm.get_batch(2, 1, timeout=60)
-        # a sample's first segment is part of its group's request (rid "<request>_<j>" on the engine)
-        assert seen and all(r in seen or r.rsplit("_", 1)[0] in seen for s in b.samples for r in s.rids)
-        assert httpx.get(f"{ep.url}/model_info").json()["weight_version"] == "1"
+        rp = router_for([f"http://127.0.0.1:{port}"])
+        sent = {"input_ids": [5, 6, 7], "rid": "g0-n2.0", "return_logprob": True,
+                "sampling_params": {"max_new_tokens": 4, "temperature": 0.9, "top_p": 0.95, "top_k": 5, "n": 2}}
+        r = httpx.post(f"{rp.url}/generate", json=sent, timeout=30)
+        assert r.status_code == 200, r.text
+        for path in ("/pause_generation", "/update_weights_from_disk", "/begin_weight_update", "/abort_request"):
+            assert httpx.post(f"{rp.url}{path}", json={}, timeout=30).status_code == 404, path
     finally:
         server.should_exit = True
         th.join(10)
+    assert len(seen) == 1
+    rewritten = seen[0]
+    assert rewritten != sent and {"background", "log_metrics", "stream"} <= set(rewritten)  # it is rebuilt
+    api.GenerateRequest.from_json_value(rewritten)
+    r = httpx.post(f"{ep.url}/generate", json=rewritten, timeout=60)
+    assert r.status_code == 200, r.text
+    assert [len(o["output_ids"]) for o in r.json()] == [4, 4]
+
+
+def test_generation_through_the_real_router_control_calls_to_workers(engine, router_for):
+    """Generation goes through sglang-router; pause/update/continue/abort go straight to the worker. Checks
+    only a direct call can make (list rids, unknown sampling keys) are in the tests above."""
+    ep, d = engine
+    httpx.post(f"{ep.url}/update_weight_version", json={"new_version": "0"})
+    rp = router_for([ep.url])
+    cfg = ControllerConfig(n_samples=2, max_inflight_groups=2, batch_groups=2, max_staleness=1, max_new_tokens=6)
+    rm = RolloutManager([ep.url], toy_prompts(20), toy_task(), tokenizer(), cfg, router_url=rp.url)
+    with rm:
+        rm.get_batch(2, 0, timeout=60)
+        rm.update_weights(1, hf_dir=d)  # would fail if sent to the router (404)
+        b = rm.get_batch(2, 1, timeout=60)
+    rids = [r for s in b.samples for r in s.rids]
+    assert len(rids) == len(set(rids))  # per-sample rids from meta_info.id, not "<request>_<j>"
+    assert httpx.get(f"{ep.url}/model_info").json()["weight_version"] == "1"
+    # behind the router an unknown sampling key is dropped silently (the engine itself says 400: see above)
+    r = httpx.post(f"{rp.url}/generate", json={"input_ids": [5], "sampling_params": {"max_tokens": 2,
+                                                                                     "max_new_tokens": 2}}, timeout=60)
+    assert r.status_code == 200, r.text

@@ -247,9 +247,14 @@ def test_server_and_router_commands():
                      "--base-gpu-id": "4", "--mem-fraction-static": "0.8", "--random-seed": "1"}
     cpu = server_command("cpu", "/m", e, engine_tp=1, bind_host="127.0.0.1", python="py")
     assert cpu == ["py", "-m", "megatron_a3po.engine", "--model-path", "/m", "--port", "30002", "--host", "127.0.0.1"]
-    r = router_command(["http://a:1", "http://b:2"], port=30080, policy="cache_aware", bind_host="0.0.0.0", python="py")
-    assert r == ["py", "-m", "sglang_router.launch_router", "--worker-urls", "http://a:1", "http://b:2", "--policy",
-                 "cache_aware", "--host", "0.0.0.0", "--port", "30080"]
+    r = router_command(["http://a:1", "http://b:2"], port=30080, policy="cache_aware", host="0.0.0.0",
+                       prometheus_port=30081, python="py")
+    assert r[:3] == ["py", "-m", "sglang_router.launch_router"]
+    i = r.index("--worker-urls")
+    assert r[i + 1:i + 3] == ["http://a:1", "http://b:2"]
+    flags = dict(zip(r[3:i:2], r[4:i:2])) | dict(zip(r[i + 3::2], r[i + 4::2]))
+    assert flags == {"--host": "0.0.0.0", "--port": "30080", "--policy": "cache_aware",
+                     "--prometheus-host": "127.0.0.1", "--prometheus-port": "30081"}
 
 
 class _Health(http.server.BaseHTTPRequestHandler):

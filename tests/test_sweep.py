@@ -1,4 +1,4 @@
-"""tools.sweep + tools.report's groups: a 2 x 2 grid (eps_clip x seed) of 3-step synchronous runs.
+"""tools.sweep + tools.report's groups: a 2 x 2 grid (lr x seed) of 3-step synchronous runs.
 
 Independent reference: every number the report gives a group (mean +- std of the headline numbers,
 per-step mean and min-max band) is recomputed here from the runs' steps.jsonl, read with plain json,
@@ -23,11 +23,11 @@ from tools.sweep.sweep import finished
 SMALL = {"trainer.steps": 3, "trainer.warm_start_steps": 0, "rollout.batch_prompts": 4, "rollout.n_samples": 4,
          "rollout.max_inflight_groups": 4, "rollout.max_staleness": 0, "trainer.ppo_n_minibatches": 2,
          "data.synthetic.num_prompts": 200}
-GROUPS = ["eps_clip=0.1", "eps_clip=0.2"]
+GROUPS = ["lr=0.0005", "lr=0.005"]  # lr: the two groups' numbers differ from step 2 on (eps_clip barely would)
 
 
 def _grid(tmp_path, **extra):
-    g = {"recipe": "demo_cpu", "overrides": SMALL, "blocks": [{"axes": {"loss.eps_clip": [0.1, 0.2]}}], **extra}
+    g = {"recipe": "demo_cpu", "overrides": SMALL, "blocks": [{"axes": {"trainer.lr": [5e-4, 5e-3]}}], **extra}
     p = tmp_path / "grid.yaml"
     p.write_text(yaml.safe_dump(g))
     return p
@@ -80,8 +80,10 @@ def test_group_means_and_bands_match_the_steps(sweep, tmp_path):
         np.testing.assert_allclose([b[3] for b in band], reward.max(axis=0), rtol=1e-5)
         # trainer.seed reached the runs: two seeds, two different runs (init, data, sampling)
         assert steps[0][0]["reward/mean"] != steps[1][0]["reward/mean"] or steps[0][0]["loss/pg"] != steps[1][0]["loss/pg"]
+    # the groups are not each other's copies (a mix-up of runs between groups would show)
+    assert table[GROUPS[0]]["mean entropy"]["values"] != table[GROUPS[1]]["mean entropy"]["values"]
     md = (rep / "summary.md").read_text()
-    assert "±" in md and "eps_clip=0.1" in md
+    assert "±" in md and GROUPS[0] in md
     assert (rep / "final_reward_vs_staleness.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -96,7 +98,7 @@ def test_resume_skips_finished_and_reruns_the_rest_identically(sweep, capsys):
     assert "4 finished already, 0 to run" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in out.rglob("run_summary.json")} == marks
     # a run without its marker (killed, crashed) is started over; synchronous + same seed = same curve
-    run = out / "eps_clip=0.1" / "seed0"
+    run = out / GROUPS[0] / "seed0"
     before = [st["reward/mean"] for st in _steps(run)]
     before_loss = [st["loss/pg"] for st in _steps(run)]
     (run / "run_summary.json").unlink()

@@ -31,6 +31,14 @@ def test_bucketed_broadcast_updates_engine_weights(tmp_path):
                               group_name="test_weights")
     cfg = ControllerConfig(n_samples=2, max_inflight_groups=2, batch_groups=2, max_staleness=1, max_new_tokens=8)
     rm = RolloutManager([ep.url], toy_prompts(20), toy_task(), tokenizer(), cfg, transport=transport)
+    calls = []
+    orig = rm.fleet.call_one
+
+    async def spy(s, path, body, **kw):
+        calls.append(path)
+        return await orig(s, path, body, **kw)
+
+    rm.fleet.call_one = spy
     try:
         rm.start()
         rm.init_weight_transport()
@@ -39,6 +47,13 @@ def test_bucketed_broadcast_updates_engine_weights(tmp_path):
         assert len(list(buckets(iter(named), 64 << 10))) > 1
         rm.update_weights(1, named_tensors=((n, p.detach()) for n, p in named))
         assert httpx.get(f"{ep.url}/model_info").json()["weight_version"] == "1"
+        # the updates ran inside a weight-update session (SGLang refuses them outside one), closed afterwards
+        upd = [p for p in calls if "weight_update" in p or p == "/update_weights_from_distributed"]
+        assert upd[0] == "/begin_weight_update" and upd[-1] == "/end_weight_update"
+        assert upd.count("/begin_weight_update") == upd.count("/end_weight_update") == 1
+        assert upd.count("/update_weights_from_distributed") > 1
+        r = httpx.post(f"{ep.url}/end_weight_update", json={}, timeout=30)
+        assert r.status_code == 400 and "no weight-update session is open" in r.json()["message"]
         b = rm.get_batch(2, 1, timeout=60)
         assert b.samples
         o = httpx.post(f"{ep.url}/generate", timeout=60, json={
@@ -52,6 +67,8 @@ def test_bucketed_broadcast_updates_engine_weights(tmp_path):
 
         with pytest.raises(WeightUpdateError, match="unknown parameter"):
             rm.update_weights(2, named_tensors=iter([("no.such.weight", torch.zeros(3))]))
+        assert calls[-1] == "/end_weight_update"  # the session is closed after a failure too
+        assert httpx.post(f"{ep.url}/end_weight_update", json={}, timeout=30).status_code == 400
     finally:
         rm.close()
         ep.stop()
@@ -63,7 +80,7 @@ def test_nccl_backend_group_on_gpu():
     """Rank 0 (trainer) + rank 1 (a second process standing in for an SGLang TP rank) over NCCL."""
     import multiprocessing as mp
 
-    from megatron_a3po.rollout.weights import init_update_group
+    from megatron_a3po.platform.stores import init_update_group
 
     port = free_port()
     ctx = mp.get_context("spawn")
@@ -83,7 +100,7 @@ def test_nccl_backend_group_on_gpu():
 def _gpu_receiver(port, q):
     import torch.distributed as dist
 
-    from megatron_a3po.rollout.weights import init_update_group
+    from megatron_a3po.platform.stores import init_update_group
 
     pg = init_update_group("127.0.0.1", port, 1, 2, "g", "nccl")
     t = torch.empty(1000, dtype=torch.float32, device="cuda")

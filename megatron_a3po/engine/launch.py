@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from megatron_a3po.platform.procs import free_port
+from megatron_a3po.platform.procs import free_port, stop_process
 
 
 @dataclass
@@ -36,13 +36,8 @@ class EngineProcess:
             self.proc.wait(timeout=30)
 
     def stop(self, timeout: float = 10.0):
-        if self.alive():
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=30)
+        """SIGTERM this process (by pid), SIGKILL if it has not exited after ``timeout``."""
+        stop_process(self.proc, timeout)
 
 
 def _die_with_parent():

@@ -130,7 +130,9 @@ class Scheduler:
         self._wake = threading.Event()
         self.waiting: list[Seq] = []
         self.running: list[Seq] = []
+        self._admitting: list[Seq] = []  # taken from ``waiting`` for this step's prefill
         self.paused = False
+        self.pause_mode: str | None = None
         self.step_count = 0
         self.tokens_generated = 0
         self._stop = False
@@ -173,7 +175,7 @@ class Scheduler:
         for lst in (self.running, self.waiting):
             keep = []
             for s in lst:
-                if rid is None or s.rid == rid or s.rid.startswith(f"{rid}_"):
+                if rid is None or s.rid == rid:
                     self._finish(s, {"type": "abort", "message": message, "status_code": status_code,
                                      "err_type": None})
                     n += 1
@@ -183,34 +185,56 @@ class Scheduler:
         return n
 
     def _cmd_pause(self, mode: str):
+        """abort: end running and queued requests (partial output); retract: running requests drop their
+        KV caches and go back to the queue (recomputed from prompt + output on continue); in_place: they
+        keep their KV caches and wait."""
         n = 0
         if mode == "abort":
             n = self._cmd_abort(None, "Abort in pause_generation")
+        elif mode == "retract":
+            for s in self.running:
+                s.cache = None
+            self.waiting[:0] = self.running
+            self.running = []
         self.paused = True
+        self.pause_mode = mode
         return n
 
     def _cmd_continue(self):
         self.paused = False
+        self.pause_mode = None
         return 0
 
-    def _cmd_swap(self, model, version: str | None, abort_all: bool):
+    def _flush_blocked(self) -> str | None:
+        """Why a cache flush cannot run now (None: it can): requests holding KV caches block it."""
+        if self.running:
+            how = f" (paused with mode {self.pause_mode})" if self.paused else ""
+            return (f"{len(self.running)} request(s) still running{how}: the cache cannot be flushed; pause "
+                    "with mode 'abort' or 'retract' before a flush, or send flush_cache=false")
+        return None
+
+    def _cmd_swap(self, model, version: str | None, abort_all: bool, flush: bool = False):
         n = self._cmd_abort(None, "Abort for weight update") if abort_all else 0
         self.model = model
-        if version is not None:
-            self.weight_version = str(version)
-        return n
+        return self._after_update(n, version, flush)
 
-    def _cmd_load(self, named_tensors: list, version: str | None, abort_all: bool):
+    def _after_update(self, n_aborted: int, version: str | None, flush: bool) -> tuple[int, str | None]:
+        """Weights are loaded; flush the cache if asked. A flush that cannot run fails the update (the
+        weights stay loaded, the version is not changed), as in SGLang."""
+        why = self._flush_blocked() if flush else None
+        if why is None and version is not None:
+            self.weight_version = str(version)
+        return n_aborted, why
+
+    def _cmd_load(self, named_tensors: list, version: str | None, abort_all: bool, flush: bool = False):
         """Copy received tensors into the served model in place, between steps (the distributed update:
-        one bucket per call, so no whole-model copy per bucket)."""
+        one bucket per call, so no whole-model copy per bucket). Returns (aborted, flush failure)."""
         n = self._cmd_abort(None, "Abort for weight update") if abort_all else 0
         params = dict(self.model.named_parameters())
         with torch.no_grad():
             for name, t in named_tensors:
                 params[name].copy_(t)
-        if version is not None:
-            self.weight_version = str(version)
-        return n
+        return self._after_update(n, version, flush)
 
     def _cmd_set_version(self, version: str, abort_all: bool):
         n = self._cmd_abort(None, "Abort for weight version update") if abort_all else 0
@@ -218,7 +242,10 @@ class Scheduler:
         return n
 
     def _cmd_flush(self):
-        return 0  # no prefix cache: nothing to flush
+        why = self._flush_blocked()  # no prefix cache to drop, but the same refusal as SGLang's
+        if why is not None:
+            raise EngineError(why)
+        return 0
 
     # ---- internals
     def _finish(self, s: Seq, reason: dict):
@@ -283,28 +310,62 @@ class Scheduler:
     @torch.inference_mode()
     def _prefill_batch(self, seqs: list[Seq]) -> list[tuple[Seq, bool]]:
         """Prefill newly admitted sequences: prompts of equal length share one forward pass (no padding,
-        so the result is the same as one pass each); returns (seq, finished) pairs."""
+        so the result is the same as one pass each); a retracted sequence is prefilled with its prompt
+        and its output so far. Returns (seq, finished) pairs."""
         from transformers import DynamicCache
 
         by_len: dict[int, list[Seq]] = {}
         for s in seqs:
-            by_len.setdefault(len(s.prompt), []).append(s)
+            by_len.setdefault(len(s.prompt) + len(s.output), []).append(s)
+
+        def forward(chunk):
+            ids = torch.tensor([s.prompt + s.output for s in chunk], dtype=torch.long)
+            out = self.model(input_ids=ids, past_key_values=DynamicCache(), use_cache=True)
+            kv = self._kv_of(out.past_key_values)
+            return [([(K[b:b + 1].clone(), V[b:b + 1].clone()) for K, V in kv], out.logits[b, -1])
+                    for b in range(len(chunk))]
+
         out_pairs = []
         for group in by_len.values():
             for i in range(0, len(group), self.max_batch):
-                chunk = group[i:i + self.max_batch]
-                ids = torch.tensor([s.prompt for s in chunk], dtype=torch.long)
-                out = self.model(input_ids=ids, past_key_values=DynamicCache(), use_cache=True)
-                kv = self._kv_of(out.past_key_values)
-                for b, s in enumerate(chunk):
-                    s.cache = [(K[b:b + 1].clone(), V[b:b + 1].clone()) for K, V in kv]
-                    out_pairs.append((s, self._emit(s, out.logits[b, -1])))
+                out_pairs += self._isolated(group[i:i + self.max_batch], forward)
         return out_pairs
+
+    def _fail(self, s: Seq, e: BaseException):
+        log.error("request %s failed inside the engine: %s: %s", s.rid, type(e).__name__, e)
+        self._finish(s, {"type": "abort", "message": f"engine error: {type(e).__name__}: {str(e)[:300]}",
+                         "status_code": 500, "err_type": "InternalServerError"})
+
+    def _isolated(self, chunk: list[Seq], forward) -> list[tuple[Seq, bool]]:
+        """Run ``forward(chunk) -> [(new cache, last logits)]`` (no side effects) and emit a token for each
+        sequence. A failing batched forward is retried one sequence at a time, so a failure ends exactly
+        the sequences it belongs to (with an error reply); the others go on."""
+        try:
+            res = forward(chunk)
+        except Exception as e:  # noqa: BLE001
+            if len(chunk) > 1:
+                return [pair for s in chunk for pair in self._isolated([s], forward)]
+            self._fail(chunk[0], e)
+            return [(chunk[0], True)]
+        pairs = []
+        for s, (cache, logits) in zip(chunk, res):
+            try:
+                s.cache = cache
+                pairs.append((s, self._emit(s, logits)))
+            except Exception as e:  # noqa: BLE001 - e.g. sampling from non-finite logits
+                self._fail(s, e)
+                pairs.append((s, True))
+        return pairs
 
     @torch.inference_mode()
     def _decode_batch(self, seqs: list[Seq]) -> list[bool]:
-        """One decode step for all ``seqs`` together: their per-sequence KV caches are left-padded into
-        one batch (pads masked out), positions are each sequence's true positions."""
+        """One decode step for all ``seqs`` together (see ``_decode_forward``); a failure ends only the
+        sequences it belongs to."""
+        return [fin for _, fin in self._isolated(seqs, self._decode_forward)]
+
+    def _decode_forward(self, seqs: list[Seq]) -> list[tuple[list, torch.Tensor]]:
+        """Their per-sequence KV caches are left-padded into one batch (pads masked out), positions are
+        each sequence's true positions; returns each one's new cache and last logits."""
         from transformers import DynamicCache
 
         B = len(seqs)
@@ -328,11 +389,8 @@ class Scheduler:
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
                          use_cache=True, cache_position=torch.tensor([Lmax], dtype=torch.long))
         kv = self._kv_of(out.past_key_values)
-        done = []
-        for b, s in enumerate(seqs):
-            s.cache = [(K[b:b + 1, :, Lmax - lens[b]:].clone(), V[b:b + 1, :, Lmax - lens[b]:].clone()) for K, V in kv]
-            done.append(self._emit(s, out.logits[b, -1]))
-        return done
+        return [([(K[b:b + 1, :, Lmax - lens[b]:].clone(), V[b:b + 1, :, Lmax - lens[b]:].clone()) for K, V in kv],
+                 out.logits[b, -1]) for b in range(B)]
 
     @torch.inference_mode()
     def _decode(self, s: Seq) -> bool:
@@ -360,10 +418,11 @@ class Scheduler:
                     except queue.Empty:
                         break
                 if not self.paused:
-                    admit = []
+                    admit = self._admitting
                     while self.waiting and len(self.running) + len(admit) < self.max_running:
                         admit.append(self.waiting.pop(0))
                     self.running += [s for s, fin in self._prefill_batch(admit) if not fin]
+                    admit.clear()
                     still = []
                     for i in range(0, len(self.running), self.max_batch):
                         chunk = self.running[i:i + self.max_batch]
@@ -373,11 +432,11 @@ class Scheduler:
                 if self.paused or not (self.running or self.waiting):
                     self._wake.wait(timeout=0.05)
                     self._wake.clear()
-            except Exception as e:  # noqa: BLE001 - fail the requests, keep serving
+            except Exception as e:  # noqa: BLE001 - outside any one request: fail those in the engine, keep serving
                 log.exception("scheduler step failed")
-                for s in self.running + self.waiting:
-                    self._finish(s, {"type": "abort", "message": f"engine error: {e}", "status_code": 500,
-                                     "err_type": "InternalServerError"})
-                self.running, self.waiting = [], []
+                for s in self._admitting + self.running + self.waiting:
+                    if s.finish is None:
+                        self._fail(s, e)
+                self._admitting, self.running, self.waiting = [], [], []
         if self._log_f is not None:
             self._log_f.close()

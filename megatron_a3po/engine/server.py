@@ -1,14 +1,18 @@
 """HTTP front end of the CPU engine: the subset of SGLang's native API an RL trainer uses.
 
-Request/response shapes follow SGLang 0.5.23 (the facts are in the project's SGLang API notes and the
-contract tests in tests/test_engine_contract.py). Differences from SGLang, all deliberate:
+Request/response shapes and behaviour follow SGLang 0.5.23 (the project's SGLang API notes,
+"Behaviour", and tests/test_engine_contract.py):
+unknown top-level /generate keys are ignored (unknown sampling_params keys are a 400); the distributed
+and tensor weight updates need a ``/begin_weight_update`` .. ``/end_weight_update`` session; a weight
+update with ``flush_cache`` (default true) while requests hold KV caches (pause mode ``in_place``)
+loads the weights and then fails with 400; with ``n > 1`` every sample has its own rid; ``/health``
+is a one-token generation (waits out a pause, 503 after ``--health-check-timeout``); ``/ready`` is 503
+while paused; ``/update_weight_version`` aborts all requests unless told not to. Differences from
+SGLang, all deliberate:
 
 * CPU only, HF transformers forward, one KV cache per sequence, no prefix cache (cached_tokens = 0);
 * no streaming, no text-in-logprobs, no penalties / grammars / logit bias (HTTP 400 if set to
-  non-default values);
-* ``/pause_generation`` mode ``retract`` behaves like ``in_place`` (requests keep their KV caches and
-  resume on ``/continue_generation``); ``abort`` ends running and queued requests with finish_reason
-  ``abort`` and their partial output;
+  non-default values); ``/update_weights_from_tensor`` is refused (inside a session) with 400;
 * ``meta_info.weight_versions`` is always present when a request produced tokens (one span when the
   version did not change);
 * test hooks (only with ``--enable-test-hooks``): ``POST /debug/fault`` to make /generate and /health
@@ -33,103 +37,11 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
-from megatron_a3po.engine.scheduler import Sampling, Scheduler, Seq
+from megatron_a3po.engine.scheduler import EngineError, Scheduler, Seq
+from megatron_a3po.engine.validate import (CONTROL_SCHEMAS, GENERATE_SCHEMA, BadRequest, Limits, body_object,
+                                           check_generate, check_group_body, check_tensor_specs, openapi_body)
 
 log = logging.getLogger("megatron_a3po.engine")
-
-# SGLang 0.5.23 SamplingParams keys (any other key -> HTTP 400, as SGLang does).
-SAMPLING_KEYS = {
-    "max_new_tokens", "stop", "stop_token_ids", "stop_regex", "temperature", "top_p", "top_k", "min_p",
-    "frequency_penalty", "presence_penalty", "repetition_penalty", "min_new_tokens", "n", "json_schema",
-    "regex", "ebnf", "structural_tag", "ignore_eos", "skip_special_tokens", "spaces_between_special_tokens",
-    "no_stop_trim", "stream_interval", "logit_bias", "sampling_seed", "custom_params", "beam_width",
-    "watermark", "choice",
-}
-# known keys this engine does not implement: accepted only at their neutral value
-_NEUTRAL = {
-    "stop_regex": (None, [], ""), "frequency_penalty": (0, 0.0, None), "presence_penalty": (0, 0.0, None),
-    "repetition_penalty": (1, 1.0, None), "json_schema": (None,), "regex": (None,), "ebnf": (None,),
-    "structural_tag": (None,), "logit_bias": (None, {}), "custom_params": (None,), "beam_width": (None,),
-    "watermark": (None,), "choice": (None, []), "stream_interval": (None,),
-    "spaces_between_special_tokens": (None, True),
-}
-GENERATE_KEYS = {
-    "rid", "text", "input_ids", "stream", "sampling_params", "return_logprob", "logprob_start_len",
-    "top_logprobs_num", "token_ids_logprob", "return_text_in_logprobs", "return_hidden_states",
-    "custom_logit_processor", "priority", "extra_key", "cache_salt", "return_prompt_token_ids",
-    "lora_path", "routing_key", "custom_labels",
-}
-
-
-class BadRequest(ValueError):
-    pass
-
-
-def _int(v, name):
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise BadRequest(f"sampling_params.{name} must be an integer, got {v!r}")
-    return v
-
-
-def _num(v, name):
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise BadRequest(f"sampling_params.{name} must be a number, got {v!r}")
-    return float(v)
-
-
-def parse_sampling(d: dict | None) -> tuple[Sampling, int]:
-    """Validate a sampling_params object; returns (Sampling, n). Raises BadRequest naming the key."""
-    d = dict(d or {})
-    if not isinstance(d, dict):
-        raise BadRequest("sampling_params must be an object")
-    unknown = sorted(set(d) - SAMPLING_KEYS)
-    if unknown:
-        raise BadRequest(f"unknown field `{unknown[0]}` in sampling_params (SGLang rejects unknown keys)")
-    for k, ok in _NEUTRAL.items():
-        if k in d and d[k] not in ok:
-            raise BadRequest(f"sampling_params.{k}={d[k]!r} is not supported by the CPU engine")
-    sp = Sampling()
-    if d.get("max_new_tokens") is not None:
-        sp.max_new_tokens = _int(d["max_new_tokens"], "max_new_tokens")
-        if sp.max_new_tokens < 0:
-            raise BadRequest(f"sampling_params.max_new_tokens must be >= 0, got {sp.max_new_tokens}")
-    if d.get("temperature") is not None:
-        sp.temperature = _num(d["temperature"], "temperature")
-        if sp.temperature < 0:
-            raise BadRequest(f"sampling_params.temperature must be >= 0, got {sp.temperature}")
-    if d.get("top_p") is not None:
-        sp.top_p = _num(d["top_p"], "top_p")
-        if not 0 < sp.top_p <= 1:
-            raise BadRequest(f"sampling_params.top_p must be in (0, 1], got {sp.top_p}")
-    if d.get("top_k") is not None:
-        sp.top_k = _int(d["top_k"], "top_k")
-        if sp.top_k == 0 or sp.top_k < -1:
-            raise BadRequest(f"sampling_params.top_k must be -1 or >= 1, got {sp.top_k}")
-    if d.get("min_p") is not None:
-        sp.min_p = _num(d["min_p"], "min_p")
-        if not 0 <= sp.min_p <= 1:
-            raise BadRequest(f"sampling_params.min_p must be in [0, 1], got {sp.min_p}")
-    if d.get("min_new_tokens") is not None:
-        sp.min_new_tokens = _int(d["min_new_tokens"], "min_new_tokens")
-    stop = d.get("stop")
-    if stop is not None:
-        sp.stop = [stop] if isinstance(stop, str) else list(stop)
-        if not all(isinstance(x, str) for x in sp.stop):
-            raise BadRequest(f"sampling_params.stop must be a string or list of strings, got {stop!r}")
-    if d.get("stop_token_ids") is not None:
-        sp.stop_token_ids = [_int(x, "stop_token_ids") for x in d["stop_token_ids"]]
-    for k in ("ignore_eos", "skip_special_tokens", "no_stop_trim"):
-        if d.get(k) is not None:
-            if not isinstance(d[k], bool):
-                raise BadRequest(f"sampling_params.{k} must be a boolean, got {d[k]!r}")
-            setattr(sp, k, d[k])
-    if d.get("sampling_seed") is not None:
-        sp.seed = _int(d["sampling_seed"], "sampling_seed")
-    n = d.get("n", 1)
-    n = 1 if n is None else _int(n, "n")
-    if n < 1:
-        raise BadRequest(f"sampling_params.n must be >= 1, got {n}")
-    return sp, n
 
 
 def load_model(path: str, dtype: str = "float32"):
@@ -141,6 +53,24 @@ def load_model(path: str, dtype: str = "float32"):
     model = AutoModelForCausalLM.from_pretrained(str(p), dtype=getattr(torch, dtype))
     model.eval()
     return model
+
+
+class EngineFailure(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = int(status) if 400 <= int(status) <= 599 else 500
+
+
+def _default_prompt_chars(tokenizer, max_context: int | None) -> int | None:
+    """A text longer than this cannot fit the context: every token covers at most the longest vocabulary
+    entry's characters (x2 for normalisers that merge characters)."""
+    if tokenizer is None or max_context is None:
+        return None
+    try:
+        longest = max(len(t) for t in tokenizer.get_vocab())
+    except Exception:  # noqa: BLE001 - a tokenizer without a vocabulary listing: no raw bound
+        return None
+    return 2 * max(1, longest) * max_context
 
 
 class Engine:
@@ -164,12 +94,17 @@ class Engine:
             eos = getattr(cfg, "eos_token_id", None)
         eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         self.max_context = args.context_length or getattr(cfg, "max_position_embeddings", None)
+        self.limits = Limits(max_n=args.max_n, max_batch_prompts=args.max_batch_prompts, max_context=self.max_context,
+                             max_prompt_chars=args.max_prompt_chars or _default_prompt_chars(self.tokenizer,
+                                                                                             self.max_context))
         self.sched = Scheduler(model, weight_version=args.weight_version, eos_ids=eos_ids,
                                tokenizer=self.tokenizer, max_context=self.max_context,
                                version_log=args.version_log, seed=args.random_seed)
         self.update_lock = threading.Lock()
         self.fault: dict[str, Any] = {}
         self.groups: dict[str, Any] = {}  # weight-update process groups by name
+        self.session_lock = threading.Lock()
+        self.session_open = False  # between /begin_weight_update and /end_weight_update
         self.started = time.time()
         self.sched.start()
 
@@ -187,53 +122,23 @@ class Engine:
 
     # ---- generate
     async def generate(self, body: dict) -> Any:
-        if not isinstance(body, dict):
-            raise BadRequest("request body must be a JSON object")
-        unknown = sorted(set(body) - GENERATE_KEYS)
-        if unknown:
-            raise BadRequest(f"unknown field `{unknown[0]}` in /generate request")
-        if body.get("stream"):
-            raise BadRequest("stream=true is not supported by the CPU engine")
-        ids = body.get("input_ids")
-        text = body.get("text")
-        if ids is None and text is None:
-            raise BadRequest("one of input_ids or text is required")
-        if ids is not None and text is not None:
-            raise BadRequest("give either input_ids or text, not both")
-        if ids is None:
+        # unknown top-level keys are ignored, as SGLang does (sglang-router adds several: background,
+        # log_metrics, model, no_logs, return_bytes, return_entropy, ...); only sampling_params is strict
+        vocab = self.sched.model.config.vocab_size
+        prompts, is_text, single, parsed, rids, ret_lp = check_generate(body, vocab, self.limits)
+        if is_text:
             if self.tokenizer is None:
                 raise BadRequest("text input needs a tokenizer (server started with --skip-tokenizer-init)")
-            single = isinstance(text, str)
-            texts = [text] if single else list(text)
-            prompts = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-        else:
-            if not isinstance(ids, list) or not ids:
-                raise BadRequest("input_ids must be a non-empty list of ints or a list of such lists")
-            single = not isinstance(ids[0], list)
-            prompts = [ids] if single else ids
-            vocab = self.sched.model.config.vocab_size
+            # off the event loop (/health stays responsive); the raw length was checked first
+            prompts = await asyncio.to_thread(
+                lambda: [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in prompts])
             for i, p in enumerate(prompts):
-                if not p or not all(isinstance(t, int) and not isinstance(t, bool) for t in p):
-                    raise BadRequest(f"input_ids[{i}] must be a non-empty list of ints")
-                bad = [t for t in p if t < 0 or t >= vocab]
-                if bad:
-                    raise BadRequest(f"input_ids[{i}] has token id {bad[0]} outside the vocabulary [0, {vocab})")
-        B = len(prompts)
-        sps = body.get("sampling_params")
-        sps = sps if isinstance(sps, list) else [sps] * B
-        if len(sps) != B:
-            raise BadRequest(f"sampling_params has {len(sps)} entries for {B} prompts")
-        parsed = [parse_sampling(s) for s in sps]
-        for i, p in enumerate(prompts):
-            if self.max_context is not None and len(p) >= self.max_context:
-                raise BadRequest(f"input_ids[{i}] has {len(p)} tokens; the context length is {self.max_context}")
-        rid = body.get("rid")
-        rids = [rid] if isinstance(rid, str) else (list(rid) if isinstance(rid, list) else [None] * B)
-        if len(rids) != B:
-            raise BadRequest(f"rid has {len(rids)} entries for {B} prompts")
+                name = "text" if single else f"text[{i}]"
+                if not p:
+                    raise BadRequest(f"{name} is empty after tokenising")
+                if self.max_context is not None and len(p) >= self.max_context:
+                    raise BadRequest(f"{name} has {len(p)} tokens; the context length is {self.max_context}")
         rids = [r if r is not None else uuid.uuid4().hex for r in rids]
-        ret_lp = body.get("return_logprob")
-        ret_lp = ret_lp if isinstance(ret_lp, list) else [bool(ret_lp)] * B
 
         if self.fault_active("hang"):
             await asyncio.sleep(max(0.0, self.fault["hang"] - time.time()))
@@ -249,17 +154,18 @@ class Engine:
 
                 gen = None
                 if sp.seed is not None:
-                    gen = torch.Generator().manual_seed(sp.seed * 1000003 + j)
-                seq = Seq(rid=rids[i] if n == 1 else f"{rids[i]}_{j}", prompt=list(p), sp=sp, on_done=done,
+                    gen = torch.Generator().manual_seed((sp.seed * 1000003 + j) % (1 << 63))
+                # n > 1: every sample gets its own uuid4 rid (meta_info.id), as in SGLang
+                seq = Seq(rid=rids[i] if n == 1 else uuid.uuid4().hex, prompt=list(p), sp=sp, on_done=done,
                           gen=gen)
                 futs.append(fut)
                 seqs.append(seq)
                 meta.append((i, bool(ret_lp[i])))
-        for s in seqs:
+        for s, fut in zip(seqs, futs):
             if s.sp.max_new_tokens == 0:
                 s.finish = {"type": "length", "length": 0}
                 s.versions = []
-                futs[seqs.index(s)].set_result(s)
+                fut.set_result(s)
             else:
                 self.sched.submit(s)
         try:
@@ -268,6 +174,9 @@ class Engine:
             for s in seqs:
                 self.sched._commands.put(("abort", (s.rid, "client disconnected"), threading.Event(), {}))
             raise
+        failed = [s for s in done_seqs if (s.finish or {}).get("status_code") not in (None, 200)]
+        if failed:  # an error inside the engine (not an abort): an HTTP error, as SGLang turns it into
+            raise EngineFailure(failed[0].finish["status_code"], failed[0].finish.get("message", "engine error"))
         outs = [self._response(s, lp) for s, (_, lp) in zip(done_seqs, meta)]
         return outs[0] if single and len(outs) == 1 else outs
 
@@ -296,8 +205,7 @@ class Engine:
             "weight_version": s.versions[-1] if s.versions else self.sched.weight_version,
             "e2e_latency": time.time() - s.created,
         }
-        if spans:
-            meta["weight_versions"] = spans
+        meta["weight_versions"] = spans  # on every finished response, as in SGLang (also with 0 tokens)
         if with_lp:
             meta["output_token_logprobs"] = [[lp, t, None] for lp, t in zip(s.logprobs, out)]
         return {"text": text, "output_ids": out, "meta_info": meta}
@@ -323,8 +231,9 @@ class Engine:
                              "num_paused_requests": 0}
             version = None if body.get("weight_version") is None else str(body["weight_version"])
             abort_all = bool(body.get("abort_all_requests", False))
+            flush = bool(body.get("flush_cache", True))
             if sd is not None:  # same architecture: copied into the served model in place, between steps
-                n = self.sched.command("load", list(sd.items()), version, abort_all)
+                n, why = self.sched.command("load", list(sd.items()), version, abort_all, flush)
             else:
                 old_shapes = {k: tuple(v.shape) for k, v in self.sched.model.state_dict().items()}
                 new_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -333,8 +242,11 @@ class Engine:
                     return 400, {"success": False, "message": f"{path!r} does not match the served model's "
                                  f"architecture ({type(model).__name__} vs {type(self.sched.model).__name__}; "
                                  f"differing params: {diff})", "num_paused_requests": 0}
-                n = self.sched.command("swap", model, version, abort_all)
+                n, why = self.sched.command("swap", model, version, abort_all, flush)
             self.model_path = path
+        if why is not None:
+            return 400, {"success": False, "message": f"weights loaded, but the cache flush failed: {why}",
+                         "num_paused_requests": n}
         return 200, {"success": True, "message": "Succeeded to update model weights.", "num_paused_requests": n}
 
 
@@ -372,12 +284,16 @@ class Engine:
 
     # ---- distributed weight update (the NCCL path of SGLang; gloo on CPU)
     def init_group(self, body: dict) -> tuple[int, dict]:
-        from megatron_a3po.rollout.weights import init_update_group
+        from megatron_a3po.platform.stores import init_update_group
 
         need = ("master_address", "master_port", "rank_offset", "world_size", "group_name")
         missing = [k for k in need if k not in body]
         if missing:
             return 400, {"success": False, "message": f"init_weights_update_group: missing {missing}"}
+        try:
+            check_group_body(body)
+        except BadRequest as e:
+            return 400, {"success": False, "message": f"init_weights_update_group: {e}"}
         backend = body.get("backend", "nccl")
         if backend != "gloo":
             return 400, {"success": False, "message": f"backend={backend!r}: the CPU engine joins weight-update "
@@ -392,16 +308,44 @@ class Engine:
             return 400, {"success": False, "message": f"failed to join group {name!r}: {e}"}
         return 200, {"success": True, "message": "Succeeded to initialize custom process group."}
 
+    # ---- weight-update session (SGLang 0.5.23: the distributed and tensor updates need one)
+    def begin_update(self, body: dict) -> tuple[int, dict]:
+        sel = body.get("selector", "all")
+        if sel not in ("target", "draft", "all"):
+            return 400, {"success": False, "message": f"selector={sel!r}: expected target, draft or all"}
+        with self.session_lock:
+            if self.session_open:
+                return 400, {"success": False, "message": "a weight-update session is already open"}
+            self.session_open = True
+        return 200, {"success": True, "message": "weight-update session opened"}
+
+    def end_update(self, body: dict) -> tuple[int, dict]:
+        with self.session_lock:
+            if not self.session_open:
+                return 400, {"success": False, "message": "no weight-update session is open"}
+            self.session_open = False
+        return 200, {"success": True, "message": "weight-update session closed"}
+
+    def _no_session(self, what: str) -> tuple[int, dict] | None:
+        if self.session_open:
+            return None
+        return 400, {"success": False, "message": f"{what} must run between begin_weight_update() and "
+                     "end_weight_update()"}
+
     def update_from_distributed(self, body: dict) -> tuple[int, dict]:
         import torch.distributed as dist
 
+        refused = self._no_session("update_weights_from_distributed")
+        if refused is not None:  # before the broadcast: this server never joins it
+            return refused
         name = body.get("group_name")
-        if name not in self.groups:
+        if not isinstance(name, str) or name not in self.groups:
             return 400, {"success": False, "message": f"group {name!r} not initialised (call /init_weights_update_group)"}
         names, dtypes, shapes = body.get("names"), body.get("dtypes"), body.get("shapes")
-        if not (isinstance(names, list) and isinstance(dtypes, list) and isinstance(shapes, list)
-                and len(names) == len(dtypes) == len(shapes)):
-            return 400, {"success": False, "message": "names, dtypes and shapes must be lists of equal length"}
+        try:
+            check_tensor_specs(names, dtypes, shapes)
+        except BadRequest as e:
+            return 400, {"success": False, "message": f"update_weights_from_distributed: {e}"}
         if body.get("load_format") not in (None, "auto"):
             return 400, {"success": False, "message": f"load_format={body['load_format']!r} is not supported"}
         with self.update_lock:
@@ -415,8 +359,12 @@ class Engine:
             if bad:
                 return 400, {"success": False, "message": f"unknown parameter or wrong shape: {bad[:3]}"}
             v = body.get("weight_version")
-            n_ab = self.sched.command("load", recv, None if v is None else str(v),
-                                      bool(body.get("abort_all_requests", False)))
+            n_ab, why = self.sched.command("load", recv, None if v is None else str(v),
+                                           bool(body.get("abort_all_requests", False)),
+                                           bool(body.get("flush_cache", True)))
+        if why is not None:
+            return 400, {"success": False, "message": f"weights loaded, but the cache flush failed: {why}",
+                         "num_paused_requests": n_ab}
         return 200, {"success": True, "message": f"Succeeded to update {len(recv)} parameters.",
                      "num_paused_requests": n_ab}
 
@@ -424,7 +372,7 @@ class Engine:
         import torch.distributed as dist
 
         name = body.get("group_name")
-        pg = self.groups.pop(name, None)
+        pg = self.groups.pop(name, None) if isinstance(name, str) else None
         if pg is None:
             return 400, {"success": False, "message": f"group {name!r} does not exist"}
         dist.destroy_process_group(pg)
@@ -436,50 +384,67 @@ def build_app(engine: Engine):
     app = FastAPI(title="megatron-a3po CPU engine")
 
     async def body_of(request: Request) -> dict:
+        """The JSON object a route was sent ({} for an empty body); a big body is parsed off the loop."""
+        import json
+
         raw = await request.body()
         if not raw:
             return {}
-        import json
-
         try:
-            return json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise BadRequest(f"request body is not valid JSON: {e}") from None
+            body = json.loads(raw) if len(raw) < (1 << 20) else await asyncio.to_thread(json.loads, raw)
+        except (ValueError, RecursionError) as e:  # bad JSON, bad UTF-8, absurd nesting
+            raise BadRequest(f"request body is not valid JSON: {str(e)[:200]}") from None
+        return body_object(body, request.url.path)
+
+    def post(path: str, **kw):
+        """A POST route whose (raw-parsed) JSON body is described in the OpenAPI document."""
+        return app.post(path, openapi_extra=openapi_body(CONTROL_SCHEMAS.get(path, {"type": "object"})), **kw)
 
     @app.exception_handler(BadRequest)
     async def _bad(request, exc: BadRequest):
         return JSONResponse({"error": {"message": str(exc), "code": 400}}, status_code=400)
 
+    @app.exception_handler(EngineFailure)
+    async def _failed(request, exc: EngineFailure):
+        return JSONResponse({"error": {"message": str(exc), "code": exc.status}}, status_code=exc.status)
+
+    @app.exception_handler(Exception)
+    async def _internal(request, exc: Exception):
+        log.exception("%s failed", request.url.path)
+        return JSONResponse({"error": {"message": f"internal error in {request.url.path}: {type(exc).__name__}: "
+                                                  f"{str(exc)[:300]}", "code": 500}}, status_code=500)
+
     def unavailable():
         return JSONResponse({"error": {"message": "service unavailable (injected fault)", "code": 503}},
                             status_code=503)
 
-    @app.post("/generate")
+    @app.post("/generate", openapi_extra=openapi_body(GENERATE_SCHEMA, required=True))
     async def generate(request: Request):
         if engine.fault_active("e503"):
             return unavailable()
         return JSONResponse(await engine.generate(await body_of(request)))
 
     @app.get("/health")
-    async def health():
-        if engine.fault_active("e503"):
-            return unavailable()
-        if engine.fault_active("hang"):
-            await asyncio.sleep(max(0.0, engine.fault["hang"] - time.time()))
-        return PlainTextResponse("")
-
     @app.get("/health_generate")
-    async def health_generate():
+    async def health():
+        """As SGLang's: a one-token generation, so it waits out a pause and answers 503 after
+        ``--health-check-timeout`` seconds."""
         if engine.fault_active("e503"):
             return unavailable()
-        if engine.sched.paused:
-            return PlainTextResponse("")
-        await engine.generate({"input_ids": [1], "sampling_params": {"max_new_tokens": 1, "ignore_eos": True},
-                               "rid": f"health-{uuid.uuid4().hex[:8]}"})
+        rid = f"HEALTH_CHECK_{uuid.uuid4().hex[:12]}"
+        try:
+            await asyncio.wait_for(engine.generate({"input_ids": [1], "rid": rid, "sampling_params": {
+                "max_new_tokens": 1, "ignore_eos": True}}), engine.args.health_check_timeout)
+        except asyncio.TimeoutError:
+            await asyncio.to_thread(engine.sched.command, "abort", rid)
+            return JSONResponse({"error": {"message": f"health check generation did not finish within "
+                                           f"{engine.args.health_check_timeout:g}s", "code": 503}}, status_code=503)
         return PlainTextResponse("")
 
     @app.get("/ready")
     async def ready():
+        if engine.sched.paused:
+            return JSONResponse({"error": {"message": "generation is paused", "code": 503}}, status_code=503)
         return PlainTextResponse("")
 
     def model_info():
@@ -504,11 +469,14 @@ def build_app(engine: Engine):
 
     @app.api_route("/flush_cache", methods=["GET", "POST"])
     async def flush_cache():
-        await asyncio.to_thread(engine.sched.command, "flush")
+        try:
+            await asyncio.to_thread(engine.sched.command, "flush")
+        except EngineError as e:
+            return PlainTextResponse(f"Cache not flushed: {e}\n", status_code=400)
         return PlainTextResponse("Cache flushed.\nPlease check backend logs for more details. "
                                  "(When there are running or waiting requests, the operation will not be performed.)\n")
 
-    @app.post("/pause_generation")
+    @post("/pause_generation")
     async def pause(request: Request):
         body = await body_of(request)
         mode = body.get("mode", "abort")
@@ -517,13 +485,13 @@ def build_app(engine: Engine):
         await asyncio.to_thread(engine.sched.command, "pause", mode)
         return {"message": "Generation paused successfully.", "status": "ok"}
 
-    @app.post("/continue_generation")
+    @post("/continue_generation")
     async def cont(request: Request):
         await body_of(request)
         await asyncio.to_thread(engine.sched.command, "continue")
         return {"message": "Generation continued successfully.", "status": "ok"}
 
-    @app.post("/abort_request")
+    @post("/abort_request")
     async def abort(request: Request):
         body = await body_of(request)
         if body.get("abort_all"):
@@ -534,19 +502,19 @@ def build_app(engine: Engine):
             raise BadRequest("abort_request needs rid or abort_all=true")
         return PlainTextResponse("")
 
-    @app.post("/update_weights_from_disk")
+    @post("/update_weights_from_disk")
     async def update_disk(request: Request):
         body = await body_of(request)
         code, out = await asyncio.to_thread(engine.update_from_disk, body)
         return JSONResponse(out, status_code=code)
 
-    @app.post("/update_weight_version")
+    @post("/update_weight_version")
     async def update_version(request: Request):
         body = await body_of(request)
         v = body.get("new_version")
         if v is None:
             raise BadRequest("new_version is required")
-        await asyncio.to_thread(engine.sched.command, "set_version", str(v), bool(body.get("abort_all_requests", False)))
+        await asyncio.to_thread(engine.sched.command, "set_version", str(v), bool(body.get("abort_all_requests", True)))
         return {"success": True, "message": f"Weight version updated to {v}", "new_version": str(v)}
 
     @app.get("/get_weight_version")
@@ -554,26 +522,39 @@ def build_app(engine: Engine):
     async def weight_version():
         return {"weight_version": engine.sched.weight_version}
 
-    @app.post("/init_weights_update_group")
+    @post("/init_weights_update_group")
     async def init_group(request: Request):
         body = await body_of(request)
         code, out = await asyncio.to_thread(engine.init_group, body)
         return JSONResponse(out, status_code=code)
 
-    @app.post("/update_weights_from_distributed")
+    @post("/update_weights_from_distributed")
     async def update_dist(request: Request):
         body = await body_of(request)
         code, out = await asyncio.to_thread(engine.update_from_distributed, body)
         return JSONResponse(out, status_code=code)
 
-    @app.post("/destroy_weights_update_group")
+    @post("/destroy_weights_update_group")
     async def destroy_group(request: Request):
         body = await body_of(request)
         code, out = await asyncio.to_thread(engine.destroy_group, body)
         return JSONResponse(out, status_code=code)
 
-    @app.post("/update_weights_from_tensor")
+    @post("/begin_weight_update")
+    async def begin_update(request: Request):
+        code, out = engine.begin_update(await body_of(request))
+        return JSONResponse(out, status_code=code)
+
+    @post("/end_weight_update")
+    async def end_update(request: Request):
+        code, out = engine.end_update(await body_of(request))
+        return JSONResponse(out, status_code=code)
+
+    @post("/update_weights_from_tensor")
     async def _from_tensor():
+        refused = engine._no_session("update_weights_from_tensor")
+        if refused is not None:
+            return JSONResponse(refused[1], status_code=refused[0])
         return JSONResponse({"success": False, "message": "update_weights_from_tensor is not supported by the CPU "
                              "engine (use update_weights_from_disk or update_weights_from_distributed)"},
                             status_code=400)
@@ -631,6 +612,15 @@ def parse_args(argv=None):
     p.add_argument("--version-log", default=None, help="append a jsonl record per finished request "
                    "(rid, output_ids, per-token versions)")
     p.add_argument("--enable-test-hooks", action="store_true", help="TESTS ONLY: /debug/fault, /debug/version_log")
+    p.add_argument("--health-check-timeout", type=float, default=20.0,
+                   help="seconds /health waits for its one-token generation before answering 503")
+    p.add_argument("--max-n", type=int, default=64, help="largest sampling_params.n a request may ask for")
+    p.add_argument("--max-batch-prompts", type=int, default=256, help="most prompts in one /generate request")
+    p.add_argument("--max-prompt-chars", type=int, default=None,
+                   help="longest text prompt in characters, checked before tokenising (default: the context "
+                        "length x 2 x the longest vocabulary entry)")
+    p.add_argument("--shutdown-timeout", type=float, default=3.0,
+                   help="seconds SIGTERM waits for open requests before the engine exits anyway")
     p.add_argument("--log-level", default="warning")
     return p.parse_args(argv)
 
@@ -642,9 +632,26 @@ def main(argv=None):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     engine = Engine(args)
     app = build_app(engine)
+    serve(app, engine, args)
+
+
+def serve(app, engine: Engine, args) -> None:
+    """uvicorn until SIGTERM/SIGINT. Open requests get ``--shutdown-timeout`` seconds; a watchdog then
+    ends the process whatever still runs (a request waiting on a paused engine, a forward pass), so an
+    engine always dies with the trainer that sends it SIGTERM."""
     import uvicorn
 
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    class _Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            if not getattr(self, "_watchdog", None):
+                self._watchdog = threading.Timer(args.shutdown_timeout + 2.0, os._exit, args=(0,))
+                self._watchdog.daemon = True
+                self._watchdog.start()
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
+                            timeout_graceful_shutdown=args.shutdown_timeout)
+    _Server(config).run()
     engine.sched.stop()
 
 

@@ -20,6 +20,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop_process(proc, timeout: float = 10.0):
+    """SIGTERM a ``subprocess.Popen`` (by its pid), SIGKILL it if it has not exited after ``timeout``."""
+    import subprocess
+
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
 class WorkerError(RuntimeError):
     pass
 

@@ -9,6 +9,7 @@ given, and ``loopback_gloo`` keeps gloo's own sockets on the loopback interface 
     tcp_store(host, port, ...)       the server (rank 0) or a client of such a store
     init_default_group(backend, ...) torch.distributed's default group from MASTER_ADDR/MASTER_PORT
                                      through ``tcp_store`` (torchrun's agent store when torchrun owns it)
+    init_update_group(...)           an extra group outside the default one (weight updates: trainer + engines)
 """
 
 from __future__ import annotations
@@ -115,3 +116,24 @@ def init_default_group(backend: str, *, timeout: timedelta, bind: str | None = N
         return
     store = tcp_store(host, port, world_size=world, is_master=rank == 0, timeout=timeout, bind=bind)
     dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=timeout)
+
+
+def init_update_group(master_address: str, master_port: int, rank: int, world_size: int, group_name: str,
+                      backend: str = "nccl", timeout_s: float = 300.0):
+    """Create an extra torch.distributed process group outside the default one (a store at
+    ``master_address:master_port`` hosted by rank 0 and listening on that address only, keys under
+    ``group_name``), as an SGLang server does on ``/init_weights_update_group``; returns the group.
+
+    Here, below both the trainer's transport (rollout.weights) and the CPU engine, since both join such
+    groups."""
+    from torch.distributed import distributed_c10d as c10d
+
+    timeout = timedelta(seconds=timeout_s)
+    if backend == "gloo":
+        loopback_gloo(master_address)
+    store = tcp_store(master_address, master_port, world_size=world_size, is_master=rank == 0, timeout=timeout)
+    store = c10d.PrefixStore(group_name, store)
+    pg, _ = c10d._new_process_group_helper(world_size, rank, [], c10d.Backend(backend), store,
+                                           group_name=group_name, timeout=timeout)
+    c10d._world.pg_group_ranks[pg] = {i: i for i in range(world_size)}
+    return pg

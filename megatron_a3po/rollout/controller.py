@@ -302,7 +302,8 @@ class Controller:
         resps = resp if isinstance(resp, list) else [resp]
         if len(resps) != n:
             raise RolloutError(f"request {rid}: asked for n={n} samples, got {len(resps)}")
-        return [(r, f"{rid}_{j}" if n > 1 else rid) for j, r in enumerate(resps)]
+        # each sample has its own rid (meta_info.id): SGLang gives every one of the n a uuid4
+        return [(r, str((r.get("meta_info") or {}).get("id") or rid)) for r in resps]
 
     async def _run_sample(self, gid: int, prompt, j: int, first: tuple[dict, str] | None = None) -> Sample:
         """Collect one sample; ``first`` is its part of the group request, later segments (after an
@@ -458,7 +459,9 @@ class Controller:
             try:
                 await self.fleet.call_all("/pause_generation", {"mode": self.cfg.pause_mode},
                                           retries=self.cfg.update_retries)
-                await self.transport.push(self.fleet, version, retries=self.cfg.update_retries, **payload)
+                # requests paused in place still hold KV caches: SGLang fails a flush then
+                await self.transport.push(self.fleet, version, retries=self.cfg.update_retries,
+                                          flush_cache=self.cfg.pause_mode != "in_place", **payload)
                 infos = await self.fleet.call_all("/model_info", None, method="GET", retries=self.cfg.update_retries)
                 wrong = {u: i.get("weight_version") for u, i in infos.items() if str(i.get("weight_version")) != str(version)}
                 if wrong:

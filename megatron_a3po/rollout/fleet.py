@@ -3,7 +3,7 @@
 * ``generate(payload, rid_base)`` sends one /generate request to the least-loaded healthy server; on a
   timeout, a dropped connection or a 5xx/429 it re-issues the same request on another server (a new
   ``rid``: ``{rid_base}.{attempt}``; the timed-out one is aborted best-effort on its server). HTTP 400
-  is a caller bug and raises ``BadRequestError`` at once.
+  (or 422, the router's validation error) is a caller bug and raises ``BadRequestError`` at once.
 * Server states: ``up`` (gets requests), ``unavailable`` (timed out / 5xx: no requests until a health
   check passes; re-checked every ``health_interval_s``), ``dead`` (connection refused: dropped for good;
   its in-flight requests are re-issued elsewhere by their own ``generate`` calls).
@@ -140,8 +140,11 @@ class Fleet:
         self._notify()
 
     async def _healthy(self, s: Server) -> bool:
+        """Liveness: GET /model_info answers (SGLang's /health is a generation that waits out a pause, and
+        a router's /health answers 200 with no live worker: neither tells whether the process is up)."""
         try:
-            r = await self._client.get(f"{s.url}/health", timeout=self.health_timeout)
+            r = await self._client.get(f"{s.url}/model_info" if s is not self.router else f"{s.url}/workers",
+                                       timeout=self.health_timeout)
         except httpx.ConnectError:
             s.connect_failures += 1
             return False
@@ -214,8 +217,9 @@ class Fleet:
                 if r.status_code == 200:
                     s.completed += 1
                     return r.json(), rid, s.url
-                if r.status_code == 400:
-                    raise BadRequestError(f"{s.url}/generate rejected the request (HTTP 400): {r.text[:500]}")
+                if r.status_code in (400, 422):  # 422: the router's (or FastAPI's) validation error
+                    raise BadRequestError(f"{s.url}/generate rejected the request (HTTP {r.status_code}): "
+                                          f"{r.text[:500]}")
                 if r.status_code >= 500 or r.status_code == 429:
                     self.counters["http_5xx"] += 1
                     self._mark_unavailable(s, f"HTTP {r.status_code}")
@@ -263,10 +267,10 @@ class Fleet:
             last = f"HTTP {r.status_code}: {str(data)[:500]}"
         raise ServerCallError(s.url, path, f"{last} (after {retries + 1} attempts)")
 
-    async def call_all(self, path: str, body: dict | None = None, **kw) -> dict[str, object]:
-        """Post to every non-dead server concurrently; {url: reply}; raises the first ServerCallError
-        after all calls have finished."""
-        servers = self.live()
+    async def call_all(self, path: str, body: dict | None = None, servers=None, **kw) -> dict[str, object]:
+        """Post to every non-dead server (or to ``servers``) concurrently; {url: reply}; raises the first
+        ServerCallError after all calls have finished."""
+        servers = self.live() if servers is None else list(servers)
         res = await asyncio.gather(*(self.call_one(s, path, body, **kw) for s in servers), return_exceptions=True)
         out, errors = {}, []
         for s, r in zip(servers, res):

@@ -47,7 +47,7 @@ class RolloutManager:
 
     Args:
         engine_urls: server base URLs (``http://127.0.0.1:30000``); weight updates go to all of them.
-        prompts: list of ``data.Prompt`` (or use ``from_recipe`` / ``from_files``).
+        prompts: list of ``data.Prompt`` (or use ``from_recipe``).
         task: a ``tasks.Task`` (reward function) or its name.
         tokenizer: HF tokenizer (decodes responses for the reward).
         config: ``ControllerConfig`` (n_samples, max_inflight_groups, batch_groups, max_staleness,
@@ -74,30 +74,20 @@ class RolloutManager:
         self._thread = threading.Thread(target=self._loop.run_forever, name="rollout-loop", daemon=True)
         self._started = False
         self._closed = False
-        self.owned_engines: list = []  # EngineProcess objects started by from_recipe (stopped by close())
 
     # ---- construction helpers
     @classmethod
     def from_recipe(cls, recipe, *, engine_urls: list[str] | None = None, tokenizer=None, prompts=None,
-                    initial_version: int = 0, transport=None, model_path=None, log_dir=None) -> "RolloutManager":
+                    initial_version: int = 0, transport=None) -> "RolloutManager":
         """Build from a ``megatron_a3po.config.Recipe`` (rollout + data sections).
 
-        Engine URLs come from ``engine_urls``, else ``recipe.rollout.engine_urls``; if both are empty and
-        ``rollout.backend == "cpu"``, ``rollout.num_engines`` CPU engines are started here from
-        ``model_path`` (an HF dir holding the initial weights) with ``--weight-version initial_version``;
-        they are stopped by ``close()``.
+        Engine URLs come from ``engine_urls``, else ``recipe.rollout.engine_urls``. The manager starts no
+        servers: the trainer (megatron_a3po.trainer.fleet) or the launcher does.
         """
         r, d = recipe.rollout, recipe.data
         urls = list(engine_urls if engine_urls is not None else r.engine_urls)
-        owned = []
         if not urls and not r.router_url:
-            if r.backend != "cpu" or model_path is None:
-                raise ValueError("no rollout engines: set rollout.engine_urls (or router_url), or use "
-                                 "rollout.backend=cpu and pass model_path to start local CPU engines")
-            from megatron_a3po.engine.launch import launch_engines
-
-            owned = launch_engines(model_path, n=r.num_engines, version=str(initial_version), log_dir=log_dir)
-            urls = [e.url for e in owned]
+            raise ValueError("no rollout engines: set rollout.engine_urls (or rollout.router_url)")
         if prompts is None:
             from megatron_a3po.rollout.data import load_prompts
 
@@ -111,15 +101,8 @@ class RolloutManager:
                                sampling_seed=recipe.trainer.seed if r.backend == "cpu" else None,
                                pause_mode=r.pause_mode, adv_norm=recipe.loss.adv_norm,
                                adv_eps=recipe.loss.adv_eps, adv_batch_norm=recipe.loss.adv_batch_norm)
-        try:
-            rm = cls(urls, prompts, d.task, tokenizer, cfg, router_url=r.router_url, transport=transport,
-                     initial_version=initial_version, request_timeout=r.request_timeout_s)
-        except BaseException:
-            for e in owned:
-                e.stop()
-            raise
-        rm.owned_engines = owned
-        return rm
+        return cls(urls, prompts, d.task, tokenizer, cfg, router_url=r.router_url, transport=transport,
+                   initial_version=initial_version, request_timeout=r.request_timeout_s)
 
     # ---- plumbing
     def _call(self, coro, timeout: float | None = None):
@@ -203,8 +186,6 @@ class RolloutManager:
                 self._loop.call_soon_threadsafe(self._loop.stop)
                 self._thread.join(timeout=30)
         self._closed = True
-        for e in self.owned_engines:
-            e.stop()
 
     def __enter__(self):
         self.start()

@@ -8,7 +8,8 @@ controller.py); a transport only moves the weights.
   "abort_all_requests"}`` (retried per server).
 * ``NcclTransport``: the trainer is rank 0 of a process group with every server's TP ranks
   (server i's TP rank t is ``rank_offset_i + t``). ``init`` posts ``/init_weights_update_group`` to
-  every server while joining the group itself; ``push`` consumes an iterator of ``(name, tensor)`` in
+  every server while joining the group itself; ``push`` opens a weight-update session on every server
+  (``/begin_weight_update``; closed by ``/end_weight_update`` afterwards, also on failure) and consumes an iterator of ``(name, tensor)`` in
   buckets of ``bucket_bytes``: for each bucket it posts ``/update_weights_from_distributed {"names",
   "dtypes", "shapes", "group_name", "flush_cache", "abort_all_requests", "weight_version"}`` to every
   server and, concurrently, broadcasts each tensor from rank 0 in the order of ``names``. Only the last
@@ -21,11 +22,11 @@ controller.py); a transport only moves the weights.
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
 from typing import Iterable, Iterator
 
 import torch
 
+from megatron_a3po.platform.stores import init_update_group
 from megatron_a3po.rollout.fleet import Fleet, FleetError, ServerCallError
 
 
@@ -34,37 +35,33 @@ class DiskTransport:
         self.load_format = load_format
         self.flush_cache = flush_cache
 
-    def body(self, version: int, hf_dir: str) -> dict:
-        b = {"model_path": str(hf_dir), "weight_version": str(version), "flush_cache": self.flush_cache,
-             "abort_all_requests": False}
+    def body(self, version: int, hf_dir: str, flush_cache: bool = True) -> dict:
+        b = {"model_path": str(hf_dir), "weight_version": str(version),
+             "flush_cache": bool(self.flush_cache and flush_cache), "abort_all_requests": False}
         if self.load_format:
             b["load_format"] = self.load_format
         return b
 
-    async def push(self, fleet: Fleet, version: int, *, hf_dir=None, retries: int = 2, **_):
+    async def push(self, fleet: Fleet, version: int, *, hf_dir=None, retries: int = 2, flush_cache: bool = True,
+                   servers=None, **_):
+        """``flush_cache=False`` when requests still hold KV caches (pause mode in_place): SGLang fails a
+        flush then. ``servers``: only these (default: every live server)."""
         if hf_dir is None:
             raise ValueError("DiskTransport.push needs hf_dir (the HF directory the trainer wrote)")
-        await fleet.call_all("/update_weights_from_disk", self.body(version, hf_dir), retries=retries, timeout=600.0)
+        await fleet.call_all("/update_weights_from_disk", self.body(version, hf_dir, flush_cache), retries=retries,
+                             timeout=600.0, servers=servers)
 
 
-def init_update_group(master_address: str, master_port: int, rank: int, world_size: int, group_name: str,
-                      backend: str = "nccl", timeout_s: float = 300.0):
-    """Create an extra torch.distributed process group outside the default one (a store at
-    ``master_address:master_port`` hosted by rank 0 and listening on that address only, keys under
-    ``group_name``), as an SGLang server does on ``/init_weights_update_group``; returns the group."""
-    from torch.distributed import distributed_c10d as c10d
-
-    from megatron_a3po.platform.stores import loopback_gloo, tcp_store
-
-    timeout = timedelta(seconds=timeout_s)
-    if backend == "gloo":
-        loopback_gloo(master_address)
-    store = tcp_store(master_address, master_port, world_size=world_size, is_master=rank == 0, timeout=timeout)
-    store = c10d.PrefixStore(group_name, store)
-    pg, _ = c10d._new_process_group_helper(world_size, rank, [], c10d.Backend(backend), store,
-                                           group_name=group_name, timeout=timeout)
-    c10d._world.pg_group_ranks[pg] = {i: i for i in range(world_size)}
-    return pg
+async def _begin_session(fleet: Fleet, s):
+    """``/begin_weight_update`` on one server; a session left open (by a trainer that died inside one)
+    is closed and opened again."""
+    try:
+        await fleet.call_one(s, "/begin_weight_update", {}, retries=0)
+    except ServerCallError as e:
+        if "already open" not in e.message:
+            raise
+        await fleet.call_one(s, "/end_weight_update", {}, retries=0)
+        await fleet.call_one(s, "/begin_weight_update", {}, retries=0)
 
 
 def _dtype_name(dt: torch.dtype) -> str:
@@ -122,10 +119,10 @@ class NcclTransport:
             off += tp
         return out
 
-    def update_body(self, bucket: list, version: int | None, last: bool) -> dict:
+    def update_body(self, bucket: list, version: int | None, last: bool, flush_cache: bool = True) -> dict:
         b = {"names": [n for n, _ in bucket], "dtypes": [_dtype_name(t.dtype) for _, t in bucket],
              "shapes": [list(t.shape) for _, t in bucket], "group_name": self.group_name,
-             "flush_cache": bool(last), "abort_all_requests": False}
+             "flush_cache": bool(last and flush_cache), "abort_all_requests": False}
         if last and version is not None:
             b["weight_version"] = str(version)
         return b
@@ -154,7 +151,11 @@ class NcclTransport:
             t = t.detach().to(self.device).contiguous()
             dist.broadcast(t, src=0, group=self.group)
 
-    async def push(self, fleet: Fleet, version: int, *, named_tensors=None, retries: int = 0, **_):
+    async def push(self, fleet: Fleet, version: int, *, named_tensors=None, retries: int = 0, flush_cache: bool = True,
+                   **_):
+        """Open a weight-update session on every server (``/begin_weight_update``: SGLang refuses the
+        distributed update outside one, and then never joins the broadcast), send every bucket, close the
+        session (``/end_weight_update``, also after a failure)."""
         if self.group is None:
             raise FleetError("NcclTransport.init(fleet) must run before push")
         if named_tensors is None:
@@ -163,17 +164,23 @@ class NcclTransport:
         if [s.url for s in servers] != self.urls:
             raise FleetError(f"the fleet changed since the update group was made ({self.urls} -> "
                              f"{[s.url for s in servers]}); re-create the group")
-        for bucket, last in _with_last(buckets(named_tensors, self.bucket_bytes)):
-            body = self.update_body(bucket, version, last)
-            http = asyncio.gather(*(fleet.call_one(s, "/update_weights_from_distributed", body, retries=0,
-                                                   timeout=self.timeout_s) for s in servers), return_exceptions=True)
-            bc = asyncio.to_thread(self._broadcast, bucket)
-            res_http, res_bc = await asyncio.gather(http, bc, return_exceptions=True)
-            if isinstance(res_bc, BaseException):
-                raise FleetError(f"weight broadcast failed: {res_bc}") from res_bc
-            for r in res_http:
-                if isinstance(r, BaseException):
-                    raise r if isinstance(r, ServerCallError) else FleetError(str(r))
+        try:
+            await asyncio.gather(*(_begin_session(fleet, s) for s in servers))
+            for bucket, last in _with_last(buckets(named_tensors, self.bucket_bytes)):
+                body = self.update_body(bucket, version, last, flush_cache)
+                http = asyncio.gather(*(fleet.call_one(s, "/update_weights_from_distributed", body, retries=0,
+                                                       timeout=self.timeout_s) for s in servers),
+                                      return_exceptions=True)
+                bc = asyncio.to_thread(self._broadcast, bucket)
+                res_http, res_bc = await asyncio.gather(http, bc, return_exceptions=True)
+                if isinstance(res_bc, BaseException):
+                    raise FleetError(f"weight broadcast failed: {res_bc}") from res_bc
+                for r in res_http:
+                    if isinstance(r, BaseException):
+                        raise r if isinstance(r, ServerCallError) else FleetError(str(r))
+        finally:
+            await asyncio.gather(*(fleet.call_one(s, "/end_weight_update", {}, retries=retries) for s in servers),
+                                 return_exceptions=True)
 
     async def destroy(self, fleet: Fleet):
         await fleet.call_all("/destroy_weights_update_group", {"group_name": self.group_name}, retries=0)

@@ -302,7 +302,8 @@ def summary_markdown(groups: list[Group], notes) -> str:
              "(sample std). Means are over all logged steps; total time is the last `train/time/elapsed`; "
              f"final reward is the mean `train/reward/mean` over the last {WINDOW} logged steps; stability "
              f"is the largest drop of the {WINDOW}-step mean reward below its running best (lower is "
-             "steadier). IW = importance weight pi_theta / pi_prox.", "",
+             "steadier). IW = importance weight pi_theta / pi_prox. Figures: each group's mean over its "
+             "runs, with a min-max band.", "",
              "| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for g, row in zip(groups, group_rows(groups)):
         cells = [g.name, str(len(g.runs))] + [_fmt_stat(row[c]) for c in HEADLINES] + [str(row["steps"])]

@@ -25,6 +25,8 @@ rename) only after the trainer exited 0 and its steps.jsonl holds every step. A 
 finished runs whose recorded recipe and overrides equal the grid's (and stops with an error naming the
 directory if they differ, rather than mixing two grids), and deletes and reruns any other run directory
 (a crash, a kill, a failed run). A failed run does not stop the others; the command exits 1 listing them.
+Ctrl-C or SIGTERM stops the runs in progress (SIGTERM to each trainer; its engines die with it) and exits
+130; the same command later continues.
 
 Why a plain subprocess loop, not nemo-run's LocalExecutor: every run is one local command (the trainer
 starts its own engine), the limit of concurrent runs is a thread pool's size, and skip/resume is
@@ -47,6 +49,7 @@ import itertools
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -59,7 +62,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from megatron_a3po import metrics as M
-from megatron_a3po.io import write_json_atomic
+from megatron_a3po.io import atomic_write_text, write_json_atomic
 from tools.report import COMPARISONS, HEADLINES, SUMMARY_FILE, SUMMARY_SCHEMA, RunData
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -97,13 +100,15 @@ class RunSpec:
     overrides: dict[str, str]  # every override passed to the trainer (grid-wide + point + trainer.seed)
     point: dict[str, str]  # the grid point's own overrides (what names the group)
     config: dict = field(default_factory=dict)
+    recipe_arg: str | None = None  # what the trainer's --recipe gets (a recipe path made absolute)
 
     @property
     def rel(self) -> str:
         return f"{self.group}/seed{self.seed}"
 
     def argv(self, run_dir: Path) -> list[str]:
-        return [sys.executable, "-m", "megatron_a3po.trainer", "--recipe", self.recipe, "--run-dir", str(run_dir),
+        return [sys.executable, "-m", "megatron_a3po.trainer", "--recipe", self.recipe_arg or self.recipe,
+                "--run-dir", str(run_dir),
                 *(f"{k}={v}" for k, v in self.overrides.items())]
 
 
@@ -181,8 +186,10 @@ def load_grid(path, seeds: list[int]) -> list[RunSpec]:
         raise SweepError(f"--seeds: a seed given twice: {seeds}")
     recipe = grid.recipe
     rp = Path(recipe)
-    if rp.suffix in (".yaml", ".yml") and not rp.is_absolute() and not rp.exists() and (path.parent / rp).exists():
-        recipe = str(path.parent / rp)  # a recipe path relative to the grid file
+    if rp.suffix in (".yaml", ".yml"):  # a path: relative to the grid file if not found from here
+        if not rp.is_absolute() and not rp.exists() and (path.parent / rp).exists():
+            rp = path.parent / rp
+        recipe = str(rp.resolve())  # the trainer runs in the repository root
     common = {k: _cli_value(v) for k, v in grid.overrides.items()}
     if "trainer.seed" in common:
         raise SweepError(f"{path}: overrides.trainer.seed: seeds come from --seeds")
@@ -218,7 +225,7 @@ def load_grid(path, seeds: list[int]) -> list[RunSpec]:
                     for part in dotted.split("."):
                         x = x[part]
                     cfg[name] = x
-                runs.append(RunSpec(group, seed, grid.recipe, ov, pt, cfg))
+                runs.append(RunSpec(group, seed, grid.recipe, ov, pt, cfg, recipe_arg=recipe))
     return runs
 
 
@@ -237,10 +244,17 @@ def read_steps(path: Path) -> dict[int, dict]:
     return dict(sorted(out.items()))
 
 
+# kept per step besides what tools/report draws: what a later look at a run's end (an entropy collapse,
+# the behaviour-weight cap, the trust region) needs
+EXTRA_TAGS = [M.PREFIX + k for k in (M.CLIP_FRAC, M.BEHAVE_W_MAX, M.BEHAVE_W_CAPPED_FRAC, M.APPROX_KL,
+                                     M.GRAD_NORM)]
+
+
 def curve_tags(stats_keys) -> list[str]:
-    """The tags a summary keeps per step: what tools/report draws and tabulates, plus metrics mode's
-    approximation errors."""
+    """The tags a summary keeps per step: what tools/report draws and tabulates, EXTRA_TAGS, and metrics
+    mode's approximation errors."""
     tags = [t for _, _, series in COMPARISONS.values() for t, _ in series] + [t for t, _ in HEADLINES.values()]
+    tags += EXTRA_TAGS
     tags += sorted(M.PREFIX + k for k in stats_keys if k.startswith("approx_err/"))
     return list(dict.fromkeys(tags))
 
@@ -324,6 +338,12 @@ class Sweep:
         return self.out / spec.group / f"seed{spec.seed}"
 
     def _one(self, spec: RunSpec) -> dict:
+        try:
+            return self._run_one(spec)
+        except Exception as e:  # noqa: BLE001 - one run's trouble (a full disk, ...) must not stop the others
+            return {"run": spec.rel, "status": "failed", "rc": None, "error": f"{type(e).__name__}: {e}"}
+
+    def _run_one(self, spec: RunSpec) -> dict:
         d = self.run_dir(spec)
         if d.exists():
             shutil.rmtree(d)  # an unfinished run (finished ones never get here): start it over
@@ -353,7 +373,7 @@ class Sweep:
             summary = build_summary(spec, d, wall)
         except (SweepError, OSError, ValueError) as e:
             return {"run": spec.rel, "status": "failed", "rc": 0, "wall_s": wall, "error": str(e)}
-        write_json_atomic(d / SUMMARY_FILE, summary)  # the finished marker
+        atomic_write_text(d / SUMMARY_FILE, json.dumps(summary))  # the finished marker (compact: committed)
         return {"run": spec.rel, "status": "done", "wall_s": wall,
                 "final_reward": summary["headline"]["final reward"]}
 
@@ -406,9 +426,13 @@ def export(runs: list[RunSpec], out: Path, dest: Path) -> int:
     for spec in runs:
         src = out / spec.group / f"seed{spec.seed}" / SUMMARY_FILE
         if src.is_file():
-            write_json_atomic(dest / spec.group / f"seed{spec.seed}" / SUMMARY_FILE, json.loads(src.read_text()))
+            atomic_write_text(dest / spec.group / f"seed{spec.seed}" / SUMMARY_FILE, src.read_text())
             n += 1
     return n
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _seeds(text: str) -> list[int]:
@@ -439,7 +463,13 @@ def main(argv=None) -> int:
                 print(f"{s.rel}: {' '.join(s.argv(out / s.rel)[1:])}")
             print(f"{len(runs)} runs in {len({s.group for s in runs})} groups")
             return 0
-        results = Sweep(runs, out, parallel=args.parallel, timeout_s=args.run_timeout).run()
+        signal.signal(signal.SIGTERM, _interrupt)  # kill / a job scheduler: stop the runs, like Ctrl-C
+        signal.signal(signal.SIGINT, _interrupt)  # also when started in the background (SIGINT ignored)
+        try:
+            results = Sweep(runs, out, parallel=args.parallel, timeout_s=args.run_timeout).run()
+        except KeyboardInterrupt:
+            print("sweep: interrupted; its runs were stopped (rerun the same command to continue)", file=sys.stderr)
+            return 130
         if args.export:
             print(f"exported {export(runs, out, Path(args.export))} run summaries to {args.export}")
     except SweepError as e:

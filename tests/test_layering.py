@@ -1,0 +1,85 @@
+"""Imports point down: config/io/metrics < platform < ops < models < loss, convert < rollout, engine < trainer
+< launch, tools, bench. A module may import its own package and any lower layer; a library package never
+imports a peer of its own layer (loss vs convert, rollout vs engine) or anything above it. Read with ``ast``
+from the source files, so a lazy import inside a function counts too."""
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+LAYERS = {
+    "megatron_a3po.config": 0, "megatron_a3po.io": 0, "megatron_a3po.metrics": 0,
+    "megatron_a3po.platform": 1,
+    "megatron_a3po.ops": 2,
+    "megatron_a3po.models": 3,
+    "megatron_a3po.loss": 4, "megatron_a3po.convert": 4,
+    "megatron_a3po.rollout": 5, "megatron_a3po.engine": 5,
+    "megatron_a3po.trainer": 6,
+    # the top: entry points that may use each other (bench measures tools' CLIs)
+    "launch": 7, "tools": 7, "bench": 7,
+    "recipes": 8,  # YAML files: no code may import the folder
+}
+TOP = 7
+
+
+def _unit(module: str) -> str | None:
+    parts = module.split(".")
+    for n in (2, 1):
+        key = ".".join(parts[:n])
+        if key in LAYERS:
+            return key
+    return None
+
+
+def _imports(path: Path):
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                yield node.lineno, a.name
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            yield node.lineno, node.module
+            for a in node.names:  # ``from megatron_a3po import engine`` names a package too
+                yield node.lineno, f"{node.module}.{a.name}"
+
+
+def violations(root: Path = ROOT) -> list[str]:
+    out = []
+    files = [p for d in ("megatron_a3po", "launch", "tools", "bench", "recipes") for p in (root / d).rglob("*.py")]
+    for p in sorted(files):
+        me = _unit(".".join(p.relative_to(root).with_suffix("").parts))
+        if me is None:
+            continue
+        for line, name in _imports(p):
+            other = _unit(name)
+            if other is None or other == me:
+                continue
+            if LAYERS[other] > LAYERS[me] or (LAYERS[other] == LAYERS[me] and LAYERS[me] < TOP) \
+                    or other == "recipes":
+                out.append(f"{p.relative_to(root)}:{line} ({me}, layer {LAYERS[me]}) imports {other} "
+                           f"(layer {LAYERS[other]})")
+    return sorted(set(out))
+
+
+def test_every_package_is_placed():
+    pkgs = {f"megatron_a3po.{p.name}" for p in (ROOT / "megatron_a3po").iterdir()
+            if (p / "__init__.py").exists() or p.suffix == ".py" and p.stem != "__init__"}
+    pkgs = {p.removesuffix(".py") for p in pkgs}
+    assert pkgs <= set(LAYERS), f"new package(s) without a layer in tests/test_layering.py: {sorted(pkgs - set(LAYERS))}"
+
+
+def test_imports_point_down():
+    bad = violations()
+    assert not bad, "imports that point up or across a layer:\n" + "\n".join(bad)
+
+
+def test_the_check_catches_an_upward_import(tmp_path):
+    """The checker itself, on a tree made here: an ops module importing the trainer is reported."""
+    (tmp_path / "megatron_a3po" / "ops").mkdir(parents=True)
+    (tmp_path / "megatron_a3po" / "ops" / "x.py").write_text("def f():\n    from megatron_a3po.trainer import loop\n")
+    (tmp_path / "megatron_a3po" / "engine").mkdir()
+    (tmp_path / "megatron_a3po" / "engine" / "y.py").write_text("import megatron_a3po.rollout.weights\n")
+    got = violations(tmp_path)
+    assert len(got) == 2, got
+    assert "engine/y.py:1" in got[0] and "imports megatron_a3po.rollout " in got[0]
+    assert "ops/x.py:2" in got[1] and "imports megatron_a3po.trainer " in got[1]
