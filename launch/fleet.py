@@ -51,14 +51,21 @@ class Engine:
         return f"{self.index}:{self.node}:{self.base_gpu}:{self.port}"
 
 
+# the version engines report for the weights they load at start (the trainer's version 0; the rollout
+# controller needs integer versions, and samples generated before the trainer's first push carry it)
+INITIAL_VERSION = "0"
+
+
 def server_command(backend: str, model_path: str, engine: Engine, *, engine_tp: int, bind_host: str,
                    python: str = sys.executable, mem_fraction_static: float | None = None,
-                   extra: list[str] = ()) -> list[str]:
+                   extra: list[str] = (), log_dir: str | None = None) -> list[str]:
     if backend == "cpu":
+        log = ["--version-log", os.path.join(log_dir, f"engine-{engine.index}.jsonl")] if log_dir else []
         return [python, "-m", "megatron_a3po.engine", "--model-path", model_path, "--port", str(engine.port),
-                "--host", bind_host, *extra]
+                "--host", bind_host, "--weight-version", INITIAL_VERSION, *log, *extra]
     cmd = [python, "-m", "sglang.launch_server", "--model-path", model_path, "--tp-size", str(engine_tp),
-           "--host", bind_host, "--port", str(engine.port), "--base-gpu-id", str(engine.base_gpu)]
+           "--host", bind_host, "--port", str(engine.port), "--base-gpu-id", str(engine.base_gpu),
+           "--weight-version", INITIAL_VERSION]
     if mem_fraction_static is not None:
         cmd += ["--mem-fraction-static", str(mem_fraction_static)]
     return cmd + list(extra)
@@ -97,6 +104,8 @@ def main(argv=None) -> int:
                     help="the router's metrics port, bound on 127.0.0.1 (default: a free port)")
     ap.add_argument("--health-timeout", type=float, default=3600.0)
     ap.add_argument("--stop-file", default=None)
+    ap.add_argument("--engine-log-dir", default=None, help="CPU engines: append each served request to "
+                                                           "DIR/engine-INDEX.jsonl")
     args = ap.parse_args(argv)
 
     hosts = [h for h in args.hosts.split(",") if h]
@@ -119,8 +128,9 @@ def main(argv=None) -> int:
         if e.node != node:
             continue
         cmd = server_command(args.backend, args.model_path, e, engine_tp=args.engine_tp, bind_host=args.bind_host,
-                             mem_fraction_static=args.mem_fraction_static, extra=extra)
-        print(f"[launch.fleet] node {node}: engine {e.index}: {' '.join(cmd)}", flush=True)
+                             mem_fraction_static=args.mem_fraction_static, extra=extra, log_dir=args.engine_log_dir)
+        print(f"[launch.fleet] node {node} ({os.environ.get('SLURMD_NODENAME') or socket.gethostname()}): "
+              f"engine {e.index}: {' '.join(cmd)}", flush=True)
         procs.append((f"engine {e.index}", subprocess.Popen(cmd)))
 
     router_pending = args.router_port is not None and node == 0

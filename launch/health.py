@@ -1,7 +1,7 @@
 """Wait until every URL answers ``GET /health`` with 200, then run a command (the trainer).
 
     python -m launch.health --url http://h:30000 --url http://h:30080 --timeout 3600 \
-        [--stop-file F] -- torchrun ... -m megatron_a3po.trainer ...
+        [--stop-file F] [--expand-env] -- torchrun ... '--node-rank=$SLURM_NODEID' -m megatron_a3po.trainer ...
 
 Exit status: the command's; 3 when a server did not become healthy in time (nothing is started).
 With ``--stop-file`` the file is created when the command ends, holding its exit status; it tells
@@ -11,6 +11,8 @@ With ``--stop-file`` the file is created when the command ends, holding its exit
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import subprocess
 import sys
 import time
@@ -56,9 +58,16 @@ def main(argv=None) -> int:
     ap.add_argument("--url", action="append", default=[], help="server base URL (repeatable)")
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for all servers")
     ap.add_argument("--stop-file", default=None, help="created when the command ends")
+    ap.add_argument("--expand-env", action="store_true", help="expand $VAR in the command from this process's "
+                    "environment (per-task values such as $SLURM_NODEID, which the sbatch script cannot know)")
     args = ap.parse_args(argv)
     if not cmd:
         ap.error("no command after --")
+    if args.expand_env:
+        missing = sorted({m for a in cmd for m in re.findall(r"\$\{?(\w+)", a) if m not in os.environ})
+        if missing:
+            ap.error(f"--expand-env: {', '.join(missing)} not set in this environment")
+        cmd = [os.path.expandvars(a) for a in cmd]
     code = 1
     try:
         down = wait_healthy(args.url, args.timeout)

@@ -85,39 +85,42 @@ def plan_layout(recipe, executor: str, *, local_gpus: int | None = None) -> Layo
 
     if executor == "slurm":
         g = c.gpus_per_node
-        if g < 1:
-            errors.append(f"cluster.gpus_per_node={g}: a Slurm launch needs GPU nodes")
-            g = 1
-        world = c.trainer_nodes * g
-        procs = g
-        if tp > g:
+        cpu = g == 0  # CPU nodes: one trainer rank and one CPU engine per node, no container needed
+        slots = max(g, 1)
+        world = c.trainer_nodes * slots
+        procs = slots
+        if tp > slots and not cpu:
             errors.append(f"parallel.tp={tp} exceeds cluster.gpus_per_node={g}: tensor parallelism must "
                           "stay inside a node")
         if world % (tp * pp) != 0:
-            errors.append(f"trainer GPUs = cluster.trainer_nodes x cluster.gpus_per_node = "
-                          f"{c.trainer_nodes} x {g} = {world} is not a multiple of parallel.tp x parallel.pp "
-                          f"= {tp} x {pp} = {tp * pp} (trainer GPUs = TP x PP x DP)")
+            what = (f"cluster.trainer_nodes = {world} (one rank per CPU node)" if cpu else
+                    f"cluster.trainer_nodes x cluster.gpus_per_node = {c.trainer_nodes} x {g} = {world}")
+            errors.append(f"trainer {'ranks' if cpu else 'GPUs'} = {what} is not a multiple of parallel.tp x "
+                          f"parallel.pp = {tp} x {pp} = {tp * pp} (trainer ranks = TP x PP x DP)")
         dp = max(world // (tp * pp), 1)
-        if ro.backend != "sglang":
-            errors.append(f"rollout.backend={ro.backend!r}: a Slurm launch runs SGLang engines; set "
-                          "rollout.backend=sglang")
-        if recipe.model.hf_path is None:
-            errors.append("model.hf_path is not set: SGLang engines load Hugging Face weights")
+        want = "cpu" if cpu else "sglang"
+        if ro.backend != want:
+            errors.append(f"rollout.backend={ro.backend!r} on {'CPU' if cpu else 'GPU'} nodes "
+                          f"(cluster.gpus_per_node={g}): set rollout.backend={want}")
+        if recipe.model.hf_path is None and recipe.model.tiny is None:
+            errors.append("model.hf_path is not set: the engines load Hugging Face weights")
         if external:
             errors.append("rollout.engine_urls / rollout.router_url are set: the Slurm launch starts its own "
                           "fleet; leave them empty (run the trainer alone to use an external fleet)")
-        for key in ("account", "container_image"):
+        for key in ("account",) + (() if cpu else ("container_image",)):
             if not getattr(c, key):
                 errors.append(f"cluster.{key} is not set (recipe, --cluster FILE or --{key.replace('_', '-')})")
         if c.rollout_nodes < 1:
             errors.append(f"cluster.rollout_nodes={c.rollout_nodes}: the rollout fleet needs at least one node")
         else:
-            rgpus = c.rollout_nodes * g
+            rgpus = c.rollout_nodes * slots
             et = ro.engine_tp
-            if et > g:
+            if cpu and et != 1:
+                errors.append(f"rollout.engine_tp={et}: the CPU engine has no tensor parallelism; set 1")
+            elif et > slots:
                 errors.append(f"rollout.engine_tp={et} exceeds cluster.gpus_per_node={g}: an engine must "
                               "fit on one node")
-            elif g % et != 0:
+            elif slots % et != 0:
                 errors.append(f"rollout.engine_tp={et} must divide cluster.gpus_per_node={g} (engines may "
                               "not straddle nodes)")
             elif rgpus % et != 0:
@@ -126,20 +129,25 @@ def plan_layout(recipe, executor: str, *, local_gpus: int | None = None) -> Layo
             else:
                 fit = rgpus // et
                 if ro.num_engines != fit:
-                    errors.append(f"rollout.num_engines={ro.num_engines} but the rollout GPUs "
-                                  f"(cluster.rollout_nodes x cluster.gpus_per_node = {rgpus}) hold "
-                                  f"{rgpus} / rollout.engine_tp={et} = {fit} engines; set "
+                    where = (f"one CPU engine per rollout node: cluster.rollout_nodes = {fit}" if cpu else
+                             f"the rollout GPUs (cluster.rollout_nodes x cluster.gpus_per_node = {rgpus}) hold "
+                             f"{rgpus} / rollout.engine_tp={et} = {fit} engines")
+                    errors.append(f"rollout.num_engines={ro.num_engines} but {where}; set "
                                   f"rollout.num_engines={fit} or change cluster.rollout_nodes")
-                per_node = g // et
+                per_node = slots // et
                 for i in range(min(ro.num_engines, fit)):
                     node, k = divmod(i, per_node)
-                    engines.append(EngineSlot(i, node, k * et, c.engine_port_base + k))
+                    # ports are distinct across the whole fleet, so "nodes" that share one host never collide
+                    engines.append(EngineSlot(i, node, -1 if cpu else k * et, c.engine_port_base + i))
             rollout_nodes = c.rollout_nodes
             if c.use_router:
                 router_port = c.router_port
-                if c.engine_port_base <= c.router_port < c.engine_port_base + max(g, 1):
+                n_ports = max(len(engines), 1)
+                if c.engine_port_base <= c.router_port < c.engine_port_base + n_ports:
                     errors.append(f"cluster.router_port={c.router_port} collides with the engine ports "
-                                  f"{c.engine_port_base}..{c.engine_port_base + g - 1} (cluster.engine_port_base)")
+                                  f"{c.engine_port_base}..{c.engine_port_base + n_ports - 1} "
+                                  "(cluster.engine_port_base)")
+        layout_gpu = not cpu
         total = c.trainer_nodes + c.rollout_nodes
         if c.max_nodes is not None and total > c.max_nodes:
             errors.append(f"the job needs cluster.trainer_nodes + cluster.rollout_nodes = {total} nodes but "

@@ -6,7 +6,11 @@
 Slurm: one heterogeneous job. Group 0 (``cluster.trainer_nodes`` nodes) runs the trainer under torchrun
 (one rank per GPU, static rendezvous on the group's head node); group 1 (``cluster.rollout_nodes`` nodes)
 runs ``launch.fleet``: ``rollout.num_engines`` SGLang servers of ``rollout.engine_tp`` GPUs each on
-disjoint GPUs, plus sglang-router on the first rollout node. The trainer is started by ``launch.health``,
+disjoint GPUs (on CPU nodes, ``cluster.gpus_per_node=0``: one CPU engine per node), plus sglang-router on
+the first rollout node. Without ``--detach`` the launcher waits for the job, streams its logs and exits
+with the trainer's status; ``python -m launch.status JOB_ID`` shows a submitted job (launch/status.py).
+A ``model.tiny`` recipe's initial weights are built into ``<trainer.log_dir>/init_hf`` before submission
+(the engines load them; the trainer reuses them). The trainer is started by ``launch.health``,
 which waits for every engine's and the router's /health, and it is told the fleet with
 ``rollout.engine_urls=[...]`` and ``rollout.router_url=...``.
 
@@ -42,11 +46,13 @@ class LaunchError(ValueError):
 # configuration: recipe + cluster file + flags + dotted overrides
 
 
-def read_cluster_file(path) -> dict:
-    """A YAML mapping of ClusterCfg keys (a top-level ``cluster:`` wrapper is accepted)."""
+def read_cluster_file(path) -> list[dict]:
+    """Recipe layers from a cluster file: a YAML mapping of ClusterCfg keys, or a mapping with a
+    ``cluster:`` section plus the other recipe sections that cluster dictates (e.g. ``parallel:``,
+    ``rollout:`` on CPU nodes)."""
     from omegaconf import OmegaConf
 
-    from megatron_a3po.config import ClusterCfg
+    from megatron_a3po.config import ClusterCfg, Recipe
 
     p = Path(path)
     if not p.is_file():
@@ -56,16 +62,19 @@ def read_cluster_file(path) -> dict:
     except Exception as e:  # noqa: BLE001 - yaml syntax
         raise LaunchError(f"{p}: cannot parse YAML: {e}") from None
     if raw is None:
-        return {}
+        return []
     if not isinstance(raw, dict):
         raise LaunchError(f"{p}: expected a mapping of cluster settings, got {type(raw).__name__}")
-    if set(raw) == {"cluster"} and isinstance(raw["cluster"], dict):
-        raw = raw["cluster"]
-    unknown = sorted(set(raw) - set(ClusterCfg.model_fields))
+    sections = {k for k, f in Recipe.model_fields.items() if k not in ("name", "description", "model")}
+    if "cluster" in raw and isinstance(raw["cluster"], dict) and set(raw) <= sections:
+        layer = dict(raw)
+    else:
+        layer = {"cluster": raw}
+    unknown = sorted(set(layer["cluster"]) - set(ClusterCfg.model_fields))
     if unknown:
         raise LaunchError(f"{p}: unknown cluster key(s) {', '.join(unknown)}; known: "
                           f"{', '.join(ClusterCfg.model_fields)}")
-    return raw
+    return [layer]
 
 
 _FLAG_KEYS = ("account", "partition", "time", "qos", "container_image", "job_dir")
@@ -120,17 +129,31 @@ def rollout_host_var(node: int) -> str:
     return f"a3po_rollout_host_{node}"
 
 
+TRAINER_HEAD_VAR = "a3po_trainer_head"
+NODE_RANK_ARG = "--node-rank=$SLURM_NODEID"
+
+
 def slurm_setup_lines(rollout_nodes: int) -> str:
-    lines = ["# rollout node host names (het group 1), in node order: engine and router addresses",
-             'a3po_rollout_hosts=( $(scontrol show hostnames "$SLURM_JOB_NODELIST_HET_GROUP_1") )']
+    """Shell lines of the sbatch script: the address of every node the job talks to.
+
+    A node's address is its ``NodeAddr`` in Slurm (the node name on most clusters; 127.0.0.1 on the
+    local test cluster, whose node names resolve nowhere).
+    """
+    lines = ['a3po_node_addr() { scontrol show node "$1" -o | tr " " "\\n" | sed -n "s/^NodeAddr=//p"; }',
+             "# the trainer's head node (torchrun rendezvous), het group 0",
+             f'{TRAINER_HEAD_VAR}=$(a3po_node_addr "$(scontrol show hostnames "$SLURM_JOB_NODELIST_HET_GROUP_0" '
+             '| head -n1)")',
+             "# rollout node addresses (het group 1), in node order: engine and router addresses",
+             'a3po_rollout_hosts=( $(for n in $(scontrol show hostnames "$SLURM_JOB_NODELIST_HET_GROUP_1"); '
+             'do a3po_node_addr "$n"; done) )']
     lines += [f"{rollout_host_var(i)}=${{a3po_rollout_hosts[{i}]}}" for i in range(rollout_nodes)]
     return "\n".join(lines)
 
 
-def fleet_args(recipe, layout, *, backend: str, hosts: list[str], bind_host: str, stop_file: str,
-               health_timeout: float) -> list[str]:
+def fleet_args(recipe, layout, *, backend: str, model_path: str, hosts: list[str], bind_host: str,
+               stop_file: str, health_timeout: float) -> list[str]:
     ro = recipe.rollout
-    args = ["--backend", backend, "--model-path", recipe.model.hf_path, "--engine-tp", str(layout.engine_tp),
+    args = ["--backend", backend, "--model-path", model_path, "--engine-tp", str(layout.engine_tp),
             "--hosts", ",".join(hosts), "--bind-host", bind_host, "--stop-file", stop_file,
             "--health-timeout", str(int(health_timeout))]
     for e in layout.engines:
@@ -164,38 +187,85 @@ def trainer_args(ref: str, overrides: list[str], engine_urls: list[str], router_
     return out + ["--", *torchrun, "-m", TRAINER_MODULE, "--recipe", ref, *ovs]
 
 
+def slurm_run_dir(recipe) -> str:
+    """The trainer's run dir as the job sees it: ``trainer.log_dir``, made absolute against the submitting
+    directory (the job runs elsewhere; a resubmission must find the same checkpoints)."""
+    return os.path.abspath(recipe.trainer.log_dir)
+
+
+def engine_model_path(recipe) -> str:
+    """What the engines load first: ``model.hf_path``, or for a ``model.tiny`` recipe the HF directory the
+    trainer would build (``<run dir>/init_hf``), prepared by ``prepare_slurm_model`` before submission."""
+    if recipe.model.hf_path is not None:
+        return recipe.model.hf_path
+    return os.path.join(slurm_run_dir(recipe), "init_hf")
+
+
+def prepare_slurm_model(recipe) -> None:
+    """A tiny model has no weights on disk: build them where the trainer looks (it reuses them)."""
+    if recipe.model.tiny is None:
+        return
+    from megatron_a3po.trainer.loop import prepare_initial_model
+
+    prepare_initial_model(recipe, Path(slurm_run_dir(recipe)))
+
+
 def build_slurm(run, recipe, layout, args, ref: str, overrides: list[str]):
     c = recipe.cluster
     hosts = [f"${{{rollout_host_var(i)}}}" for i in range(layout.rollout_nodes)]
     engine_urls, router_url = fleet_urls(layout, hosts)
     stop_file = f"{SLURM_RUNDIR}/{STOP_FILE_NAME}"
+    # $SLURM_NODEID differs per task: it must reach launch.health unexpanded (the batch script's shell has
+    # the head node's value), which expands it from its own environment (--expand-env)
     torchrun = ["torchrun", f"--nnodes={layout.trainer_nodes}", f"--nproc-per-node={layout.trainer_procs_per_node}",
-                f"--rdzv-endpoint=$het_group_host_0:{c.rdzv_port}", "--node-rank=$SLURM_NODEID"]
+                f"--rdzv-endpoint=${TRAINER_HEAD_VAR}:{c.rdzv_port}", NODE_RANK_ARG]
+    overrides = [*overrides, f"trainer.log_dir={slurm_run_dir(recipe)}"]
     t_args = trainer_args(ref, overrides, engine_urls, router_url, torchrun, health_timeout=c.health_timeout_s,
                           stop_file=stop_file)
-    f_args = fleet_args(recipe, layout, backend="sglang", hosts=hosts, bind_host="0.0.0.0", stop_file=stop_file,
-                        health_timeout=c.health_timeout_s)
-    trainer = run.Script(path="launch.health", entrypoint="python", m=True, args=[sh(a) for a in t_args])
+    f_args = fleet_args(recipe, layout, backend=recipe.rollout.backend, model_path=engine_model_path(recipe),
+                        hosts=hosts, bind_host=c.bind_host, stop_file=stop_file, health_timeout=c.health_timeout_s)
+    if recipe.rollout.backend == "cpu":  # each CPU engine records the requests it served, beside the job's logs
+        f_args[f_args.index("--stop-file"):f_args.index("--stop-file")] = ["--engine-log-dir", SLURM_RUNDIR]
+    t_args = ["--expand-env", *t_args]
+    trainer = run.Script(path="launch.health", entrypoint="python", m=True,
+                         args=[shlex.quote(a) if a == NODE_RANK_ARG else sh(a) for a in t_args])
     fleet = run.Script(path="launch.fleet", entrypoint="python", m=True, args=[sh(a) for a in f_args])
 
-    job_dir = c.job_dir or os.path.join(
-        os.environ.get("NEMORUN_HOME", os.path.expanduser("~/.nemo_run")), "slurm_jobs")
     if args.ssh:
         user, _, host = args.ssh.rpartition("@")
-        tunnel = run.SSHTunnel(host=host, user=user or os.environ.get("USER", ""), job_dir=job_dir)
+        tunnel = run.SSHTunnel(host=host, user=user or os.environ.get("USER", ""), job_dir=slurm_job_dir(recipe))
     else:
-        tunnel = run.LocalTunnel(job_dir=job_dir)
+        # sbatch on this machine: nemo-run's local tunnel submits the experiment directory itself, so the
+        # job directory is the experiment directory (under cluster.job_dir when set, see experiment_base)
+        tunnel = run.LocalTunnel(job_dir=os.path.join(experiment_base(recipe, args), "experiments"))
     packager = run.GitArchivePackager() if args.packager == "git" else run.Packager()
     common = dict(account=c.account, partition=c.partition, time=c.time, qos=c.qos, ntasks_per_node=1,
-                  gpus_per_node=c.gpus_per_node, container_image=c.container_image,
+                  gpus_per_node=c.gpus_per_node or None, container_image=c.container_image,
                   container_mounts=list(c.container_mounts), env_vars=dict(c.env_vars), heterogeneous=True,
-                  exclusive=True, job_name_prefix=f"{c.job_name}-", tunnel=tunnel, packager=packager)
+                  exclusive=c.exclusive or None, job_name_prefix=f"{c.job_name}-", tunnel=tunnel,
+                  packager=packager, monitor_group_job_wait_time=c.monitor_wait_s,
+                  wait_time_for_group_job=c.group_start_gap_s)
     ex_trainer = run.SlurmExecutor(nodes=layout.trainer_nodes, setup_lines=slurm_setup_lines(layout.rollout_nodes),
                                    **common)
-    ex_fleet = run.SlurmExecutor(nodes=layout.rollout_nodes, **{**common, "tunnel": tunnel})
+    ex_fleet = run.SlurmExecutor(nodes=layout.rollout_nodes, **common)
     for ex in (ex_trainer, ex_fleet):
         ex.launcher = None  # torchrun is in the trainer's command; the fleet is one process per node
     return [trainer, fleet], [ex_trainer, ex_fleet]
+
+
+def experiment_base(recipe, args) -> str:
+    """nemo-run's base directory (``<base>/experiments/<title>/<id>``): cluster.job_dir for a Slurm job
+    submitted from this machine (a shared filesystem the nodes see), else $NEMORUN_HOME."""
+    from nemo_run.config import get_nemorun_home
+
+    if args.executor == "slurm" and not args.ssh and recipe.cluster.job_dir:
+        return recipe.cluster.job_dir
+    return get_nemorun_home()
+
+
+def slurm_job_dir(recipe) -> str:
+    return recipe.cluster.job_dir or os.path.join(
+        os.environ.get("NEMORUN_HOME", os.path.expanduser("~/.nemo_run")), "slurm_jobs")
 
 
 def build_local(run, recipe, layout, ref: str, overrides: list[str], exp_dir: str):
@@ -208,7 +278,8 @@ def build_local(run, recipe, layout, ref: str, overrides: list[str], exp_dir: st
     engine_urls, router_url = ([], None)
     if layout.engines:
         engine_urls, router_url = fleet_urls(layout, hosts)
-        f_args = fleet_args(recipe, layout, backend="sglang" if layout.gpu else "cpu", hosts=hosts,
+        f_args = fleet_args(recipe, layout, backend="sglang" if layout.gpu else "cpu",
+                            model_path=recipe.model.hf_path, hosts=hosts,
                             bind_host="127.0.0.1", stop_file=stop_file, health_timeout=c.health_timeout_s)
         tasks.append(run.Script(path="launch.fleet", entrypoint=sys.executable, m=True, args=f_args))
         executors.append(run.LocalExecutor(ntasks_per_node=1, env_vars=env))
@@ -252,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--packager", choices=["git", "none"], default="git",
                     help="ship the repository's HEAD as a git archive (default), or nothing (code in the image)")
     ap.add_argument("--title", help="experiment title (default: cluster.job_name + recipe name)")
+    ap.add_argument("--detach", action="store_true", help="Slurm: print the job id and return once submitted "
+                                                          "(default: wait and exit with the trainer's status)")
     ap.add_argument("overrides", nargs="*", help="dotted recipe overrides, e.g. trainer.steps=10")
     return ap
 
@@ -264,14 +337,34 @@ def prepare(argv):
     args = build_parser().parse_args(argv)
     layers = []
     if args.cluster:
-        layers.append({"cluster": read_cluster_file(args.cluster)})
+        layers += read_cluster_file(args.cluster)
     flags = flag_layer(args)
     if flags:
         layers.append({"cluster": flags})
     recipe = load_recipe(args.recipe, args.overrides, layers=layers)
     ref = recipe_ref(resolve_recipe_path(args.recipe), args.executor)
     layout = plan_layout(recipe, args.executor)
+    # the trainer reloads the recipe by name: it gets the cluster file's non-cluster settings as overrides
+    args.overrides = [*layer_overrides(layers), *args.overrides]
     return args, recipe, layout, ref
+
+
+def layer_overrides(layers: list[dict]) -> list[str]:
+    """Dotted overrides of every non-``cluster`` setting in ``layers`` (the trainer ignores ``cluster``)."""
+    out = []
+
+    def walk(prefix, v):
+        if isinstance(v, dict):
+            for k, x in v.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), x)
+        elif isinstance(v, list):
+            out.append(f"{prefix}=[{','.join(str(x) for x in v)}]")
+        else:
+            out.append(f"{prefix}={'null' if v is None else v}")
+
+    for layer in layers:
+        walk("", {k: v for k, v in layer.items() if k != "cluster"})
+    return out
 
 
 def main(argv=None) -> int:
@@ -294,7 +387,7 @@ def main(argv=None) -> int:
                                                                     if layout.router_port else ""))
     if layout.memory:
         print(f"[launch] trainer memory estimate: {layout.memory}")
-    with run.Experiment(title) as exp:
+    with run.Experiment(title, base_dir=experiment_base(recipe, args)) as exp:
         if args.executor == "slurm":
             tasks, executors = build_slurm(run, recipe, layout, args, ref, args.overrides)
             exp.add(tasks, executor=executors, name=recipe.name)
@@ -315,10 +408,42 @@ def main(argv=None) -> int:
                     print(" ".join([t.entrypoint, "-m", t.path, *map(shlex.quote, t.args)]))
                 print(exp._exp_dir)
             return 0
-        exp.run(sequential=False, detach=args.executor == "slurm", tail_logs=args.executor == "local")
-        if args.executor == "local":
+        if args.executor == "slurm":
+            prepare_slurm_model(recipe)
+            exp.run(sequential=False, detach=True, tail_logs=False)
+            job = slurm_job_record(exp, recipe, exp.jobs[0].executor)
+        else:
+            exp.run(sequential=False, detach=False, tail_logs=True)
             return _local_exit_code(Path(exp._exp_dir) / STOP_FILE_NAME)
-    return 0
+    from launch import status
+
+    print(f"[launch] submitted Slurm job {job['job_id']}; logs in {job['job_dir']}; "
+          f"status and logs: python -m launch.status {job['job_id']}", flush=True)
+    if args.detach:
+        print(job["job_id"])
+        return 0
+    return status.wait(job)
+
+
+def slurm_job_record(exp, recipe, executor) -> dict:
+    """Where a submitted job's pieces are, written to ``<experiment dir>/a3po_job.json`` for launch.status."""
+    from megatron_a3po.io import write_json_atomic
+
+    handles = [h for j in exp.jobs for h in ([j.handle] if getattr(j, "handle", None) else [])]
+    if not handles:
+        raise LaunchError("nemo-run returned no job handle: the job was not submitted")
+    job_id = handles[0].rstrip("/").split("/")[-1]
+    local = type(executor.tunnel).__name__ == "LocalTunnel"
+    # the job's directory: the task's directory of the experiment (local tunnel) or its copy on the cluster
+    job_dir = executor.job_dir if local else os.path.join(executor.tunnel.job_dir, Path(executor.job_dir).name)
+    rec = {"job_id": job_id, "job_dir": job_dir, "experiment_dir": exp._exp_dir, "title": exp._title,
+           "stop_file": os.path.join(job_dir, STOP_FILE_NAME), "run_dir": slurm_run_dir(recipe),
+           "ssh": None if local else f"{executor.tunnel.user}@{executor.tunnel.host}"}
+    write_json_atomic(Path(exp._exp_dir) / "a3po_job.json", rec)
+    from launch.status import index_path
+
+    write_json_atomic(index_path(job_id), rec)
+    return rec
 
 
 def _local_exit_code(stop_file: Path) -> int:

@@ -219,6 +219,13 @@ class ClusterCfg(_Strict):
     router_port: int = Field(30080, ge=1, le=65535)
     use_router: bool = True
     router_policy: Literal["random", "round_robin", "cache_aware", "power_of_two"] = "cache_aware"
+    # Slurm: --exclusive on both het groups (whole nodes); the address servers bind on the rollout nodes
+    # (0.0.0.0: reachable from the trainer nodes; 127.0.0.1 when every "node" is this machine); seconds
+    # between nemo-run's checks that a group ended (then the others are stopped) and between group starts.
+    exclusive: bool = True
+    bind_host: str = "0.0.0.0"
+    monitor_wait_s: int = Field(60, ge=1)
+    group_start_gap_s: int = Field(30, ge=0)
     # How long the trainer waits for every engine's /health (and the router's) before it starts.
     health_timeout_s: float = Field(3600.0, gt=0)
     # Architecture used by the launcher's layout checks when model.hf_path is neither a local directory

@@ -144,7 +144,11 @@ def test_slurm_dryrun_sbatch(recipe, home, capsys):
     cmd = tr[dash + 1:]
     assert cmd[0] == "torchrun"
     assert f"--nnodes={tn}" in cmd and f"--nproc-per-node={nproc}" in cmd
-    assert "--rdzv-endpoint=$het_group_host_0:29500" in cmd and "--node-rank=$SLURM_NODEID" in cmd
+    # the rendezvous on the trainer group's head node (its NodeAddr); the node rank reaches each task
+    # unexpanded (single-quoted in the script) and launch.health expands it there
+    assert re.search(r"^a3po_trainer_head=.*SLURM_JOB_NODELIST_HET_GROUP_0", text, re.M)
+    assert "--rdzv-endpoint=$a3po_trainer_head:29500" in cmd and "--node-rank=$SLURM_NODEID" in cmd
+    assert "'--node-rank=$SLURM_NODEID'" in sruns[0] and "--expand-env" in tr[:dash]
     assert cmd[cmd.index("-m") + 1] == "megatron_a3po.trainer"
     assert cmd[cmd.index("--recipe") + 1] == recipe
     urls_arg = [a for a in cmd if a.startswith("rollout.engine_urls=")]
@@ -233,6 +237,43 @@ def test_arch_from_local_config_json(home, tmp_path, capsys):
     assert rc == 2 and "num_attention_heads=10" in err and str(d / "config.json") in err
 
 
+def test_slurm_dryrun_cpu_cluster(home, tmp_path, capsys):
+    # the local CPU cluster file: 2 trainer nodes (one rank each, TP=2 across them) + 2 rollout nodes with
+    # one CPU engine each, no container, no GPUs, shared nodes; the tiny model's weights are not built
+    run_dir = tmp_path / "run"
+    rc = launch_main(["--recipe", "demo_cpu", "--executor", "slurm", "--dryrun", "--cluster",
+                      "recipes/clusters/local_cpu.yaml", "--packager", "none", f"trainer.log_dir={run_dir}"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    text = Path(out.out.strip().splitlines()[-1]).read_text()
+    g0, g1 = _group_headers(text)
+    for g in (g0, g1):
+        assert "nodes=2" in g and "ntasks-per-node=1" in g and "account=local" in g
+        assert not any(x.startswith(("gpus-per-node", "exclusive")) for x in g), g
+    sruns = _srun_lines(text)
+    assert len(sruns) == 2 and "--container-image" not in text
+    fleet = _argv_after(sruns[1], "python -m launch.fleet ")
+    assert fleet[fleet.index("--backend") + 1] == "cpu"
+    assert fleet[fleet.index("--model-path") + 1] == str(run_dir / "init_hf")
+    assert fleet[fleet.index("--bind-host") + 1] == "127.0.0.1"
+    engines = [tuple(int(x) for x in fleet[i + 1].split(":")) for i, a in enumerate(fleet) if a == "--engine"]
+    assert [e[:3] for e in engines] == [(0, 0, -1), (1, 1, -1)]  # one engine on each rollout node
+    assert engines[0][3] != engines[1][3]  # the "nodes" share one host: ports differ
+    tr = _argv_after(sruns[0], "python -m launch.health ")
+    cmd = tr[tr.index("--") + 1:]
+    assert "--nnodes=2" in cmd and "--nproc-per-node=1" in cmd
+    # the cluster file's non-cluster settings reach the trainer, which reloads the recipe by name
+    assert "parallel.tp=2" in cmd and "rollout.num_engines=2" in cmd and f"trainer.log_dir={run_dir}" in cmd
+    assert not run_dir.exists()  # a dry run prepares no weights
+
+
+def test_slurm_cpu_nodes_need_cpu_engines(home, capsys):
+    rc = launch_main(["--recipe", "demo_cpu", "--executor", "slurm", "--dryrun", "--cluster",
+                      "recipes/clusters/local_cpu.yaml", "rollout.backend=sglang"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "rollout.backend='sglang'" in err and "cluster.gpus_per_node=0" in err
+
+
 # ---------------------------------------------------------------------------------------------
 # helpers the job runs
 
@@ -244,9 +285,11 @@ def test_server_and_router_commands():
     assert cmd[:3] == ["py", "-m", "sglang.launch_server"]
     flags = dict(zip(cmd[3::2], cmd[4::2]))
     assert flags == {"--model-path": "/models/q", "--tp-size": "4", "--host": "0.0.0.0", "--port": "30002",
-                     "--base-gpu-id": "4", "--mem-fraction-static": "0.8", "--random-seed": "1"}
+                     "--base-gpu-id": "4", "--mem-fraction-static": "0.8", "--random-seed": "1",
+                     "--weight-version": "0"}
     cpu = server_command("cpu", "/m", e, engine_tp=1, bind_host="127.0.0.1", python="py")
-    assert cpu == ["py", "-m", "megatron_a3po.engine", "--model-path", "/m", "--port", "30002", "--host", "127.0.0.1"]
+    assert cpu == ["py", "-m", "megatron_a3po.engine", "--model-path", "/m", "--port", "30002", "--host", "127.0.0.1",
+                   "--weight-version", "0"]
     r = router_command(["http://a:1", "http://b:2"], port=30080, policy="cache_aware", host="0.0.0.0",
                        prometheus_port=30081, python="py")
     assert r[:3] == ["py", "-m", "sglang_router.launch_router"]
@@ -279,6 +322,17 @@ def test_health_gate(tmp_path):
         rc = health.main(["--url", url, "--url", "http://127.0.0.1:9", "--timeout", "1", "--",
                           sys.executable, "-c", f"open({str(marker)!r}, 'w')"])
         assert rc == 3 and not marker.exists()  # a dead server: the command never starts
+        # --expand-env: per-task variables are expanded from launch.health's own environment
+        out = tmp_path / "rank"
+        os.environ["A3PO_TEST_NODEID"] = "7"
+        try:
+            rc = health.main(["--url", url, "--expand-env", "--", sys.executable, "-c",
+                              f"import sys; open({str(out)!r}, 'w').write(sys.argv[1])", "--node-rank=$A3PO_TEST_NODEID"])
+        finally:
+            del os.environ["A3PO_TEST_NODEID"]
+        assert rc == 0 and out.read_text() == "--node-rank=7"
+        with pytest.raises(SystemExit):
+            health.main(["--url", url, "--expand-env", "--", sys.executable, "-c", "pass", "$A3PO_UNSET_VAR_X"])
     finally:
         srv.shutdown()
 
@@ -402,7 +456,8 @@ def test_fleet_starts_engines_router_and_stops(tmp_path):
             a = json.loads((rec / f"sglang.launch_server-{port}.json").read_text())
             flags = dict(zip(a[0::2], a[1::2]))
             assert flags == {"--model-path": "/models/m", "--tp-size": "2", "--host": "127.0.0.1",
-                             "--port": str(port), "--base-gpu-id": str(gpu), "--random-seed": "3"}
+                             "--port": str(port), "--base-gpu-id": str(gpu), "--random-seed": "3",
+                             "--weight-version": "0"}
         r = json.loads((rec / f"sglang_router.launch_router-{pr}.json").read_text())
         i = r.index("--worker-urls")
         assert r[i + 1:i + 4] == [f"http://127.0.0.1:{p0}", f"http://127.0.0.1:{p1}", f"http://localhost:{p2}"]

@@ -100,6 +100,10 @@ def run(recipe, *, run_dir: str | Path | None = None) -> dict:
     _check_dp(recipe.parallel)
     torch.manual_seed(tc.seed)
     rank = _rank()
+    import socket
+
+    log.info("rank %d of %d on node %s", rank, dist.get_world_size() if dist.is_initialized() else 1,
+             os.environ.get("SLURMD_NODENAME") or socket.gethostname())
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
     _barrier()
