@@ -131,6 +131,11 @@ def _logs(rec: dict, group: int) -> str:
     return "".join(p.read_text(errors="replace") for p in sorted(Path(rec["job_dir"]).glob(f"log-*-{group}_*.out")))
 
 
+def _both_logs(env, job_id: str) -> str:
+    rec = _record(env, job_id)
+    return f"trainer:\n{_logs(rec, 0)[-3000:]}\nfleet:\n{_logs(rec, 1)[-3000:]}"
+
+
 def test_het_job_cancel_resume_and_full_run(slurm, work):
     """Submit (detached), scancel mid-run, resubmit into the same run dir and wait for it to finish."""
     env = slurm
@@ -148,8 +153,8 @@ def test_het_job_cancel_resume_and_full_run(slurm, work):
     # 2. cancel once a checkpoint exists and the trainer is past it
     deadline = time.monotonic() + 900
     while not (len(_steps(run_dir)) >= 3 and (run_dir / "checkpoints" / "latest").exists()):
-        assert _queued(env, job1), "job 1 ended before it was cancelled:\n" + _logs(_record(env, job1), 0)[-3000:]
-        assert time.monotonic() < deadline, "no checkpoint after 900 s:\n" + _logs(_record(env, job1), 0)[-3000:]
+        assert _queued(env, job1), "job 1 ended before it was cancelled:\n" + _both_logs(env, job1)
+        assert time.monotonic() < deadline, "no checkpoint after 900 s:\n" + _both_logs(env, job1)
         time.sleep(1)
     subprocess.run(["scancel", job1], env=env, check=True)
     left = _wait_gone(env, job1)
@@ -162,8 +167,8 @@ def test_het_job_cancel_resume_and_full_run(slurm, work):
     # 3. resubmission into the same run dir, waited for: exit 0, resumes after the checkpoint
     r = _launch(env, *common)
     out = r.stdout + r.stderr
-    assert r.returncode == 0, out[-5000:]
     job2 = _job_id(r.stdout)
+    assert r.returncode == 0, out[-5000:] + "\n" + _both_logs(env, job2)
     assert job2 != job1
     rec = _record(env, job2)
     tlog, flog = _logs(rec, 0), _logs(rec, 1)
