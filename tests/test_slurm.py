@@ -25,12 +25,21 @@ import pytest
 from tests.conftest import subprocess_env
 
 pytest.importorskip("nemo_run")
-pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "slurm_local.sh"
 CLUSTER_FILE = "recipes/clusters/local_cpu.yaml"
 MAX_STALENESS = 2  # recipes/demo_cpu.yaml rollout.max_staleness
+
+
+def test_slurm_local_refuses_foreign_dirs(tmp_path):
+    """The script touches only clusters it started: a directory with other content, or without its
+    marker, is refused before anything is installed, started or stopped."""
+    (tmp_path / "slurm.conf").write_text("ClusterName=someone_elses\n")
+    for cmd in ("up", "down", "status"):
+        r = subprocess.run(["bash", str(SCRIPT), cmd, str(tmp_path)], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1 and "holds no cluster started by this script" in r.stderr, (cmd, r.stderr)
+    assert [p.name for p in tmp_path.iterdir()] == ["slurm.conf"]
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +61,8 @@ def slurm():
     assert up.returncode == 0, up.stdout + up.stderr
     conf = up.stdout.strip().splitlines()[-1].removeprefix("export SLURM_CONF=")
     assert Path(conf).is_file()
+    again = subprocess.run(["bash", str(SCRIPT), "up", str(d)], capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "reusing" in again.stderr and again.stdout == up.stdout  # idempotent
     venv_bin = str(Path(sys.executable).parent)
     env = subprocess_env(SLURM_CONF=conf, NEMORUN_HOME=str(base / "nemorun_home"), PYTHONPATH=str(REPO),
                          PATH=venv_bin + os.pathsep + os.environ.get("PATH", ""), A3PO_NO_PROGRESS="1",
@@ -136,6 +147,7 @@ def _both_logs(env, job_id: str) -> str:
     return f"trainer:\n{_logs(rec, 0)[-3000:]}\nfleet:\n{_logs(rec, 1)[-3000:]}"
 
 
+@pytest.mark.slow
 def test_het_job_cancel_resume_and_full_run(slurm, work):
     """Submit (detached), scancel mid-run, resubmit into the same run dir and wait for it to finish."""
     env = slurm
@@ -207,6 +219,7 @@ def test_het_job_cancel_resume_and_full_run(slurm, work):
     assert _job_processes(job2) == []
 
 
+@pytest.mark.slow
 def test_trainer_failure_fails_the_launch(slurm, work):
     """A bad setting that only the trainer catches (a resume dir that does not exist): launch.run exits
     non-zero with the trainer's error, and no process of the job (the fleet) is left."""
