@@ -29,6 +29,7 @@ from pathlib import Path
 
 from launch.health import healthy
 from megatron_a3po.platform.procs import free_port
+from launch.keyed import keyed_command
 from megatron_a3po.rollout.router import router_command
 
 
@@ -129,6 +130,8 @@ def main(argv=None) -> int:
             continue
         cmd = server_command(args.backend, args.model_path, e, engine_tp=args.engine_tp, bind_host=args.bind_host,
                              mem_fraction_static=args.mem_fraction_static, extra=extra, log_dir=args.engine_log_dir)
+        if args.backend != "cpu":  # the CPU engine reads $A3PO_API_KEY itself; SGLang takes a flag
+            cmd = keyed_command(cmd)
         print(f"[launch.fleet] node {node} ({os.environ.get('SLURMD_NODENAME') or socket.gethostname()}): "
               f"engine {e.index}: {' '.join(cmd)}", flush=True)
         procs.append((f"engine {e.index}", subprocess.Popen(cmd)))
@@ -156,8 +159,9 @@ def main(argv=None) -> int:
                     code = 3
                     break
             if router_pending and not down:
-                cmd = router_command(worker_urls, port=args.router_port, policy=args.router_policy,
-                                     host=args.bind_host, prometheus_port=args.router_prometheus_port or free_port())
+                cmd = keyed_command(router_command(worker_urls, port=args.router_port, policy=args.router_policy,
+                                                   host=args.bind_host,
+                                                   prometheus_port=args.router_prometheus_port or free_port()))
                 print(f"[launch.fleet] router: {' '.join(cmd)}", flush=True)
                 procs.append(("router", subprocess.Popen(cmd)))
                 router_pending = False

@@ -32,6 +32,8 @@ import sys
 import uuid
 from pathlib import Path
 
+from megatron_a3po.platform.keys import API_KEY_ENV, new_key
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAINER_MODULE = "megatron_a3po.trainer"
 STOP_FILE_NAME = "a3po_trainer_done"
@@ -147,6 +149,10 @@ def slurm_setup_lines(rollout_nodes: int) -> str:
              'a3po_rollout_hosts=( $(for n in $(scontrol show hostnames "$SLURM_JOB_NODELIST_HET_GROUP_1"); '
              'do a3po_node_addr "$n"; done) )']
     lines += [f"{rollout_host_var(i)}=${{a3po_rollout_hosts[{i}]}}" for i in range(rollout_nodes)]
+    # a key per job for the servers, the router and the trainer: made on the node when the job starts,
+    # so it is in no file; srun passes it to both groups in their environment, never on a command line
+    lines += ["# the job's API key (rollout servers, router, trainer)",
+              f"export {API_KEY_ENV}=\"$(od -An -tx1 -N32 /dev/urandom | tr -d ' \\n')\""]
     return "\n".join(lines)
 
 
@@ -272,6 +278,8 @@ def build_local(run, recipe, layout, ref: str, overrides: list[str], exp_dir: st
     c = recipe.cluster
     env = {"PYTHONPATH": os.pathsep.join(x for x in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if x),
            **c.env_vars}
+    if API_KEY_ENV not in env:  # a key per job, in the tasks' environment (not on a command line)
+        env[API_KEY_ENV] = os.environ.get(API_KEY_ENV) or new_key()
     stop_file = os.path.join(exp_dir, STOP_FILE_NAME)
     hosts = ["127.0.0.1"]
     tasks, executors = [], []

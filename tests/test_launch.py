@@ -491,3 +491,29 @@ def test_fleet_exits_when_an_engine_dies(tmp_path):
         if n.poll() is None:
             n.kill()
             n.wait()
+
+
+def test_keyed_wrapper_passes_the_key_in_argv_not_the_command_line(tmp_path):
+    """SGLang's server and router take --api-key as a flag: launch.keyed adds it inside the process, so
+    /proc/PID/cmdline (what ps shows) never holds the key."""
+    import json
+    import subprocess
+
+    from launch.keyed import keyed_command
+
+    (tmp_path / "show_argv.py").write_text(
+        "import json, sys\nprint(json.dumps({'argv': sys.argv[1:], "
+        "'cmdline': open('/proc/self/cmdline').read().split(chr(0))}))\n")
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), str(tmp_path)]), "A3PO_API_KEY": "s3cret"}
+    cmd = [sys.executable, "-m", "show_argv", "--port", "1"]
+    os.environ["A3PO_API_KEY"] = "s3cret"
+    try:
+        wrapped = keyed_command(cmd)
+    finally:
+        del os.environ["A3PO_API_KEY"]
+    assert keyed_command(cmd) == cmd  # no key in this process: unchanged
+    assert wrapped[:4] == [sys.executable, "-m", "launch.keyed", "show_argv"] and "s3cret" not in wrapped
+    out = json.loads(subprocess.run(wrapped, env=env, capture_output=True, text=True, check=True).stdout)
+    assert out["argv"] == ["--port", "1", "--api-key", "s3cret"]
+    assert not any("s3cret" in a for a in out["cmdline"])

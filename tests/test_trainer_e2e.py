@@ -26,7 +26,7 @@ def _run_trainer(run_dir, *overrides, timeout=420):
 
 def _run_watching_listeners(run_dir, *overrides, timeout=420):
     """Run the trainer and sample, every 0.1 s, the listening sockets of its whole process tree (trainer
-    ranks, engines, their stores and gloo pairs); returns (completed process, set of (ip, port))."""
+    ranks, engines, their stores and gloo pairs); returns (completed process, (set of (ip, port), the API keys in their environments))."""
     import time
 
     import psutil
@@ -41,6 +41,7 @@ def _run_watching_listeners(run_dir, *overrides, timeout=420):
     reader = threading.Thread(target=lambda: out.extend(proc.stdout), daemon=True)
     reader.start()
     listeners, deadline = set(), time.monotonic() + timeout
+    cmdlines, keys = set(), set()
     root = psutil.Process(proc.pid)
     while proc.poll() is None:
         assert time.monotonic() < deadline, "trainer timed out"
@@ -52,12 +53,17 @@ def _run_watching_listeners(run_dir, *overrides, timeout=420):
             try:
                 listeners |= {(c.laddr.ip, c.laddr.port) for c in p.net_connections(kind="inet")
                               if c.status == psutil.CONN_LISTEN}
+                cmdlines.add(" ".join(p.cmdline()))
+                if p.environ().get("A3PO_API_KEY"):
+                    keys.add(p.environ()["A3PO_API_KEY"])
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 pass
         time.sleep(0.1)
     proc.wait()
     reader.join(timeout=10)
-    return subprocess.CompletedProcess(cmd, proc.returncode, "".join(out), ""), listeners
+    # the engines' API key is in their environment only, never on a command line ps shows
+    assert not any(k in c for k in keys for c in cmdlines)
+    return subprocess.CompletedProcess(cmd, proc.returncode, "".join(out), ""), (listeners, keys)
 
 
 def _records(run_dir):
@@ -170,7 +176,7 @@ def test_pp2_streamed_weight_sync_reaches_the_engine(tmp_path):
     trainer's export after every step, and the engine reports every new version. Nothing in the run's
     process tree listens outside loopback."""
     run = tmp_path / "run"
-    p, listeners = _run_watching_listeners(run, "parallel.pp=2", "rollout.weight_sync=nccl",
+    p, (listeners, keys) = _run_watching_listeners(run, "parallel.pp=2", "rollout.weight_sync=nccl",
                                            "rollout.weight_sync_bucket_mb=1", "trainer.steps=3",
                                            "trainer.verify_weight_sync=true", *SMALL)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -178,6 +184,7 @@ def test_pp2_streamed_weight_sync_reaches_the_engine(tmp_path):
     # (2 ranks), the weight-update group's store and gloo's pair sockets
     assert listeners, "no listening socket seen (the sampling missed the run)"
     assert {ip for ip, _ in listeners} <= {"127.0.0.1", "::1"}, sorted(listeners)
+    assert len(keys) == 1  # the engine ran with a key; the trainer's calls (generate, weights, digest) sent it
     recs = _records(run)
     assert [r["version_after"] for r in recs] == [1, 2, 3]
     for r in recs:

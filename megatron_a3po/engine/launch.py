@@ -70,7 +70,11 @@ def wait_healthy(url: str, timeout: float = 120.0, proc: subprocess.Popen | None
 
 def launch_engine(model_path, *, port: int | None = None, host: str = "127.0.0.1", version="0",
                   log_dir=None, version_log=None, test_hooks: bool = False, threads: int = 1,
-                  extra_args=(), wait: bool = True, timeout: float = 120.0) -> EngineProcess:
+                  extra_args=(), wait: bool = True, timeout: float = 120.0, api_key: str | None = None,
+                  weights_root=None) -> EngineProcess:
+    """Start one engine. ``api_key`` reaches it in its environment ($A3PO_API_KEY), not its command
+    line; ``weights_root``: the directory below which it may load weights (default: the model's
+    parent directory)."""
     port = port or free_port()
     cmd = [sys.executable, "-m", "megatron_a3po.engine", "--model-path", str(model_path), "--host", host,
            "--port", str(port), "--weight-version", str(version), "--threads", str(threads)]
@@ -79,8 +83,14 @@ def launch_engine(model_path, *, port: int | None = None, host: str = "127.0.0.1
         cmd += ["--version-log", version_log]
     if test_hooks:
         cmd += ["--enable-test-hooks"]
+    if weights_root is not None:
+        cmd += ["--weights-root", str(weights_root)]
     cmd += list(extra_args)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    if api_key:
+        from megatron_a3po.platform.keys import API_KEY_ENV
+
+        env[API_KEY_ENV] = api_key
     repo_root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = repo_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     log_path = None

@@ -37,7 +37,9 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
+from megatron_a3po.engine.auth import KeyMiddleware
 from megatron_a3po.engine.scheduler import EngineError, Scheduler, Seq
+from megatron_a3po.platform.keys import ADMIN_API_KEY_ENV, API_KEY_ENV
 from megatron_a3po.engine.validate import (CONTROL_SCHEMAS, GENERATE_SCHEMA, BadRequest, Limits, body_object,
                                            check_generate, check_group_body, check_tensor_specs, openapi_body)
 
@@ -215,6 +217,14 @@ class Engine:
         path = body.get("model_path")
         if not isinstance(path, str) or not path:
             return 400, {"success": False, "message": "model_path (a string) is required", "num_paused_requests": 0}
+        root = Path(self.args.weights_root or Path(self.args.model_path).resolve().parent).resolve()
+        try:
+            inside = Path(path).resolve().is_relative_to(root)
+        except (OSError, ValueError):
+            inside = False
+        if not inside:
+            return 400, {"success": False, "message": f"model_path {path!r} is not below the engine's weights root "
+                         f"{str(root)!r} (--weights-root)", "num_paused_requests": 0}
         lf = body.get("load_format")
         if lf not in (None, "auto", "safetensors", "pt"):
             return 400, {"success": False, "message": f"load_format={lf!r} is not supported by the CPU engine",
@@ -382,6 +392,7 @@ class Engine:
 def build_app(engine: Engine):
 
     app = FastAPI(title="megatron-a3po CPU engine")
+    app.add_middleware(KeyMiddleware, api_key=engine.args.api_key, admin_key=engine.args.admin_api_key)
 
     async def body_of(request: Request) -> dict:
         """The JSON object a route was sent ({} for an empty body); a big body is parsed off the loop."""
@@ -614,6 +625,13 @@ def parse_args(argv=None):
     p.add_argument("--enable-test-hooks", action="store_true", help="TESTS ONLY: /debug/fault, /debug/version_log")
     p.add_argument("--health-check-timeout", type=float, default=20.0,
                    help="seconds /health waits for its one-token generation before answering 503")
+    p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV) or None,
+                   help=f"key for every route but /health*, /ready* (default ${API_KEY_ENV}; a flag shows in ps)")
+    p.add_argument("--admin-api-key", default=os.environ.get(ADMIN_API_KEY_ENV) or None,
+                   help=f"key for the control routes (weight updates, pause, ...) (default ${ADMIN_API_KEY_ENV})")
+    p.add_argument("--weights-root", default=None,
+                   help="/update_weights_from_disk loads only below this directory (default: the parent of "
+                        "--model-path)")
     p.add_argument("--max-n", type=int, default=64, help="largest sampling_params.n a request may ask for")
     p.add_argument("--max-batch-prompts", type=int, default=256, help="most prompts in one /generate request")
     p.add_argument("--max-prompt-chars", type=int, default=None,

@@ -68,7 +68,7 @@ _CONN_ERRORS = (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, 
 class Fleet:
     def __init__(self, urls: list[str], *, router_url: str | None = None, request_timeout: float = 600.0,
                  connect_timeout: float = 5.0, health_timeout: float = 5.0, health_interval_s: float = 0.5,
-                 dead_after_connect_failures: int = 2, max_attempts: int = 20):
+                 dead_after_connect_failures: int = 2, max_attempts: int = 20, api_key: str | None = None):
         urls = [u.rstrip("/") for u in urls]
         if not urls and not router_url:
             raise ValueError("Fleet needs at least one engine URL (engine_urls) or a router_url")
@@ -82,6 +82,7 @@ class Fleet:
         self.health_interval_s = health_interval_s
         self.dead_after = dead_after_connect_failures
         self.max_attempts = max_attempts
+        self.api_key = api_key  # sent as Authorization: Bearer (None: $A3PO_API_KEY, if set)
         self.counters: Counter = Counter()
         self.events: list[tuple[float, str, str]] = []  # (time, url, event): the state changes, for logs/tests
         self._rr = itertools.count()
@@ -92,8 +93,11 @@ class Fleet:
     # ---- lifecycle
     async def start(self, wait_s: float = 60.0):
         self._changed = asyncio.Event()
+        from megatron_a3po.platform.keys import auth_headers
+
         self._client = httpx.AsyncClient(limits=httpx.Limits(max_connections=1024, max_keepalive_connections=256),
-                                         timeout=httpx.Timeout(self.request_timeout, connect=self.connect_timeout))
+                                         timeout=httpx.Timeout(self.request_timeout, connect=self.connect_timeout),
+                                         headers=auth_headers(self.api_key))
         deadline = time.monotonic() + wait_s
         pending = list(self.servers) + ([self.router] if self.router else [])
         while pending:

@@ -61,13 +61,14 @@ class RolloutManager:
 
     def __init__(self, engine_urls: list[str], prompts: list, task, tokenizer, config: ControllerConfig,
                  *, router_url: str | None = None, transport=None, initial_version: int = 0,
-                 request_timeout: float = 600.0, connect_timeout: float = 5.0, health_interval_s: float = 0.5):
+                 request_timeout: float = 600.0, connect_timeout: float = 5.0, health_interval_s: float = 0.5,
+                 api_key: str | None = None):
         if isinstance(task, str):
             from megatron_a3po.rollout.tasks import get_task
 
             task = get_task(task)
         self.fleet = Fleet(list(engine_urls), router_url=router_url, request_timeout=request_timeout,
-                           connect_timeout=connect_timeout, health_interval_s=health_interval_s)
+                           connect_timeout=connect_timeout, health_interval_s=health_interval_s, api_key=api_key)
         self.controller = Controller(self.fleet, prompts, task, tokenizer, config,
                                      transport=transport or DiskTransport(), initial_version=initial_version)
         self._loop = asyncio.new_event_loop()
@@ -78,7 +79,7 @@ class RolloutManager:
     # ---- construction helpers
     @classmethod
     def from_recipe(cls, recipe, *, engine_urls: list[str] | None = None, tokenizer=None, prompts=None,
-                    initial_version: int = 0, transport=None) -> "RolloutManager":
+                    initial_version: int = 0, transport=None, api_key: str | None = None) -> "RolloutManager":
         """Build from a ``megatron_a3po.config.Recipe`` (rollout + data sections).
 
         Engine URLs come from ``engine_urls``, else ``recipe.rollout.engine_urls``. The manager starts no
@@ -102,7 +103,7 @@ class RolloutManager:
                                pause_mode=r.pause_mode, adv_norm=recipe.loss.adv_norm,
                                adv_eps=recipe.loss.adv_eps, adv_batch_norm=recipe.loss.adv_batch_norm)
         return cls(urls, prompts, d.task, tokenizer, cfg, router_url=r.router_url, transport=transport,
-                   initial_version=initial_version, request_timeout=r.request_timeout_s)
+                   initial_version=initial_version, request_timeout=r.request_timeout_s, api_key=api_key)
 
     # ---- plumbing
     def _call(self, coro, timeout: float | None = None):

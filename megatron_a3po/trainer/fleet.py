@@ -39,6 +39,7 @@ class RolloutSide:
             mod.write_jsonl(path, mod.make_items(n, seed=recipe.trainer.seed, **syn))
         self.prompts = load_prompts(path, self.task, self.tokenizer)
         self.engines = []
+        self.api_key = None  # None: $A3PO_API_KEY (set by launch/), if any
         self.rm = None
         self._weight_dirs: list[Path] = []
 
@@ -54,17 +55,20 @@ class RolloutSide:
                 raise ValueError("rollout.backend=sglang needs rollout.engine_urls or rollout.router_url "
                                  "(launch/ starts the SGLang fleet)")
             from megatron_a3po.engine.launch import launch_engines
+            from megatron_a3po.platform.keys import new_key
 
             # --random-seed: the draws of requests without a sampling_seed (the controller seeds its own)
+            self.api_key = new_key()  # a key per run for the engines started here (in their environment)
             self.engines = launch_engines(weights_dir, n=rc.num_engines, version=str(version),
-                                          log_dir=self.run_dir / "engines",
+                                          log_dir=self.run_dir / "engines", api_key=self.api_key,
+                                          weights_root=self.run_dir,
                                           extra_args=["--random-seed", str(self.recipe.trainer.seed)])
             urls = [e.url for e in self.engines]
         if weights_dir is not None:
             self._weight_dirs.append(Path(weights_dir))
         self.rm = RolloutManager.from_recipe(self.recipe, engine_urls=urls, tokenizer=self.tokenizer,
                                              prompts=self.prompts, initial_version=version,
-                                             transport=self._transport())
+                                             transport=self._transport(), api_key=self.api_key)
         if state:
             self.rm.load_state_dict(state)
         self.rm.start()
@@ -139,8 +143,11 @@ class RolloutSide:
         """Each engine's digest of the weights it serves (CPU engines' /debug/weights_digest)."""
         import httpx
 
+        from megatron_a3po.platform.keys import auth_headers
+
         urls = list(self.recipe.rollout.engine_urls) or [e.url for e in self.engines]
-        return {u: httpx.get(u + "/debug/weights_digest", timeout=60).json()["digest"] for u in urls}
+        return {u: httpx.get(u + "/debug/weights_digest", timeout=60, headers=auth_headers(self.api_key)).json()["digest"]
+                for u in urls}
 
     def warm_start_samples(self, n: int, *, seed: int) -> list[tuple[list[int], list[int]]]:
         mod = __import__(f"megatron_a3po.rollout.tasks.{self.recipe.data.task}", fromlist=["x"])
