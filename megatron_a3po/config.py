@@ -130,6 +130,9 @@ class TrainerCfg(_Strict):
     # after every weight sync, compare a digest of the exported HF tensors with each engine's served
     # weights (CPU engine only: SGLang has no such endpoint); a mismatch stops the run
     verify_weight_sync: bool = False
+    # evaluate the eval set (data.eval_path, or the synthetic task's held-out set) every this many steps;
+    # with an eval set it also runs at step 0 and at the last step (0: only then)
+    eval_every: int = Field(0, ge=0)
     # Optional supervised warm start (demo only): steps of next-token training on task answers.
     warm_start_steps: int = Field(0, ge=0)
     warm_start_lr: float = Field(1e-3, gt=0)
@@ -173,14 +176,42 @@ class RolloutCfg(_Strict):
         return self
 
 
+class DataSpec(_Strict):
+    """Where a dataset comes from (megatron_a3po/rollout/data.py). A plain string is ``{path: ...}``."""
+
+    # a local .jsonl/.json/.parquet file, a local directory ``datasets`` can load, or a hub id (openai/gsm8k)
+    path: str
+    name: str | None = None   # dataset config (GSM8K: main); unused for a single file
+    split: str = "train"      # unused for a single file
+    question_key: str = "question"  # column holding the task's question / answer fields
+    answer_key: str = "answer"
+
+
 class DataCfg(_Strict):
     # a module megatron_a3po/rollout/tasks/<task>.py (gsm8k, synthetic, ...): adding a task is one file
     task: str = "gsm8k"
-    train_path: str | None = None
-    eval_path: str | None = None
+    train_path: str | DataSpec | None = None
+    eval_path: str | DataSpec | None = None
     # synthetic task knobs (CPU demo)
     synthetic: dict = {}
     shuffle: bool = True
+
+
+class EvalCfg(_Strict):
+    """How the eval set is generated (megatron_a3po/rollout/evaluate.py); when: trainer.eval_every."""
+
+    num_prompts: int | None = Field(None, ge=1)  # the first N prompts of the eval set (None: all of it)
+    n_samples: int = Field(1, ge=1)  # answers per prompt; > 1 also logs eval/pass@n_samples
+    temperature: float = Field(0.0, ge=0)  # 0: greedy
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = -1
+    max_new_tokens: int | None = Field(None, ge=1)  # None: rollout.max_new_tokens
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.n_samples > 1 and self.temperature == 0:
+            raise ValueError("eval.n_samples > 1 needs eval.temperature > 0 (greedy answers are all the same)")
+        return self
 
 
 class ClusterCfg(_Strict):
@@ -243,6 +274,7 @@ class Recipe(_Strict):
     trainer: TrainerCfg = TrainerCfg()
     rollout: RolloutCfg = RolloutCfg()
     data: DataCfg = DataCfg()
+    eval: EvalCfg = EvalCfg()
     cluster: ClusterCfg = ClusterCfg()
 
     @model_validator(mode="after")

@@ -71,12 +71,15 @@ def preflight(recipe) -> None:
         task = get_task(d.task)
     except ValueError as e:
         raise PreflightError(f"data.task: {e}") from None
-    if d.train_path:
-        try:
-            load_records(d.train_path, task.fields)
-        except DataError as e:
-            raise PreflightError(f"data.train_path: {e}") from None
-    elif not hasattr(__import__(f"megatron_a3po.rollout.tasks.{d.task}", fromlist=["x"]), "make_items"):
+    for key in ("train_path", "eval_path"):
+        spec = getattr(d, key)
+        if spec is not None:
+            try:  # errors name the key: data.train_path.split: ...
+                load_records(spec, task.fields, key=f"data.{key}")
+            except DataError as e:
+                raise PreflightError(str(e)) from None
+    if d.train_path is None and not hasattr(__import__(f"megatron_a3po.rollout.tasks.{d.task}",
+                                                       fromlist=["x"]), "write_datasets"):
         raise PreflightError(f"data.train_path is required for data.task={d.task}")
     if recipe.trainer.resume and recipe.trainer.save_dir and not Path(recipe.trainer.save_dir).exists():
         raise PreflightError(f"trainer.resume=true but trainer.save_dir={recipe.trainer.save_dir} does not exist")
