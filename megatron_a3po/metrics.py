@@ -32,6 +32,10 @@ APPROX_ERR_BUCKETS = ("d1", "d2", "d3", "d4+")
 # per bucket, the fraction of masked tokens in it (the weights that turn bucket sums into bucket means)
 APPROX_ERR_BUCKET_FRAC = "approx_err/token_frac/{bucket}"
 
+# evaluation (rollout/evaluate.py): TensorBoard tags as they are (no train/ prefix), step = evaluated version
+EVAL_ACCURACY = "eval/accuracy"
+EVAL_PASS_AT = "eval/pass@{k}"
+
 # rollout / throughput
 REWARD_MEAN = "reward/mean"
 RESPONSE_LEN = "response/length_mean"
@@ -45,5 +49,6 @@ TIME_WAIT = "time/wait_rollout"
 TIME_FWD_BWD = "time/fwd_bwd"
 TIME_OPT = "time/optimizer"
 TIME_SYNC = "time/weight_sync"
+TIME_EVAL_WAIT = "time/eval_wait"  # training waiting for an evaluation to finish (before a weight push)
 TIME_STEP = "time/step"
 TIME_TOTAL = "time/elapsed"  # wall-clock seconds since the run started, at the end of this step

@@ -79,7 +79,7 @@ def test_bad_specs_name_the_key(tmp_path):
 
 
 def test_recipe_spec_reaches_the_loader(tmp_path):
-    from recipes.config import load_recipe
+    from megatron_a3po.config import load_recipe
 
     r = load_recipe("qwen2_5_1_5b_gsm8k", [f"data.eval_path.path={GSM8K}", "data.eval_path.name=null"])
     assert r.data.eval_path.split == "test" and r.data.train_path.path == "openai/gsm8k"

@@ -9,13 +9,14 @@ import pytest
 from tools.report import main as report_main
 
 TAGS = ["train/time/prox_logp", "train/time/elapsed", "train/entropy/mean", "train/ratio/max", "train/ratio/min",
-        "train/clip/count", "train/reward/mean", "train/staleness/mean"]
+        "train/clip/count", "train/reward/mean", "train/staleness/mean", "eval/accuracy"]
 FIGS = ["prox_logp_time.png", "total_time.png", "entropy.png", "importance_weight.png", "clipped_tokens.png",
-        "reward.png", "staleness.png"]
+        "reward.png", "staleness.png", "eval_accuracy.png"]
 COLS = {"mean prox time (s/step)": ("train/time/prox_logp", "mean"), "total time (s)": ("train/time/elapsed", "last"),
         "final reward": ("train/reward/mean", "last20"), "mean reward": ("train/reward/mean", "mean"), "mean entropy": ("train/entropy/mean", "mean"),
         "mean max IW": ("train/ratio/max", "mean"), "mean min IW": ("train/ratio/min", "mean"),
-        "mean clipped tokens": ("train/clip/count", "mean")}
+        "mean clipped tokens": ("train/clip/count", "mean"), "final eval accuracy": ("eval/accuracy", "last"),
+        "best eval accuracy": ("eval/accuracy", "max")}
 
 
 def _values(rng, tag, n):
@@ -57,7 +58,7 @@ def runs(tmp_path_factory):
     expected["b"] = {t: [(s, _f32(v)) for s, v in enumerate(b1[t][:5])] + [(5 + i, _f32(v)) for i, v in enumerate(b2[t])]
                      for t in TAGS}
     # run c: never logged clipped tokens or staleness
-    c_tags = [t for t in TAGS if t not in ("train/clip/count", "train/staleness/mean")]
+    c_tags = [t for t in TAGS if t not in ("train/clip/count", "train/staleness/mean", "eval/accuracy")]
     c = {t: _values(rng, t, 4) for t in c_tags}
     _write(root / "c" / "tb", c, range(4))
     expected["c"] = {t: [(s, _f32(v)) for s, v in enumerate(c[t])] for t in c_tags}
@@ -92,7 +93,7 @@ def test_report_numbers_and_figures(runs, tmp_path, capsys):
                 continue
             vals = [v for _, v in series[tag]]
             vals = vals[-20:] if how == "last20" else vals
-            want = vals[-1] if how == "last" else sum(vals) / len(vals)
+            want = vals[-1] if how == "last" else max(vals) if how == "max" else sum(vals) / len(vals)
             assert float(cell) == pytest.approx(want, rel=1e-5, abs=1e-9), (run, col)
     md = (out / "summary.md").read_text()
     note = next(ln for ln in md.splitlines() if ln.startswith("- c: no data for"))

@@ -141,6 +141,18 @@ class RolloutManager:
             payload["named_tensors"] = named_tensors
         return self._call(self.controller.update_weights(int(new_version), **payload))
 
+    def start_eval(self, prompts: list, config, version: int) -> Future:
+        """Start evaluating ``prompts`` with the servers' current weights (``version``) in the background
+        (rollout/evaluate.py); returns a Future of the ``EvalResult``. Eval requests bypass the controller:
+        they count in neither its staleness accounting nor its data cursor."""
+        from megatron_a3po.rollout.evaluate import evaluate
+
+        if self._closed or not self._started:
+            raise RuntimeError("RolloutManager is not running")
+        return asyncio.run_coroutine_threadsafe(
+            evaluate(self.fleet, prompts, self.controller.task, self.controller.tokenizer, config, int(version)),
+            self._loop)
+
     def init_weight_transport(self):
         """NCCL transport only: create the update group with every server (call after start())."""
         t = self.controller.transport

@@ -11,6 +11,7 @@ import argparse
 import logging
 import os
 import sys
+from functools import partial
 
 
 def _sibling_summaries(summary: dict, run_dir: str) -> list[dict]:
@@ -27,6 +28,15 @@ def _sibling_summaries(summary: dict, run_dir: str) -> list[dict]:
         if other.get("recipe", summary.get("recipe")) == summary.get("recipe") and other.get("mode") != summary["mode"]:
             found[other["mode"]] = other
     return list(found.values())
+
+
+def _eval_cell(key: str, run: dict) -> str:
+    """``first`` / ``last`` (with the evaluated version) / ``best`` eval accuracy of a run's summary."""
+    ev = run.get("eval")
+    if not ev:
+        return "n/a"
+    at = f" (v{ev[key + '_version']})" if key + "_version" in ev else ""
+    return f"{ev[key]:.3f}{at}"
 
 
 def print_summary(summary: dict, run_dir: str | None = None) -> None:
@@ -49,6 +59,10 @@ def print_summary(summary: dict, run_dir: str | None = None) -> None:
         ("proximal log-prob time, per step", lambda r: f"{r['prox_time_mean_ms']:.3f} ms"),
         ("mean staleness of trained tokens", lambda r: f"{r['staleness_mean']:.2f}"),
         ("steps/s", lambda r: f"{r['steps_per_s']:.3f}"),
+    ]
+    if any(r.get("eval") for r in runs):
+        rows += [(f"eval accuracy, {key}", partial(_eval_cell, key)) for key in ("first", "last", "best")]
+    rows += [
         ("wall time", lambda r: f"{r['elapsed_s']:.1f} s"),
     ]
     for name, fmt in rows:
@@ -81,6 +95,9 @@ def main(argv=None) -> int:
     ap.add_argument("--run-dir", default=None, help="output dir (default: trainer.log_dir)")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.mode=recompute")
     args = ap.parse_args(argv)
+    from megatron_a3po.trainer.terminal import install_warning_filter
+
+    install_warning_filter()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stdout)
     for noisy in ("httpx", "httpcore", "megatron", "torch.distributed"):

@@ -28,16 +28,20 @@ class RolloutSide:
         self.run_dir = Path(run_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
         self.task = get_task(recipe.data.task)
-        path = recipe.data.train_path
-        if path is None:
-            mod = __import__(f"megatron_a3po.rollout.tasks.{recipe.data.task}", fromlist=["make_items"])
-            if not hasattr(mod, "make_items"):
-                raise ValueError(f"data.train_path is required for data.task={recipe.data.task}")
-            syn = dict(recipe.data.synthetic)
-            n = int(syn.pop("num_prompts", 10000))
-            path = self.run_dir / "data" / "train.jsonl"
-            mod.write_jsonl(path, mod.make_items(n, seed=recipe.trainer.seed, **syn))
-        self.prompts = load_prompts(path, self.task, self.tokenizer)
+        d = recipe.data
+        train, evals = d.train_path, d.eval_path
+        if train is None:
+            mod = __import__(f"megatron_a3po.rollout.tasks.{d.task}", fromlist=["write_datasets"])
+            if not hasattr(mod, "write_datasets"):
+                raise ValueError(f"data.train_path is required for data.task={d.task}")
+            train, held = mod.write_datasets(self.run_dir / "data", seed=recipe.trainer.seed, **d.synthetic)
+            evals = evals if evals is not None else held
+        self.prompts = load_prompts(train, self.task, self.tokenizer, key="data.train_path")
+        self.eval_prompts = (load_prompts(evals, self.task, self.tokenizer, recipe.eval.num_prompts,
+                                          key="data.eval_path") if evals is not None else [])
+        self._eval_future = None
+        self._eval_done: list = []
+        self.eval_wait_s = 0.0
         self.engines = []
         self.api_key = None  # None: $A3PO_API_KEY (set by launch/), if any
         self.rm = None
@@ -99,6 +103,8 @@ class RolloutSide:
 
     def close(self):
         try:
+            if self._eval_future is not None:
+                self._eval_future.cancel()
             if self.rm is not None:
                 self.rm.close()
         finally:
@@ -129,8 +135,44 @@ class RolloutSide:
                 out[k] = float(v)
         return out
 
+    # ------------------------------------------------------------------ evaluation
+    @property
+    def has_eval(self) -> bool:
+        return bool(self.eval_prompts)
+
+    def start_eval(self, version: int) -> None:
+        """Evaluate the served weights (``version``) in the background; the next weight update waits."""
+        from megatron_a3po.rollout.evaluate import EvalConfig
+
+        self.wait_eval()
+        ec, rc = self.recipe.eval, self.recipe.rollout
+        cfg = EvalConfig(n_samples=ec.n_samples, temperature=ec.temperature, top_p=ec.top_p, top_k=ec.top_k,
+                         max_new_tokens=ec.max_new_tokens or rc.max_new_tokens,
+                         reward_timeout_s=max(300.0, rc.request_timeout_s))
+        self._eval_future = self.rm.start_eval(self.eval_prompts, cfg, version)
+
+    def wait_eval(self) -> None:
+        """Block until the running evaluation (if any) is done; its result joins ``take_eval_results``."""
+        import time
+
+        if self._eval_future is None:
+            return
+        t0 = time.perf_counter()
+        fut, self._eval_future = self._eval_future, None
+        self._eval_done.append(fut.result(timeout=max(600.0, self.recipe.rollout.request_timeout_s * 4)))
+        self.eval_wait_s += time.perf_counter() - t0
+
+    def take_eval_results(self) -> list:
+        """Evaluations finished since the last call (``EvalResult``s, oldest first)."""
+        if self._eval_future is not None and self._eval_future.done():
+            self.wait_eval()
+        out, self._eval_done = self._eval_done, []
+        return out
+
     def update_weights(self, version: int, weights_dir: Path | None = None, named_tensors=None):
-        """Push ``version`` to every engine: from ``weights_dir`` (disk) or ``named_tensors`` (nccl)."""
+        """Push ``version`` to every engine: from ``weights_dir`` (disk) or ``named_tensors`` (nccl).
+        A running evaluation finishes first, so every eval token comes from the version it evaluates."""
+        self.wait_eval()
         if self.streams_weights:
             self.rm.update_weights(version, named_tensors=named_tensors)
             return

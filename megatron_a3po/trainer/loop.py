@@ -90,6 +90,10 @@ def run(recipe, *, run_dir: str | Path | None = None) -> dict:
     from megatron_a3po.trainer.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
     from megatron_a3po.trainer.fleet import RolloutSide
 
+    from megatron_a3po.trainer import terminal
+
+    terminal.install_warning_filter()  # before megatron-core is imported: its known fallbacks, in one line
+    terminal.quiet_library_progress()
     tc, rc = recipe.trainer, recipe.rollout
     run_dir = Path(run_dir or tc.log_dir)
     if not torch.cuda.is_available():
@@ -139,8 +143,13 @@ def run(recipe, *, run_dir: str | Path | None = None) -> dict:
         if external:
             _push_weights(actor, side, recipe, version, run_dir, tok_dir)
         writer = _writer(run_dir, purge_step=start_step) if rank == 0 else None
-        bar = _progress(start_step, tc.steps) if rank == 0 else None
-        history = []
+        if rank == 0 and (line := terminal.known_warnings_line()):
+            log.info(line)
+        evaluating = rank == 0 and side.has_eval
+        if evaluating and (start_step == 0 or (tc.eval_every and start_step % tc.eval_every == 0)):
+            side.start_eval(version)  # runs while the first step trains; the next weight push waits for it
+        bar = terminal.Progress(start_step, tc.steps) if rank == 0 else None
+        history, eval_history = [], []
         dp_of = _dp_ranks()
         for step in range(start_step, tc.steps):
             t0 = time.perf_counter()
@@ -168,6 +177,20 @@ def run(recipe, *, run_dir: str | Path | None = None) -> dict:
                 stats.update(rollout_stats)
                 stats[M.TIME_WAIT] = t_wait
                 stats[M.TIME_SYNC] = t_sync
+                if evaluating:
+                    t1 = time.perf_counter()
+                    done = side.take_eval_results()  # those the weight push waited for, or already done
+                    last = step + 1 == tc.steps
+                    if last or (tc.eval_every and (step + 1) % tc.eval_every == 0):
+                        side.start_eval(version)
+                        if last:  # nothing left to overlap with
+                            side.wait_eval()
+                            done += side.take_eval_results()
+                    stats[M.TIME_EVAL_WAIT] = side.eval_wait_s + (time.perf_counter() - t1 if last else 0.0)
+                    side.eval_wait_s = 0.0
+                    if done:
+                        record["eval"] = [_log_eval(writer, run_dir, r) for r in done]
+                        eval_history += record["eval"]
                 stats[M.TIME_STEP] = time.perf_counter() - t0
                 stats[M.TIME_TOTAL] = time.perf_counter() - t_start
                 stats[M.POLICY_VERSION] = version
@@ -180,7 +203,7 @@ def run(recipe, *, run_dir: str | Path | None = None) -> dict:
         if rank == 0:
             writer.close()
             bar.close()
-            summary = _summary(recipe, history, run_dir, time.perf_counter() - t_start, side)
+            summary = _summary(recipe, history, run_dir, time.perf_counter() - t_start, side, eval_history)
         return summary
     finally:
         if side is not None:
@@ -327,11 +350,21 @@ def _writer(run_dir: Path, purge_step: int):
     return SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=purge_step)
 
 
-def _progress(start, total):
-    from tqdm import tqdm
+def _log_eval(writer, run_dir: Path, res) -> dict:
+    """TensorBoard ``eval/...`` at step = the evaluated version; generations to eval/v<version>.jsonl."""
+    import json
 
-    return tqdm(total=total, initial=start, desc="A-3PO", unit="step", dynamic_ncols=True,
-                disable=os.environ.get("A3PO_NO_PROGRESS") == "1")
+    from megatron_a3po.io import atomic_write_text
+
+    path = run_dir / "eval" / f"v{res.version}.jsonl"
+    atomic_write_text(path, "".join(json.dumps(s) + "\n" for s in res.samples))
+    for k, v in res.metrics.items():
+        writer.add_scalar(k, v, res.version)
+    writer.flush()
+    extra = "".join(f" {k.split('/', 1)[1]} {v:.3f}" for k, v in res.metrics.items() if "pass@" in k)
+    log.info("eval v%d: accuracy %.3f%s on %d prompts (%.1fs)", res.version, res.metrics[M.EVAL_ACCURACY], extra,
+             res.metrics["eval/n_prompts"], res.seconds)
+    return {"version": res.version, **res.metrics, "seconds": res.seconds, "generations": str(path)}
 
 
 def _log_step(writer, bar, step, stats):
@@ -343,9 +376,8 @@ def _log_step(writer, bar, step, stats):
         writer.add_histogram(M.PREFIX + M.STALENESS_HIST, torch.tensor(hist, dtype=torch.float32), step)
     writer.flush()
     r = stats.get(M.REWARD_MEAN, float("nan"))
-    bar.set_postfix(reward=f"{r:.3f}", stale=f"{stats.get(M.STALENESS_MEAN, 0):.2f}",
-                    prox_ms=f"{1e3 * stats.get(M.TIME_PROX, 0):.2f}")
-    bar.update(1)
+    bar.update(reward=f"{r:.3f}", stale=f"{stats.get(M.STALENESS_MEAN, 0):.2f}",
+               prox_ms=f"{1e3 * stats.get(M.TIME_PROX, 0):.2f}")
     log.info("step %d v%d reward %.3f entropy %.3f clip %.3f stale %.2f/%d grad %.3f | wait %.2fs prox %.2fms "
              "fwdbwd %.2fs opt %.2fs sync %.2fs", step + 1, stats.get(M.POLICY_VERSION, 0), r,
              stats.get(M.ENTROPY, 0), stats.get(M.CLIP_FRAC, 0), stats.get(M.STALENESS_MEAN, 0),
@@ -354,7 +386,7 @@ def _log_step(writer, bar, step, stats):
              stats.get(M.TIME_SYNC, 0))
 
 
-def _summary(recipe, history, run_dir, elapsed, side) -> dict:
+def _summary(recipe, history, run_dir, elapsed, side, eval_history=()) -> dict:
     import statistics as st
 
     rewards = [h.get(M.REWARD_MEAN, 0.0) for h in history]
@@ -376,6 +408,11 @@ def _summary(recipe, history, run_dir, elapsed, side) -> dict:
         "tensorboard": str(run_dir / "tb"),
         "rollout": side.metrics() if side is not None else {},
     }
+    if eval_history:
+        acc = [(e["version"], e[M.EVAL_ACCURACY]) for e in eval_history]
+        out["eval"] = {"first": acc[0][1], "last": acc[-1][1], "best": max(a for _, a in acc),
+                       "first_version": acc[0][0], "last_version": acc[-1][0], "history": acc,
+                       "n_prompts": eval_history[-1]["eval/n_prompts"]}
     from megatron_a3po.io import write_json_atomic
 
     write_json_atomic(run_dir / "summary.json", out)

@@ -16,6 +16,7 @@ Figures (PNG, one per comparison, every group on the same axes; x = training ste
   clipped_tokens.png   clipped tokens per step              train/clip/count
   reward.png           mean reward                          train/reward/mean
   staleness.png        mean staleness of trained tokens     train/staleness/mean
+  eval_accuracy.png    held-out eval accuracy (x = the evaluated version)       eval/accuracy
   final_reward_vs_staleness.png  (only when the runs carry their config, i.e. --sweep) a group's final
                        reward (mean, min-max bar) against rollout.max_staleness, a line per mode and
                        eps_clip
@@ -23,7 +24,7 @@ Table (summary.md, also summary.json with every run's numbers): per group, the m
 step, the total training time (last train/time/elapsed), the final reward (mean train/reward/mean over
 the last 20 logged steps, all of them if fewer), the mean reward over all logged steps, the stability
 (see ``max_drop``), and the means over all logged steps of entropy, max / min importance weight,
-clipped tokens and staleness. A tag a run did not log shows as "n/a" in the table, with a note naming
+clipped tokens and staleness, and the final and best held-out eval accuracy (eval/accuracy). A tag a run did not log shows as "n/a" in the table, with a note naming
 the tag; in a figure that run is simply absent (and a figure no run has data for says so).
 
 When a tag has several values for one step (a resumed run), the one written last wins.
@@ -59,6 +60,7 @@ TAG_RMIN = _t(M.RATIO_MIN)
 TAG_CLIP = _t(M.CLIP_COUNT)
 TAG_REWARD = _t(M.REWARD_MEAN)
 TAG_STALE = _t(M.STALENESS_MEAN)
+TAG_EVAL = M.EVAL_ACCURACY  # written without the train/ prefix, at step = the evaluated version
 
 # file -> (title, y label, [(tag, line label suffix)])
 COMPARISONS = {
@@ -70,6 +72,7 @@ COMPARISONS = {
     "clipped_tokens.png": ("Clipped tokens per step", "tokens", [(TAG_CLIP, "")]),
     "reward.png": ("Mean reward", "reward", [(TAG_REWARD, "")]),
     "staleness.png": ("Mean staleness of trained tokens", "policy versions", [(TAG_STALE, "")]),
+    "eval_accuracy.png": ("Held-out eval accuracy", "accuracy", [(TAG_EVAL, "")]),
 }
 
 WINDOW = 20  # steps: the final-reward window and the stability smoothing window
@@ -86,6 +89,8 @@ HEADLINES = {
     "mean min IW": (TAG_RMIN, "mean"),
     "mean clipped tokens": (TAG_CLIP, "mean"),
     "mean staleness": (TAG_STALE, "mean"),
+    "final eval accuracy": (TAG_EVAL, "last"),
+    "best eval accuracy": (TAG_EVAL, "max"),
 }
 
 
@@ -115,9 +120,11 @@ def max_drop(values, window: int = WINDOW) -> float:
 
 def reduce_series(values: list[float], how: str) -> float:
     """mean (all values), last (the last value), last_window (mean of the last WINDOW values, all if
-    fewer), max_drop (see ``max_drop``)."""
+    fewer), max (the largest value), max_drop (see ``max_drop``)."""
     if how == "last":
         return values[-1]
+    if how == "max":
+        return max(values)
     if how == "last_window":
         values = values[-WINDOW:]
     elif how == "max_drop":
@@ -302,8 +309,9 @@ def summary_markdown(groups: list[Group], notes) -> str:
              "(sample std). Means are over all logged steps; total time is the last `train/time/elapsed`; "
              f"final reward is the mean `train/reward/mean` over the last {WINDOW} logged steps; stability "
              f"is the largest drop of the {WINDOW}-step mean reward below its running best (lower is "
-             "steadier). IW = importance weight pi_theta / pi_prox. Figures: each group's mean over its "
-             "runs, with a min-max band.", "",
+             "steadier); final / best eval accuracy are the last / highest `eval/accuracy` (held-out set). "
+             "IW = importance weight pi_theta / pi_prox. Figures: each group's mean over its runs, with a "
+             "min-max band.", "",
              "| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for g, row in zip(groups, group_rows(groups)):
         cells = [g.name, str(len(g.runs))] + [_fmt_stat(row[c]) for c in HEADLINES] + [str(row["steps"])]

@@ -5,6 +5,10 @@ response is the largest digit followed by end-of-sequence (``8<eos>``). Reward 1
 else 0, so a policy that answers with a uniformly random digit scores ~0.1. A tiny transformer can
 learn it by RL on two CPU cores in a few minutes, which makes the reward curve an honest signal.
 
+Held-out evaluation (recipe ``data.synthetic.eval_holdout: N``): N distinct digit strings are drawn
+once (a fixed seed), left out of the training set, and form the eval set, so the eval accuracy measures
+prompts the policy never trained on.
+
 The optional warm start (recipe: ``trainer.warm_start_steps``) teaches only the answer *format*
 (one digit, then stop): its targets are random digits, so it leaves the reward at chance.
 """
@@ -26,13 +30,39 @@ def build_tokenizer():
     return build_char_tokenizer(DIGITS)
 
 
-def make_items(n: int, *, seed: int, num_digits: int = 3) -> list[dict]:
+def make_items(n: int, *, seed: int, num_digits: int = 3, exclude=()) -> list[dict]:
+    """``n`` random items; questions in ``exclude`` are skipped (drawn again)."""
     rng = random.Random(seed)
+    ex = set(exclude)
     out = []
-    for _ in range(n):
+    while len(out) < n:
         d = [rng.randrange(10) for _ in range(num_digits)]
-        out.append({"question": "".join(map(str, d)), "answer": str(max(d))})
+        q = "".join(map(str, d))
+        if q not in ex:
+            out.append({"question": q, "answer": str(max(d))})
     return out
+
+
+HOLDOUT_SEED = 20240917
+
+
+def holdout_items(n: int, *, num_digits: int = 3) -> list[dict]:
+    """The held-out eval set: ``n`` distinct questions (a fixed draw), each once, sorted."""
+    total = 10 ** num_digits
+    if not 0 < n <= total // 2:
+        raise ValueError(f"data.synthetic.eval_holdout must be in [1, {total // 2}] for {num_digits} digits, got {n}")
+    qs = sorted(f"{i:0{num_digits}d}" for i in random.Random(HOLDOUT_SEED).sample(range(total), n))
+    return [{"question": q, "answer": max(q)} for q in qs]
+
+
+def write_datasets(data_dir, *, seed: int, num_prompts: int = 10000, num_digits: int = 3,
+                   eval_holdout: int = 0) -> tuple[Path, Path | None]:
+    """Write train.jsonl (and eval.jsonl, the held-out set, when ``eval_holdout``) under ``data_dir``."""
+    data_dir = Path(data_dir)
+    held = holdout_items(eval_holdout, num_digits=num_digits) if eval_holdout else []
+    train = write_jsonl(data_dir / "train.jsonl", make_items(num_prompts, seed=seed, num_digits=num_digits,
+                                                             exclude=[x["question"] for x in held]))
+    return train, (write_jsonl(data_dir / "eval.jsonl", held) if held else None)
 
 
 def write_jsonl(path, items) -> Path:
