@@ -3,7 +3,8 @@ splits a log line.
 
 * ``install_warning_filter()`` (before megatron-core is imported) holds back the warnings megatron-core
   gives when optional accelerators are absent (Transformer Engine / Apex not installed -> torch
-  fallbacks) and its deprecation of the ``full`` cuda-graph scope; ``known_warnings_line()`` then says
+  fallbacks), its deprecation of the ``full`` cuda-graph scope, its fp32 distributed optimizer's
+  read of ``.grad`` on shard views, and torch's deprecation of the collectives that optimizer calls; ``known_warnings_line()`` then says
   in one line what was held back. Every other warning is shown as usual.
 * ``progress(start, total)``: a tqdm bar on a terminal only (stderr is a TTY); log records are then
   written above the bar (tqdm's logging redirection). Redirected to a file or a pipe there is no bar,
@@ -24,6 +25,15 @@ KNOWN_WARNINGS = (
     (re.compile(r"Apex is not installed"), "Apex not installed"),
     (re.compile(r"Transformer Engine is not installed|TE is not installed"), "Transformer Engine not installed"),
     (re.compile(r"full scope is deprecated"), "cuda_graph_scope 'full' deprecated"),
+    # the fp32 distributed optimizer keeps its shards as views of the parameters, and zero_grad reads them
+    (re.compile(r"\.grad attribute of a Tensor that is not a leaf Tensor"),
+     "distributed optimizer reads .grad of fp32 shard views"),
+)
+# torch deprecations of the collectives megatron-core's distributed optimizer calls (issued from torch's
+# own c10d wrapper, so matched by message and that file)
+KNOWN_TORCH_WARNINGS = (
+    (re.compile(r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated"),
+     "torch deprecates reduce_scatter_tensor / all_gather_into_tensor"),
 )
 
 _held: dict[str, int] = {}
@@ -32,10 +42,10 @@ _orig_showwarning = None
 
 
 def _is_known(message, filename: str) -> str | None:
-    if "megatron" not in str(filename).replace("\\", "/"):
-        return None
-    text = str(message)
-    for pat, what in KNOWN_WARNINGS:
+    fn, text = str(filename).replace("\\", "/"), str(message)
+    table = KNOWN_WARNINGS if "megatron" in fn else KNOWN_TORCH_WARNINGS if fn.endswith(
+        "torch/distributed/c10d_logger.py") else ()
+    for pat, what in table:
         if pat.search(text):
             return what
     return None
