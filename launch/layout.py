@@ -98,6 +98,9 @@ def plan_layout(recipe, executor: str, *, local_gpus: int | None = None) -> Layo
             errors.append(f"trainer {'ranks' if cpu else 'GPUs'} = {what} is not a multiple of parallel.tp x "
                           f"parallel.pp = {tp} x {pp} = {tp * pp} (trainer ranks = TP x PP x DP)")
         dp = max(world // (tp * pp), 1)
+        if par.dp is not None and par.dp != dp:
+            errors.append(f"parallel.dp={par.dp} but the trainer's {world} rank(s) / (parallel.tp x parallel.pp "
+                          f"= {tp * pp}) give DP={dp}")
         want = "cpu" if cpu else "sglang"
         if ro.backend != want:
             errors.append(f"rollout.backend={ro.backend!r} on {'CPU' if cpu else 'GPU'} nodes "

@@ -238,7 +238,7 @@ def test_arch_from_local_config_json(home, tmp_path, capsys):
 
 
 def test_slurm_dryrun_cpu_cluster(home, tmp_path, capsys):
-    # the local CPU cluster file: 2 trainer nodes (one rank each, TP=2 across them) + 2 rollout nodes with
+    # the local CPU cluster file: 2 trainer nodes (one rank each, DP=2 across them) + 2 rollout nodes with
     # one CPU engine each, no container, no GPUs, shared nodes; the tiny model's weights are not built
     run_dir = tmp_path / "run"
     rc = launch_main(["--recipe", "demo_cpu", "--executor", "slurm", "--dryrun", "--cluster",
@@ -263,7 +263,7 @@ def test_slurm_dryrun_cpu_cluster(home, tmp_path, capsys):
     cmd = tr[tr.index("--") + 1:]
     assert "--nnodes=2" in cmd and "--nproc-per-node=1" in cmd
     # the cluster file's non-cluster settings reach the trainer, which reloads the recipe by name
-    assert "parallel.tp=2" in cmd and "rollout.num_engines=2" in cmd and f"trainer.log_dir={run_dir}" in cmd
+    assert "parallel.dp=2" in cmd and "rollout.num_engines=2" in cmd and f"trainer.log_dir={run_dir}" in cmd
     assert not run_dir.exists()  # a dry run prepares no weights
 
 
