@@ -123,3 +123,38 @@ def test_dp2_matches_dp1_gradient_loss_counts(tmp_path):
         if n.endswith("k_proj.bias"):  # its true gradient is 0 (softmax ignores a per-query shift of the
             continue  # scores): Adam turns the rounding noise into +-lr steps, at DP=1 as at DP=2
         torch.testing.assert_close(torch.from_numpy(r0["weights"][n]), torch.from_numpy(w), rtol=0, atol=1e-6, msg=n)
+
+
+@pytest.mark.slow
+def test_dp2_tp2_loop_with_two_engines(tmp_path):
+    """The whole loop at DP=2 x TP=2 (4 gloo ranks) with two CPU engines: staleness bounded, versions
+    advance, the engines serve exactly the trainer's export, every group trained once."""
+    import json
+    import math
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import subprocess_env
+
+    root = Path(__file__).resolve().parents[1]
+    run = tmp_path / "run"
+    env = subprocess_env(A3PO_NO_PROGRESS="1", OMP_NUM_THREADS="1", PYTHONPATH=str(root))
+    cmd = [sys.executable, "-m", "megatron_a3po.trainer", "--recipe", "demo_cpu", "--run-dir", str(run),
+           "parallel.tp=2", "parallel.dp=2", "rollout.num_engines=2", "rollout.max_staleness=2",
+           "trainer.steps=3", "trainer.verify_weight_sync=true", "trainer.warm_start_steps=0",
+           "rollout.batch_prompts=4", "rollout.n_samples=4", "rollout.max_inflight_groups=12",
+           "trainer.ppo_n_minibatches=2", "data.synthetic.num_prompts=400"]
+    p = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    recs = [json.loads(line) for line in (run / "steps.jsonl").read_text().splitlines()]
+    assert [r["version_trained"] for r in recs] == [0, 1, 2]
+    assert [r["version_after"] for r in recs] == [1, 2, 3]
+    gids = [g for r in recs for g in r["group_ids"]]
+    assert len(gids) == len(set(gids)) == 3 * 4
+    for r in recs:
+        st = r["stats"]
+        assert st["staleness/max"] <= 2
+        assert all(math.isfinite(v) for v in st.values() if isinstance(v, float))
+        assert set(r["engine_digests"].values()) == {r["weights_digest"]} and len(r["engine_digests"]) == 2
+    assert len({r["weights_digest"] for r in recs}) == 3

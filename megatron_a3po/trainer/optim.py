@@ -121,6 +121,13 @@ class MegatronOptimizer:
     def load_state_dict(self, sd):
         """Restore from a loaded ``sharded_state_dict`` (fp32 main weights, moments, step)."""
         self.opt.load_state_dict(sd)
+        # with torch's AdamW, megatron's load gives every parameter's state the *same* ``step`` tensor;
+        # AdamW increments each parameter's step in place, so a shared one would advance once per
+        # parameter per update (wrong bias correction after a resume): give each its own copy
+        for o in getattr(self.opt, "chained_optimizers", [self.opt]):
+            for st in getattr(getattr(o, "optimizer", None), "state", {}).values():
+                if isinstance(st.get("step"), torch.Tensor):
+                    st["step"] = st["step"].clone()
 
     def main_state(self, name: str) -> dict[str, torch.Tensor]:
         """``{param name: this rank's slice of the Adam state ``name`` ('exp_avg', 'exp_avg_sq')}``
