@@ -28,7 +28,7 @@ push fails on any server after retries, every server stays paused (none serves m
 ``WeightUpdateError`` is raised (also from later ``get_batch`` calls) until an ``update_weights``
 succeeds.
 
-Each group is generated as ``n`` single-sample requests (so each can be resumed on its own);
+Each group is ONE /generate with SGLang's ``n`` (an aborted sample is resumed on its own as prompt + partial);
 rewards are computed off the event loop; advantages are GRPO-normalised per group when a group completes
 (``adv_norm``, ``adv_eps``; see types.py) and, with ``adv_batch_norm``, once more over each delivered batch.
 """

@@ -31,10 +31,9 @@ class RolloutSide:
         d = recipe.data
         train, evals = d.train_path, d.eval_path
         if train is None:
-            mod = __import__(f"megatron_a3po.rollout.tasks.{d.task}", fromlist=["write_datasets"])
-            if not hasattr(mod, "write_datasets"):
+            if self.task.write_datasets is None:
                 raise ValueError(f"data.train_path is required for data.task={d.task}")
-            train, held = mod.write_datasets(self.run_dir / "data", seed=recipe.trainer.seed, **d.synthetic)
+            train, held = self.task.write_datasets(self.run_dir / "data", seed=recipe.trainer.seed, **d.synthetic)
             evals = evals if evals is not None else held
         self.prompts = load_prompts(train, self.task, self.tokenizer, key="data.train_path")
         self.eval_prompts = (load_prompts(evals, self.task, self.tokenizer, recipe.eval.num_prompts,
@@ -192,12 +191,11 @@ class RolloutSide:
                 for u in urls}
 
     def warm_start_samples(self, n: int, *, seed: int) -> list[tuple[list[int], list[int]]]:
-        mod = __import__(f"megatron_a3po.rollout.tasks.{self.recipe.data.task}", fromlist=["x"])
-        if not hasattr(mod, "warm_start_pairs"):
+        if self.task.warm_start_pairs is None:
             raise ValueError(f"trainer.warm_start_steps > 0 but task {self.recipe.data.task} has no warm_start_pairs")
         eos = self.tokenizer.eos_token_id
         out = []
-        for q, resp in mod.warm_start_pairs(n, seed=seed):
+        for q, resp in self.task.warm_start_pairs(n, seed=seed):
             p = self.task.build_prompt({"question": q, "answer": resp}, self.tokenizer)
             r = self.tokenizer(resp, add_special_tokens=False)["input_ids"] + [eos]
             out.append((p, r))

@@ -78,8 +78,7 @@ def preflight(recipe) -> None:
                 load_records(spec, task.fields, key=f"data.{key}")
             except DataError as e:
                 raise PreflightError(str(e)) from None
-    if d.train_path is None and not hasattr(__import__(f"megatron_a3po.rollout.tasks.{d.task}",
-                                                       fromlist=["x"]), "write_datasets"):
+    if d.train_path is None and task.write_datasets is None:
         raise PreflightError(f"data.train_path is required for data.task={d.task}")
     if recipe.trainer.resume and recipe.trainer.save_dir and not Path(recipe.trainer.save_dir).exists():
         raise PreflightError(f"trainer.resume=true but trainer.save_dir={recipe.trainer.save_dir} does not exist")

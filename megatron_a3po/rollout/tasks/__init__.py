@@ -6,6 +6,12 @@ A task is a module ``megatron_a3po/rollout/tasks/<name>.py`` that defines ``TASK
     Task.fields                    record keys the task needs (checked when the data is loaded)
     Task.build_prompt(rec, tok)    -> list[int] prompt token ids
     Task.reward(text, rec)         -> float, the reward of a decoded response for that record
+
+Optional hooks, declared here (None: the task does not offer it):
+
+    Task.write_datasets(dir, seed=, **data.synthetic) -> (train path, eval path | None)
+                                   a generated task writes its own data (then data.train_path may be unset)
+    Task.warm_start_pairs(n, seed=) -> [(question, response)]   supervised pairs for trainer.warm_start_steps
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ class Task:
     fields: tuple[str, ...]
     build_prompt: Callable[[dict, Any], list[int]]
     reward: Callable[[str, dict], float]
+    write_datasets: Callable[..., tuple[Any, Any]] | None = None
+    warm_start_pairs: Callable[..., list[tuple[str, str]]] | None = None
 
 
 _REGISTRY: dict[str, Task] = {}

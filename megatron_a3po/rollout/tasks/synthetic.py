@@ -82,11 +82,13 @@ def build_prompt(rec: dict, tokenizer) -> list[int]:
     return chat_prompt_ids(tokenizer, rec["question"])
 
 
-TASK = Task(name="synthetic", fields=("question", "answer"), build_prompt=build_prompt, reward=reward)
-
 
 def warm_start_pairs(n: int, *, seed: int, num_digits: int = 3) -> list[tuple[str, str]]:
     """(question, response) pairs whose responses are random digits: format only, no task signal."""
     rng = random.Random(seed)
     items = make_items(n, seed=seed + 1, num_digits=num_digits)
     return [(x["question"], DIGITS[rng.randrange(10)]) for x in items]
+
+
+TASK = Task(name="synthetic", fields=("question", "answer"), build_prompt=build_prompt, reward=reward,
+            write_datasets=write_datasets, warm_start_pairs=warm_start_pairs)
