@@ -143,6 +143,8 @@ class RolloutCfg(_Strict):
     # Engine URLs; empty = the trainer (or launcher) starts ``num_engines`` itself.
     engine_urls: list[str] = []
     router_url: str | None = None
+    # CPU engines started by the trainer: put a real sglang-router (the dev extra) in front of them
+    start_router: bool = False
     num_engines: int = Field(1, ge=1)
     engine_tp: int = Field(1, ge=1)
     max_staleness: int = Field(4, ge=0)
@@ -154,6 +156,10 @@ class RolloutCfg(_Strict):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(-1, ge=-1)  # -1 = all tokens
     request_timeout_s: float = Field(600.0, gt=0)
+    # an engine that does not answer GET /model_info within this many seconds is hung: it leaves the fleet
+    # (its requests go elsewhere, it is removed from the router) and rejoins once synced to the current
+    # weights; with no engine left for this long the run stops with a clear error
+    hang_timeout_s: float = Field(30.0, gt=0, le=600)
     # disk: the trainer writes an HF dir each step, engines load it (/update_weights_from_disk).
     # nccl: trainer rank 0 broadcasts the streamed HF tensors into every engine
     # (/update_weights_from_distributed); NCCL on GPU, the same code over gloo with the CPU engine.

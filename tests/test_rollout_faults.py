@@ -31,7 +31,7 @@ def test_killed_503_and_hanging_engines(dirs, tmp_path):
     prompts = toy_prompts(300)
     cfg = ControllerConfig(n_samples=2, max_inflight_groups=6, batch_groups=GROUPS, max_staleness=2,
                            max_new_tokens=16, seed=1)
-    rm = RolloutManager([e.url for e in eps], prompts, toy_task(), tokenizer(), cfg, request_timeout=2.0,
+    rm = RolloutManager([e.url for e in eps], prompts, toy_task(), tokenizer(), cfg, request_timeout=4.0,
                         health_interval_s=0.3)
     rm.fleet.health_timeout = 1.0
     delivered = []
@@ -41,7 +41,7 @@ def test_killed_503_and_hanging_engines(dirs, tmp_path):
             if v == 1:
                 _fault(eps[1].url, mode="503", duration_s=3)
             if v == 2:
-                _fault(eps[2].url, mode="hang", duration_s=4)
+                _fault(eps[2].url, mode="hang", duration_s=8)  # past the request timeout
             if v == 3:  # crash engine 0 while a batch is being generated
                 threading.Timer(0.3, eps[0].kill).start()
             batch = rm.get_batch(GROUPS, v, timeout=120)
@@ -142,3 +142,131 @@ def test_close_ends_the_servers_side_of_inflight_requests(dirs):
         rm.close()
         for e in eps:
             e.stop()
+
+
+def _digest_of_dir(d):
+    """Independent of the engine: the HF files, read with safetensors."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from megatron_a3po.convert.digest import state_digest
+
+    tensors = {}
+    for f in sorted(Path(d).glob("*.safetensors")):
+        tensors.update(load_file(str(f)))
+    return state_digest(tensors.items())
+
+
+def _wait_event(rm, url, text, timeout):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if any(u == url and text in x for _, u, x in list(rm.fleet.events)):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"no {text!r} event for {url} within {timeout}s: {rm.fleet.events}")
+
+
+def test_kill_restart_stop_and_lose_all_engines_behind_the_real_router(dirs, tmp_path):
+    """Two CPU engines behind sglang-router 0.3.2: SIGKILL one mid-run (it leaves the router, generation
+    goes on), restart it (synced to the served weights before it serves), SIGSTOP the other past the hang
+    timeout (dropped, updates go on with the healthy one, which is never marked unavailable), SIGCONT it
+    (synced before it serves), then kill both (a clear error naming the logs, once)."""
+    import os
+    import signal
+
+    pytest.importorskip("sglang_router")
+    from megatron_a3po.engine.launch import launch_engine
+    from megatron_a3po.rollout import RolloutError
+    from megatron_a3po.rollout.router import router_workers, start_router
+
+    HANG = 3.0
+    logs = tmp_path / "logs"
+    eps = launch_engines(dirs[0], n=2, version="0", test_hooks=True, version_log=tmp_path / "v-{port}.jsonl",
+                         log_dir=logs, timeout=300)  # a loaded 2-core machine starts an engine in ~1 min
+    rp = start_router([e.url for e in eps], log_path=logs / "router.log")
+    prompts = toy_prompts(300)
+    cfg = ControllerConfig(n_samples=2, max_inflight_groups=6, batch_groups=GROUPS, max_staleness=2,
+                           max_new_tokens=16, seed=1)
+    rm = RolloutManager([e.url for e in eps], prompts, toy_task(), tokenizer(), cfg, router_url=rp.url,
+                        request_timeout=60.0, health_interval_s=0.3, hang_timeout_s=HANG,
+                        log_hints={e.url: e.log_path for e in eps})
+    delivered, restarted, admitted_at_end = [], None, None
+    a, b = eps
+    served = {0: dirs[0]}
+    try:
+        rm.start()
+        v = 0
+
+        def step():
+            nonlocal v
+            batch = rm.get_batch(GROUPS, v, timeout=120)
+            delivered.extend(batch.samples)
+            assert all(v - min(s.versions) <= cfg.max_staleness for s in batch.samples)
+            served[v + 1] = dirs[(v + 1) % 2]
+            rm.update_weights(v + 1, hf_dir=served[v + 1])
+            v += 1
+
+        step()
+        threading.Timer(0.3, a.kill).start()  # SIGKILL engine a while a batch is generated
+        t_kill = time.time()
+        step()
+        deadline = t_kill + 15
+        while a.url in {w["url"] for w in router_workers(rp.url)}:
+            assert time.time() < deadline, "the killed worker is still registered with the router after 15 s"
+            time.sleep(0.2)
+        step()
+        # restart a on its port: it rejoins only once it serves the current weights
+        restarted = launch_engine(dirs[0], port=a.port, version="0", test_hooks=True,
+                                  version_log=tmp_path / "v-{port}.jsonl", log_dir=logs, timeout=300)
+        _wait_event(rm, a.url, "rejoined", 120)
+        assert httpx.get(f"{a.url}/model_info").json()["weight_version"] == str(v)
+        assert httpx.get(f"{a.url}/debug/weights_digest").json()["digest"] == _digest_of_dir(served[v])
+        assert a.url in {w["url"] for w in router_workers(rp.url)}
+        step()
+        # SIGSTOP b for longer than the hang timeout: dropped; generation and updates go on with a
+        os.kill(b.proc.pid, signal.SIGSTOP)
+        try:
+            step()
+            _wait_event(rm, b.url, "hung", 3 * HANG + 5)
+            step()
+            step()
+        finally:
+            os.kill(b.proc.pid, signal.SIGCONT)
+        _wait_event(rm, b.url, "rejoined", 120)
+        assert httpx.get(f"{b.url}/model_info").json()["weight_version"] == str(v)
+        assert httpx.get(f"{b.url}/debug/weights_digest").json()["digest"] == _digest_of_dir(served[v])
+        step()
+        ev = [(u, x) for _, u, x in rm.fleet.events]
+        # the healthy engine (a, since its restart) was never marked unavailable because b hung
+        after_restart = [x for u, x in ev if u == a.url][[x for u, x in ev if u == a.url].index(
+            "rejoined (synced to the current weights)") + 1:]
+        assert not [x for x in after_restart if x.startswith(("unavailable", "hung", "dropped"))], ev
+        # every engine gone: a clear error, once, naming the logs and what to do
+        restarted.kill()
+        b.kill()
+        with pytest.raises(RolloutError) as ei:
+            for _ in range(3):
+                step()
+        msg = str(ei.value)
+        assert "trainer.resume=true" in msg and all(e.log_path in msg for e in eps), msg
+        m = rm.metrics()
+        sd = rm.state_dict()
+        admitted_at_end = m["rollout/groups_admitted"]
+    finally:
+        rm.close()
+        rp.stop()
+        for e in eps + ([restarted] if restarted else []):
+            e.stop()
+    assert m["rollout/servers_dropped"] >= 1 and m["rollout/servers_hung"] >= 1
+    assert m["rollout/servers_rejoined"] >= 2
+    # no group lost or delivered twice: delivered once, or pending (regenerated after a resume)
+    got = [s.group_id for s in delivered if s.sample_index == 0]
+    assert len(got) == len(set(got))
+    idx = [s.prompt_index for s in delivered if s.sample_index == 0]
+    assert not set(idx) & set(sd["pending"])
+    order = Controller(None, prompts, None, None, ControllerConfig(seed=1))._epoch_order(0)
+    assert set(idx) | set(sd["pending"]) == set(order[:sd["pos"]])
+    assert admitted_at_end >= len(got)
+    check_versions_against_logs(delivered, read_version_logs([e.version_log for e in eps]))
+

@@ -70,11 +70,11 @@ def wait_healthy(url: str, timeout: float = 120.0, proc: subprocess.Popen | None
 
 def launch_engine(model_path, *, port: int | None = None, host: str = "127.0.0.1", version="0",
                   log_dir=None, version_log=None, test_hooks: bool = False, threads: int = 1,
-                  extra_args=(), wait: bool = True, timeout: float = 120.0, api_key: str | None = None,
+                  extra_args=(), wait: bool = True, timeout: float = 300.0, api_key: str | None = None,
                   weights_root=None) -> EngineProcess:
     """Start one engine. ``api_key`` reaches it in its environment ($A3PO_API_KEY), not its command
     line; ``weights_root``: the directory below which it may load weights (default: the model's
-    parent directory)."""
+    parent directory). ``timeout``: a loaded 2-core machine needs about a minute to start one."""
     port = port or free_port()
     cmd = [sys.executable, "-m", "megatron_a3po.engine", "--model-path", str(model_path), "--host", host,
            "--port", str(port), "--weight-version", str(version), "--threads", str(threads)]
@@ -117,7 +117,7 @@ def launch_engines(model_path, n: int = 1, **kw) -> list[EngineProcess]:
     procs = [launch_engine(model_path, wait=False, **kw) for _ in range(n)]
     try:
         for p in procs:
-            wait_healthy(p.url, kw.get("timeout", 120.0), p.proc, p.log_path)
+            wait_healthy(p.url, kw.get("timeout", 300.0), p.proc, p.log_path)
     except BaseException:
         for p in procs:
             p.stop()

@@ -135,6 +135,10 @@ class Controller:
         self.served_version = initial_version
         self.last_consumed_version = initial_version - 1
         self.counters: Counter = Counter()
+        self.initial_version = initial_version
+        self._last_payload: dict = {}  # the last successful push (hf_dir): resent to a server that rejoins
+        if fleet is not None:
+            fleet.on_rejoin = self._rejoin
         self.timings: Counter = Counter()
         self.ready: list[list[Sample]] = []
         self.inflight: dict[int, tuple[int, asyncio.Task]] = {}
@@ -265,9 +269,10 @@ class Controller:
         except asyncio.CancelledError:
             raise
         except (NoServersError, BadRequestError, RolloutError) as e:
-            self._fatal = e
+            if self._fatal is None:  # every in-flight group fails with it: say it once
+                log.error("rollout stopped: %s", e)
+            self._fatal = self._fatal or e
             self.requeue.appendleft(idx)
-            log.error("rollout stopped: %s", e)
         except Exception as e:  # noqa: BLE001 - retry the prompt
             self.counters["groups_failed"] += 1
             self.requeue.append(idx)
@@ -453,6 +458,7 @@ class Controller:
         """Pause(abort) -> push via the transport -> verify -> continue, on every server."""
         if self.transport is None:
             raise WeightUpdateError("no weight transport configured")
+        await self._wait_live()
         async with self._update_lock:
             t0 = time.monotonic()
             self._open.clear()
@@ -466,6 +472,10 @@ class Controller:
                 wrong = {u: i.get("weight_version") for u, i in infos.items() if str(i.get("weight_version")) != str(version)}
                 if wrong:
                     raise FleetError(f"servers report other weight versions than {version}: {wrong}")
+            except NoServersError as e:
+                self._fatal = self._fatal or e
+                self._tick()
+                raise RolloutError(f"rollout failed: {e}") from e
             except Exception as e:  # noqa: BLE001 - any failure after the pause leaves the fleet paused
                 self.counters["weight_update_failures"] += 1
                 self._broken = WeightUpdateError(
@@ -476,12 +486,51 @@ class Controller:
             await self.fleet.call_all("/continue_generation", {}, retries=self.cfg.update_retries)
             self._broken = None
             self.served_version = version
+            self._last_payload = {k: v for k, v in payload.items() if k == "hf_dir"}
             self.set_version(version)
             self.counters["weight_updates"] += 1
             self.timings["last_weight_sync_s"] = time.monotonic() - t0
             self.timings["weight_sync_s"] += self.timings["last_weight_sync_s"]
             self._open.set()
             self._tick()
+
+    async def _wait_live(self):
+        """Wait (up to the fleet's hang timeout) until some server is in the fleet."""
+        deadline = time.monotonic() + self.fleet.hang_timeout_s
+        while not self.fleet.live():
+            if time.monotonic() > deadline:
+                e = self.fleet.no_servers_error()
+                self._fatal = self._fatal or e
+                raise RolloutError(f"rollout failed: {e}") from e
+            await asyncio.sleep(0.2)
+
+    async def _rejoin(self, s) -> bool:
+        """Bring a server that was out of the fleet (hung, dead, restarted) to the served weights before it
+        serves again: pause(abort) its leftovers, load the last pushed weights (disk transport), check
+        its version, continue. False: it stays out (retried at its next liveness check)."""
+        if self._stopping or self._broken is not None or self._fatal is not None:
+            return False
+        async with self._update_lock:
+            try:
+                if await self.fleet.call_one(s, "/pause_generation", {"mode": "abort"}, retries=0) is None:
+                    return False
+                if self._last_payload.get("hf_dir"):
+                    await self.transport.push(self.fleet, self.served_version, servers=[s],
+                                              retries=self.cfg.update_retries, **self._last_payload)
+                elif self.served_version != self.initial_version:
+                    log.error("server %s cannot be brought to version %d: the %s transport has no weights to "
+                              "resend; it stays out of the fleet", s.url, self.served_version,
+                              type(self.transport).__name__)
+                    return False
+                info = await self.fleet.call_one(s, "/model_info", None, method="GET", retries=0)
+                if info is None or str(info.get("weight_version")) != str(self.served_version):
+                    log.warning("server %s reports version %s after its resync, not %d", s.url,
+                                None if info is None else info.get("weight_version"), self.served_version)
+                    return False
+                return await self.fleet.call_one(s, "/continue_generation", {}, retries=0) is not None
+            except Exception as e:  # noqa: BLE001 - it stays out, retried later
+                log.warning("resync of %s to version %d failed: %s", s.url, self.served_version, e)
+                return False
 
     def metrics(self) -> dict[str, Any]:
         el = max(time.monotonic() - self._t_start, 1e-9)

@@ -4,14 +4,22 @@
   timeout, a dropped connection or a 5xx/429 it re-issues the same request on another server (a new
   ``rid``: ``{rid_base}.{attempt}``; the timed-out one is aborted best-effort on its server). HTTP 400
   (or 422, the router's validation error) is a caller bug and raises ``BadRequestError`` at once.
-* Server states: ``up`` (gets requests), ``unavailable`` (timed out / 5xx: no requests until a health
-  check passes; re-checked every ``health_interval_s``), ``dead`` (connection refused: dropped for good;
-  its in-flight requests are re-issued elsewhere by their own ``generate`` calls).
-* ``call_all(path, body)`` posts a control call (pause, weight update, ...) to EVERY non-dead server
-  concurrently, with retries; a server that turns out dead is dropped, any other failure raises
-  ``ServerCallError`` naming the server and the reply.
+* Server states: ``up`` (gets requests), ``unavailable`` (timed out / 5xx: no requests until a liveness
+  check passes; re-checked every ``health_interval_s``; still gets control calls), ``hung`` (no answer to
+  ``GET /model_info`` within ``hang_timeout_s``) and ``dead`` (connection refused). Hung and dead servers
+  are OUT of the fleet: no requests, no control calls, removed from the router (``DELETE /workers/<id>``);
+  their in-flight requests are aborted where possible (a healthy worker returns the partial output) and
+  re-issued. Each server is watched on its own (a hung one never delays the others' checks). A server
+  that answers again is brought to the current weights by ``on_rejoin`` (the controller: pause(abort),
+  load, verify, continue) and only then re-added (to the router: ``POST /workers``) and served.
+* No server in the fleet for ``hang_timeout_s``: ``NoServersError`` naming the engines (and their log
+  files, ``log_hints``) and what to do.
+* ``call_all(path, body)`` posts a control call (pause, weight update, ...) to every server in the fleet
+  concurrently, with retries; a server that turns out dead or hung leaves the fleet (the call goes on
+  without it), any other failure raises ``ServerCallError`` naming the server and the reply.
 * With a router (``router_url``), generation goes through the router and control calls go to the worker
-  URLs (the router forwards none of them).
+  URLs (the router forwards none of them). The router's own ``/health`` is not trusted (it answers 200
+  with no live worker): the fleet watches the workers itself.
 
 Counters (``counters``): requests, retries, timeouts, connection_errors, http_5xx, servers_dropped,
 servers_unavailable, servers_recovered, control_retries.
@@ -30,7 +38,8 @@ import httpx
 
 log = logging.getLogger("megatron_a3po.rollout.fleet")
 
-UP, UNAVAILABLE, DEAD = "up", "unavailable", "dead"
+UP, UNAVAILABLE, HUNG, DEAD, SYNCING = "up", "unavailable", "hung", "dead", "syncing"
+OUT = (HUNG, DEAD)  # out of the fleet: no generation, no control calls, off the router; back after a resync
 
 
 class FleetError(RuntimeError):
@@ -59,16 +68,22 @@ class Server:
     next_check: float = 0.0
     connect_failures: int = 0
     completed: int = 0
+    lost: int = 0  # bumped each time the server goes out (its in-flight requests are re-issued)
 
 
 _CONN_ERRORS = (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError,
                 httpx.CloseError)
 
 
+class _Lost(Exception):
+    """The server of a pending call went out of the fleet."""
+
+
 class Fleet:
     def __init__(self, urls: list[str], *, router_url: str | None = None, request_timeout: float = 600.0,
                  connect_timeout: float = 5.0, health_timeout: float = 5.0, health_interval_s: float = 0.5,
-                 dead_after_connect_failures: int = 2, max_attempts: int = 20, api_key: str | None = None):
+                 dead_after_connect_failures: int = 2, max_attempts: int = 20, api_key: str | None = None,
+                 hang_timeout_s: float = 30.0, log_hints: dict[str, str] | None = None, lost_grace_s: float = 3.0):
         urls = [u.rstrip("/") for u in urls]
         if not urls and not router_url:
             raise ValueError("Fleet needs at least one engine URL (engine_urls) or a router_url")
@@ -80,15 +95,22 @@ class Fleet:
         self.connect_timeout = connect_timeout
         self.health_timeout = health_timeout
         self.health_interval_s = health_interval_s
+        self.hang_timeout_s = hang_timeout_s
+        self.lost_grace_s = lost_grace_s
+        self.log_hints = dict(log_hints or {})
         self.dead_after = dead_after_connect_failures
         self.max_attempts = max_attempts
         self.api_key = api_key  # sent as Authorization: Bearer (None: $A3PO_API_KEY, if set)
+        # set by the controller: ``await on_rejoin(server) -> bool`` brings a server that was out back to
+        # the current weights (True: it may serve again)
+        self.on_rejoin = None
         self.counters: Counter = Counter()
         self.events: list[tuple[float, str, str]] = []  # (time, url, event): the state changes, for logs/tests
         self._rr = itertools.count()
         self._changed: asyncio.Event | None = None
         self._client: httpx.AsyncClient | None = None
-        self._health_task: asyncio.Task | None = None
+        self._watch_tasks: list[asyncio.Task] = []
+        self._none_up_since: float | None = None
 
     # ---- lifecycle
     async def start(self, wait_s: float = 60.0):
@@ -99,6 +121,20 @@ class Fleet:
                                          timeout=httpx.Timeout(self.request_timeout, connect=self.connect_timeout),
                                          headers=auth_headers(self.api_key))
         deadline = time.monotonic() + wait_s
+        if self.router and not self.servers:  # the workers are the router's
+            while True:
+                try:
+                    r = await self._client.get(f"{self.router.url}/workers", timeout=self.health_timeout)
+                    ws = r.json()
+                    ws = ws.get("workers", []) if isinstance(ws, dict) else ws
+                    self.servers = [Server(w["url"].rstrip("/")) for w in ws]
+                    if self.servers:
+                        break
+                except (httpx.HTTPError, ValueError, KeyError, TypeError):
+                    pass
+                if time.monotonic() > deadline:
+                    raise FleetError(f"router {self.router.url} lists no workers after {wait_s:.0f}s")
+                await asyncio.sleep(0.3)
         pending = list(self.servers) + ([self.router] if self.router else [])
         while pending:
             oks = await asyncio.gather(*(self._healthy(s) for s in pending))
@@ -107,17 +143,18 @@ class Fleet:
                 raise FleetError(f"servers not healthy after {wait_s:.0f}s: {[s.url for s in pending]}")
             if pending:
                 await asyncio.sleep(0.3)
-        self._health_task = asyncio.create_task(self._health_loop())
+        self._watch_tasks = [asyncio.create_task(self._watch(s)) for s in self.servers]
 
     async def close(self):
-        if self._health_task:
-            self._health_task.cancel()
+        for t in self._watch_tasks:
+            t.cancel()
         if self._client:
             await self._client.aclose()
 
     # ---- state
     def live(self) -> list[Server]:
-        return [s for s in self.servers if s.state != DEAD]
+        """The servers in the fleet: they get every control call (weight updates) and may serve."""
+        return [s for s in self.servers if s.state not in OUT]
 
     def _gen_servers(self) -> list[Server]:
         return [self.router] if self.router else self.servers
@@ -126,22 +163,57 @@ class Fleet:
         if self._changed is not None:
             self._changed.set()
 
+    def _event(self, s: Server, what: str):
+        self.events.append((time.time(), s.url, what))
+        log.warning("server %s %s", s.url, what)
+
     def _mark_unavailable(self, s: Server, why: str):
         if s.state == UP:
             s.state = UNAVAILABLE
             self.counters["servers_unavailable"] += 1
-            self.events.append((time.time(), s.url, f"unavailable: {why}"))
-            log.warning("server %s unavailable: %s", s.url, why)
+            self._event(s, f"unavailable: {why}")
         s.next_check = time.monotonic() + self.health_interval_s
         self._notify()
 
-    def _drop(self, s: Server, why: str):
-        if s.state != DEAD:
-            s.state = DEAD
-            self.counters["servers_dropped"] += 1
-            self.events.append((time.time(), s.url, f"dropped: {why}"))
-            log.warning("server %s dropped from the fleet: %s", s.url, why)
+    def _take_out(self, s: Server, state: str, why: str):
+        """``s`` leaves the fleet (hung or dead): off the router, its in-flight requests re-issued."""
+        if s.state in OUT:
+            return
+        s.state = state
+        s.lost += 1
+        if self.router is not None:
+            self.router.lost += 1  # which requests the router sent to it is unknown: re-check them all
+            asyncio.create_task(self._router_remove(s))
+        self.counters["servers_dropped" if state == DEAD else "servers_hung"] += 1
+        self._event(s, f"{'dropped' if state == DEAD else 'hung'}: {why}")
         self._notify()
+
+    def _drop(self, s: Server, why: str):
+        self._take_out(s, DEAD, why)
+
+    def _hint(self, s: Server) -> str:
+        return f"{s.url} (log {self.log_hints[s.url]})" if s.url in self.log_hints else s.url
+
+    def no_servers_error(self) -> NoServersError:
+        logs = ", ".join(self._hint(s) for s in self.servers)
+        return NoServersError(
+            f"every rollout engine has been unreachable for {self.hang_timeout_s:g}s (rollout.hang_timeout_s): "
+            f"{logs}. See the engines' logs; once they are back, run the same command with trainer.resume=true "
+            "to continue from the last checkpoint (trainer.save_every sets how often one is written).")
+
+    async def _probe(self, s: Server) -> str:
+        """GET /model_info with the hang timeout: "ok", "refused", "timeout" or "error"."""
+        try:
+            r = await self._client.get(f"{s.url}/model_info", timeout=self.hang_timeout_s)
+        except httpx.ConnectError:
+            s.connect_failures += 1
+            return "refused"
+        except httpx.TimeoutException:
+            return "timeout"
+        except httpx.HTTPError:
+            return "error"
+        s.connect_failures = 0
+        return "ok" if r.status_code == 200 else "error"
 
     async def _healthy(self, s: Server) -> bool:
         """Liveness: GET /model_info answers (SGLang's /health is a generation that waits out a pause, and
@@ -168,36 +240,123 @@ class Fleet:
                 return
         self._mark_unavailable(s, why)
 
-    async def _health_loop(self):
+    async def _watch(self, s: Server):
+        """Per server, every ``health_interval_s``: a server that does not answer within the hang timeout
+        is hung, one that refuses connections is dead (both leave the fleet); one that answers again is
+        brought to the current weights (``on_rejoin``) before it serves again."""
         while True:
             await asyncio.sleep(self.health_interval_s)
-            now = time.monotonic()
-            for s in self._gen_servers():
-                if s.state == UNAVAILABLE and now >= s.next_check:
-                    if await self._healthy(s):
-                        s.state = UP
-                        self.counters["servers_recovered"] += 1
-                        self.events.append((time.time(), s.url, "recovered"))
-                        log.warning("server %s recovered", s.url)
-                        self._notify()
-                    elif s.connect_failures >= self.dead_after:
-                        self._drop(s, "connection refused")
-                    else:
-                        s.next_check = time.monotonic() + self.health_interval_s
+            try:
+                res = await self._probe(s)
+                if s.state in OUT:
+                    if res == "ok" and await self._rejoin(s):
+                        self.counters["servers_rejoined"] += 1
+                        self._event(s, "rejoined (synced to the current weights)")
+                    continue
+                if res == "timeout":
+                    self._take_out(s, HUNG, f"no answer to /model_info within {self.hang_timeout_s:g}s")
+                elif res == "refused" and s.connect_failures >= self.dead_after:
+                    self._drop(s, "connection refused")
+                elif res == "ok" and s.state == UNAVAILABLE and time.monotonic() >= s.next_check:
+                    s.state = UP
+                    self.counters["servers_recovered"] += 1
+                    self._event(s, "recovered")
+                    self._notify()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - the watcher must keep watching
+                log.exception("watching %s failed", s.url)
+
+    async def _rejoin(self, s: Server) -> bool:
+        """Sync ``s`` (state ``syncing``: control calls reach it, generation does not), then serve it."""
+        prev, ok = s.state, False
+        s.state = SYNCING
+        try:
+            ok = ((self.on_rejoin is None or await self.on_rejoin(s))
+                  and (self.router is None or await self._router_add(s)))
+        finally:
+            if s.state == SYNCING:
+                s.state = UP if ok else prev
+        if ok:
+            s.connect_failures = 0
+            self._notify()
+        return ok
+
+    # ---- the router's worker list (sglang-router 0.3.2: GET/POST /workers, DELETE /workers/<id>)
+    async def _router_ids(self, url: str) -> list[tuple[str, bool]]:
+        r = await self._client.get(f"{self.router.url}/workers", timeout=self.health_timeout)
+        ws = r.json()
+        ws = ws.get("workers", []) if isinstance(ws, dict) else ws
+        return [(w.get("id"), bool(w.get("is_healthy", True))) for w in ws if w.get("url", "").rstrip("/") == url]
+
+    async def _router_remove(self, s: Server):
+        try:
+            for wid, _ in await self._router_ids(s.url):
+                await self._client.delete(f"{self.router.url}/workers/{wid}", timeout=self.health_timeout)
+            self._event(s, "removed from the router")
+        except (httpx.HTTPError, ValueError) as e:
+            log.warning("could not remove %s from the router %s: %s", s.url, self.router.url, e)
+
+    async def _router_add(self, s: Server) -> bool:
+        try:
+            if not await self._router_ids(s.url):
+                await self._client.post(f"{self.router.url}/workers", json={"url": s.url},
+                                        timeout=self.health_timeout)
+            deadline = time.monotonic() + self.hang_timeout_s
+            while time.monotonic() < deadline:
+                ids = await self._router_ids(s.url)
+                if ids and all(ok for _, ok in ids):
+                    self._event(s, "added to the router")
+                    return True
+                await asyncio.sleep(0.2)
+        except (httpx.HTTPError, ValueError) as e:
+            log.warning("could not add %s to the router %s: %s", s.url, self.router.url, e)
+        return False
 
     async def _pick(self) -> Server:
         while True:
-            cands = [s for s in self._gen_servers() if s.state == UP]
-            if cands:
-                k = next(self._rr)
-                return min(cands, key=lambda s: (s.inflight, (hash(s.url) + k) % 7))
-            if all(s.state == DEAD for s in self._gen_servers()):
-                raise NoServersError("every rollout server is dead: " + ", ".join(s.url for s in self.servers))
+            if any(s.state == UP for s in self.servers):
+                self._none_up_since = None
+                cands = [s for s in self._gen_servers() if s.state == UP]
+                if cands:
+                    k = next(self._rr)
+                    return min(cands, key=lambda s: (s.inflight, (hash(s.url) + k) % 7))
+            elif all(s.state in OUT for s in self.servers):
+                now = time.monotonic()
+                self._none_up_since = self._none_up_since or now
+                if now - self._none_up_since > self.hang_timeout_s:
+                    raise self.no_servers_error()
             self._changed.clear()
             try:
                 await asyncio.wait_for(self._changed.wait(), timeout=self.health_interval_s)
             except asyncio.TimeoutError:
                 pass
+
+    async def _post_watched(self, s: Server, path: str, body, timeout=None, method: str = "POST"):
+        """The HTTP call, abandoned (``_Lost``) if ``s`` (or, via a router, a worker) goes out meanwhile."""
+        epoch = s.lost
+        task = asyncio.ensure_future(self._client.request(method, f"{s.url}{path}", json=body,
+                                                          **({} if timeout is None else {"timeout": timeout})))
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=0.25)
+                if done:
+                    return task.result()
+                if s.lost != epoch:
+                    return await self._on_lost(s, task, body)
+        finally:
+            if not task.done():
+                task.cancel()
+
+    async def _on_lost(self, s: Server, task, body):
+        rid = body.get("rid") if isinstance(body, dict) else None
+        if rid:  # a healthy worker answers an abort at once with the partial output: keep that
+            targets = self.live() if s is self.router else [s]
+            await asyncio.gather(*(self._abort_quietly(t, rid) for t in targets))
+            done, _ = await asyncio.wait({task}, timeout=self.lost_grace_s)
+            if done:
+                return task.result()
+        raise _Lost()
 
     # ---- generation
     async def generate(self, payload: dict, rid_base: str) -> tuple[dict, str, str]:
@@ -209,14 +368,20 @@ class Fleet:
             s.inflight += 1
             self.counters["requests"] += 1
             try:
-                r = await self._client.post(f"{s.url}/generate", json=body)
+                r = await self._post_watched(s, "/generate", body)
+            except _Lost:
+                self.counters["requests_lost"] += 1
             except httpx.TimeoutException as e:
                 self.counters["timeouts"] += 1
-                self._mark_unavailable(s, f"/generate timed out ({type(e).__name__})")
+                if s is not self.router:  # behind a router the slow worker is unknown: just re-issue
+                    self._mark_unavailable(s, f"/generate timed out ({type(e).__name__})")
                 asyncio.create_task(self._abort_quietly(s, rid))
             except _CONN_ERRORS as e:
                 self.counters["connection_errors"] += 1
-                await self._check_after_error(s, f"{type(e).__name__}: {e}")
+                if s is self.router:
+                    await asyncio.sleep(min(0.2 * (attempt + 1), 2.0))
+                else:
+                    await self._check_after_error(s, f"{type(e).__name__}: {e}")
             else:
                 if r.status_code == 200:
                     s.completed += 1
@@ -226,7 +391,10 @@ class Fleet:
                                           f"{r.text[:500]}")
                 if r.status_code >= 500 or r.status_code == 429:
                     self.counters["http_5xx"] += 1
-                    self._mark_unavailable(s, f"HTTP {r.status_code}")
+                    if s is self.router:  # e.g. 503 no_available_workers while the workers change
+                        await asyncio.sleep(min(0.2 * (attempt + 1), 2.0))
+                    else:
+                        self._mark_unavailable(s, f"HTTP {r.status_code}")
                 else:
                     raise FleetError(f"{s.url}/generate: unexpected HTTP {r.status_code}: {r.text[:500]}")
             finally:
@@ -243,14 +411,19 @@ class Fleet:
     # ---- control calls (every server)
     async def call_one(self, s: Server, path: str, body: dict | None, *, retries: int = 2,
                        timeout: float = 120.0, method: str = "POST") -> dict | str | None:
-        """Returns the parsed reply, or None if the server turned out dead (and was dropped)."""
+        """Returns the parsed reply, or None if the server is (or turns out) dead or hung: it has left the
+        fleet then and is brought back to the current weights before it serves again."""
         last = ""
         for attempt in range(retries + 1):
+            if s.state in OUT:
+                return None
             if attempt:
                 self.counters["control_retries"] += 1
                 await asyncio.sleep(0.2 * attempt)
             try:
-                r = await self._client.request(method, f"{s.url}{path}", json=body, timeout=timeout)
+                r = await self._post_watched(s, path, body, timeout, method)
+            except _Lost:
+                return None
             except httpx.ConnectError as e:
                 s.connect_failures += 1
                 last = f"{type(e).__name__}: {e}"
@@ -285,7 +458,7 @@ class Fleet:
         if errors:
             raise errors[0]
         if not self.live():
-            raise NoServersError(f"{path}: every rollout server is dead")
+            raise self.no_servers_error()
         return out
 
     def snapshot(self) -> dict:

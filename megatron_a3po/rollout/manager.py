@@ -57,18 +57,23 @@ class RolloutManager:
         transport: ``DiskTransport()`` (default) or ``NcclTransport(...)``.
         initial_version: the version the servers start with.
         request_timeout: seconds before a /generate call is abandoned and re-issued elsewhere.
+        hang_timeout_s: a server that does not answer ``GET /model_info`` within this is hung: it leaves
+            the fleet (its requests are re-issued) and is synced to the current weights when it answers
+            again; with no server for this long, the rollout fails with ``RolloutError``.
+        log_hints: ``{url: log file}`` named in that error.
     """
 
     def __init__(self, engine_urls: list[str], prompts: list, task, tokenizer, config: ControllerConfig,
                  *, router_url: str | None = None, transport=None, initial_version: int = 0,
                  request_timeout: float = 600.0, connect_timeout: float = 5.0, health_interval_s: float = 0.5,
-                 api_key: str | None = None):
+                 api_key: str | None = None, hang_timeout_s: float = 30.0, log_hints: dict[str, str] | None = None):
         if isinstance(task, str):
             from megatron_a3po.rollout.tasks import get_task
 
             task = get_task(task)
         self.fleet = Fleet(list(engine_urls), router_url=router_url, request_timeout=request_timeout,
-                           connect_timeout=connect_timeout, health_interval_s=health_interval_s, api_key=api_key)
+                           connect_timeout=connect_timeout, health_interval_s=health_interval_s, api_key=api_key,
+                           hang_timeout_s=hang_timeout_s, log_hints=log_hints)
         self.controller = Controller(self.fleet, prompts, task, tokenizer, config,
                                      transport=transport or DiskTransport(), initial_version=initial_version)
         self._loop = asyncio.new_event_loop()
@@ -79,7 +84,8 @@ class RolloutManager:
     # ---- construction helpers
     @classmethod
     def from_recipe(cls, recipe, *, engine_urls: list[str] | None = None, tokenizer=None, prompts=None,
-                    initial_version: int = 0, transport=None, api_key: str | None = None) -> "RolloutManager":
+                    initial_version: int = 0, transport=None, api_key: str | None = None,
+                    log_hints: dict[str, str] | None = None, router_url: str | None = None) -> "RolloutManager":
         """Build from a ``megatron_a3po.config.Recipe`` (rollout + data sections).
 
         Engine URLs come from ``engine_urls``, else ``recipe.rollout.engine_urls``. The manager starts no
@@ -87,7 +93,7 @@ class RolloutManager:
         """
         r, d = recipe.rollout, recipe.data
         urls = list(engine_urls if engine_urls is not None else r.engine_urls)
-        if not urls and not r.router_url:
+        if not urls and not (router_url or r.router_url):
             raise ValueError("no rollout engines: set rollout.engine_urls (or rollout.router_url)")
         if prompts is None:
             from megatron_a3po.rollout.data import load_prompts
@@ -102,8 +108,9 @@ class RolloutManager:
                                sampling_seed=recipe.trainer.seed if r.backend == "cpu" else None,
                                pause_mode=r.pause_mode, adv_norm=recipe.loss.adv_norm,
                                adv_eps=recipe.loss.adv_eps, adv_batch_norm=recipe.loss.adv_batch_norm)
-        return cls(urls, prompts, d.task, tokenizer, cfg, router_url=r.router_url, transport=transport,
-                   initial_version=initial_version, request_timeout=r.request_timeout_s, api_key=api_key)
+        return cls(urls, prompts, d.task, tokenizer, cfg, router_url=router_url or r.router_url, transport=transport,
+                   initial_version=initial_version, request_timeout=r.request_timeout_s, api_key=api_key,
+                   hang_timeout_s=r.hang_timeout_s, log_hints=log_hints)
 
     # ---- plumbing
     def _call(self, coro, timeout: float | None = None):

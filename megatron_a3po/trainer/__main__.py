@@ -117,6 +117,16 @@ def main(argv=None) -> int:
     except PreflightError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from megatron_a3po.rollout import RolloutError, WeightUpdateError
+
+    try:
+        return _train(recipe, args)
+    except (RolloutError, WeightUpdateError) as e:  # e.g. every engine gone: the message says what to do; no traceback wall
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def _train(recipe, args) -> int:
     run_dir = args.run_dir or recipe.trainer.log_dir
     world = recipe.parallel.tp * recipe.parallel.pp * (recipe.parallel.dp or 1)
     try:

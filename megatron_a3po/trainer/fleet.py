@@ -43,6 +43,7 @@ class RolloutSide:
         self.eval_wait_s = 0.0
         self.engines = []
         self.api_key = None  # None: $A3PO_API_KEY (set by launch/), if any
+        self.router = None  # a RouterProcess (rollout.start_router)
         self.rm = None
         self._weight_dirs: list[Path] = []
 
@@ -67,11 +68,17 @@ class RolloutSide:
                                           weights_root=self.run_dir,
                                           extra_args=["--random-seed", str(self.recipe.trainer.seed)])
             urls = [e.url for e in self.engines]
+            if rc.start_router:
+                from megatron_a3po.rollout.router import start_router
+
+                self.router = start_router(urls, log_path=self.run_dir / "engines" / "router.log")
         if weights_dir is not None:
             self._weight_dirs.append(Path(weights_dir))
         self.rm = RolloutManager.from_recipe(self.recipe, engine_urls=urls, tokenizer=self.tokenizer,
                                              prompts=self.prompts, initial_version=version,
-                                             transport=self._transport(), api_key=self.api_key)
+                                             transport=self._transport(), api_key=self.api_key,
+                                             log_hints={e.url: e.log_path for e in self.engines if e.log_path},
+                                             router_url=self.router.url if self.router else None)
         if state:
             self.rm.load_state_dict(state)
         self.rm.start()
@@ -107,6 +114,8 @@ class RolloutSide:
             if self.rm is not None:
                 self.rm.close()
         finally:
+            if self.router is not None:
+                self.router.stop()
             for e in self.engines:
                 e.stop()
 
