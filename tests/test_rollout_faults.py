@@ -270,3 +270,65 @@ def test_kill_restart_stop_and_lose_all_engines_behind_the_real_router(dirs, tmp
     assert admitted_at_end >= len(got)
     check_versions_against_logs(delivered, read_version_logs([e.version_log for e in eps]))
 
+
+
+def test_trainer_behind_the_real_router_kill_one_then_all_engines(tmp_path):
+    """The real training loop (trainer CLI, two CPU engines behind sglang-router): SIGKILL one engine
+    mid-run (training goes on, no group trained twice, staleness bound holds), then the other: the
+    trainer stops with one clear error naming the engines' logs and trainer.resume=true."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import psutil
+
+    pytest.importorskip("sglang_router")
+    from conftest import subprocess_env
+
+    root = Path(__file__).resolve().parents[1]
+    run = tmp_path / "run"
+    env = subprocess_env(A3PO_NO_PROGRESS="1", OMP_NUM_THREADS="1", PYTHONPATH=str(root))
+    cmd = [sys.executable, "-m", "megatron_a3po.trainer", "--recipe", "demo_cpu", "--run-dir", str(run),
+           "trainer.warm_start_steps=0", "rollout.batch_prompts=2", "rollout.n_samples=2",
+           "rollout.max_inflight_groups=6", "trainer.ppo_n_minibatches=1", "data.synthetic.num_prompts=200",
+           "trainer.steps=200", "rollout.num_engines=2", "rollout.start_router=true", "rollout.max_staleness=2",
+           "rollout.hang_timeout_s=5"]
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def steps():
+        f = run / "steps.jsonl"
+        return [json.loads(x) for x in f.read_text().splitlines()] if f.exists() else []
+
+    def wait_steps(n, timeout=400):
+        deadline = time.monotonic() + timeout
+        while len(steps()) < n:
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, f"fewer than {n} steps after {timeout}s"
+            time.sleep(0.3)
+
+    try:
+        wait_steps(2)
+        engines = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                   if "megatron_a3po.engine" in " ".join(p.cmdline())]
+        assert len(engines) == 2
+        engines[0].send_signal(signal.SIGKILL)
+        n = len(steps())
+        wait_steps(n + 3)  # training goes on with the other engine
+        engines[1].send_signal(signal.SIGKILL)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1, err[-3000:]
+    lines = [x for x in err.splitlines() if x.startswith("error:")]
+    assert len(lines) == 1, err[-3000:]
+    assert "trainer.resume=true" in lines[0] and lines[0].count("engine-") == 2, lines[0]
+    assert err.count("every rollout engine has been unreachable") == 1 and \
+        out.count("every rollout engine has been unreachable") <= 1
+    recs = steps()
+    gids = [g for r in recs for g in r["group_ids"]]
+    assert len(gids) == len(set(gids)), "a prompt group was trained on twice"
+    assert all(r["stats"]["staleness/max"] <= 2 for r in recs)
