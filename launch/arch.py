@@ -1,5 +1,6 @@
 """Model shapes the launcher checks layouts against, without downloading anything.
 
+The architecture is megatron_a3po.models' ``Arch``, read by the same functions the trainer uses.
 A recipe's architecture comes from, in order: ``model.tiny`` (the recipe itself), ``config.json`` in
 ``model.hf_path`` when that is a local directory, ``cluster.arch`` (a name below or a path to a
 config.json), or the name at the end of ``model.hf_path`` looked up in ``KNOWN`` (case-insensitive).
@@ -10,83 +11,73 @@ precision with Megatron's distributed optimizer, sequence parallelism, no activa
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-
-@dataclass(frozen=True)
-class Arch:
-    num_attention_heads: int
-    num_key_value_heads: int
-    num_hidden_layers: int
-    hidden_size: int
-    intermediate_size: int
-    vocab_size: int
-    tie_word_embeddings: bool = False
-    source: str = ""
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
-    def num_params(self) -> int:
-        """Parameters of a Llama/Qwen2-style decoder (biases and norms included approximately)."""
-        h, f, kvd = self.hidden_size, self.intermediate_size, self.num_key_value_heads * self.head_dim
-        attn = h * h + 2 * h * kvd + h * h + (h + 2 * kvd)  # q, k, v, o (+ qkv bias)
-        mlp = 3 * h * f
-        per_layer = attn + mlp + 2 * h
-        emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
-        return self.num_hidden_layers * per_layer + emb + h
+from megatron_a3po.models import Arch, UnsupportedModel, arch_from_config_json, arch_from_hf, arch_of_model_cfg
 
 
-# Values from each model's published config.json.
-_QWEN25 = dict(vocab_size=152064)
-KNOWN: dict[str, Arch] = {
-    "qwen2.5-1.5b-instruct": Arch(12, 2, 28, 1536, 8960, 151936, tie_word_embeddings=True),
-    "qwen2.5-1.5b": Arch(12, 2, 28, 1536, 8960, 151936, tie_word_embeddings=True),
-    "qwen2.5-7b-instruct": Arch(28, 4, 28, 3584, 18944, **_QWEN25),
-    "qwen2.5-7b": Arch(28, 4, 28, 3584, 18944, **_QWEN25),
-    "qwen2.5-32b-instruct": Arch(40, 8, 64, 5120, 27648, **_QWEN25),
-    "qwen2.5-32b": Arch(40, 8, 64, 5120, 27648, **_QWEN25),
-    "meta-llama-3-70b-instruct": Arch(64, 8, 80, 8192, 28672, 128256),
-    "meta-llama-3-70b": Arch(64, 8, 80, 8192, 28672, 128256),
-    "llama-3.1-70b-instruct": Arch(64, 8, 80, 8192, 28672, 128256),
-    "llama-3.3-70b-instruct": Arch(64, 8, 80, 8192, 28672, 128256),
+def _known(arch_name: str, heads, kv, layers, hidden, ffn, vocab, *, tie=False, bias=None, **kw) -> dict:
+    """The fields of a published config.json that the layout and the memory estimate need."""
+    d = dict(architectures=[arch_name], num_attention_heads=heads, num_key_value_heads=kv,
+             num_hidden_layers=layers, hidden_size=hidden, intermediate_size=ffn, vocab_size=vocab,
+             tie_word_embeddings=tie, **kw)
+    if bias is not None:
+        d["attention_bias"] = bias
+    return d
+
+
+# Values from each model's published config.json, read through the same reader as any config.json
+# (megatron_a3po.models.arch_from_hf), so the launcher and the trainer agree on every shape.
+_Q = "Qwen2ForCausalLM"
+_L = "LlamaForCausalLM"
+_QWEN25 = dict(vocab=152064)
+KNOWN: dict[str, dict] = {
+    "qwen2.5-1.5b-instruct": _known(_Q, 12, 2, 28, 1536, 8960, 151936, tie=True),
+    "qwen2.5-1.5b": _known(_Q, 12, 2, 28, 1536, 8960, 151936, tie=True),
+    "qwen2.5-7b-instruct": _known(_Q, 28, 4, 28, 3584, 18944, **_QWEN25),
+    "qwen2.5-7b": _known(_Q, 28, 4, 28, 3584, 18944, **_QWEN25),
+    "qwen2.5-32b-instruct": _known(_Q, 40, 8, 64, 5120, 27648, **_QWEN25),
+    "qwen2.5-32b": _known(_Q, 40, 8, 64, 5120, 27648, **_QWEN25),
+    "meta-llama-3-70b-instruct": _known(_L, 64, 8, 80, 8192, 28672, 128256),
+    "meta-llama-3-70b": _known(_L, 64, 8, 80, 8192, 28672, 128256),
+    "llama-3.1-70b-instruct": _known(_L, 64, 8, 80, 8192, 28672, 128256),
+    "llama-3.3-70b-instruct": _known(_L, 64, 8, 80, 8192, 28672, 128256),
 }
+
+
+def _from_known(d: dict, source: str) -> Arch:
+    from transformers import AutoConfig
+
+    model_type = {_Q: "qwen2", _L: "llama"}[d["architectures"][0]]
+    return arch_from_hf(AutoConfig.for_model(model_type, **d), source=source)
+
+
+def num_params(arch: Arch) -> int:
+    """Parameters of a Llama/Qwen2-style decoder (biases and norms included approximately)."""
+    h, f, kvd = arch.hidden_size, arch.intermediate_size, arch.num_kv_heads * arch.head_dim
+    attn = h * h + 2 * h * kvd + h * h + (h + 2 * kvd)  # q, k, v, o (+ qkv bias)
+    mlp = 3 * h * f
+    per_layer = attn + mlp + 2 * h
+    emb = arch.vocab_size * h * (1 if arch.tie_embeddings else 2)
+    return arch.num_layers * per_layer + emb + h
 
 
 class ArchError(ValueError):
     pass
 
 
-def arch_from_config_json(path) -> Arch:
-    path = Path(path)
+def _config_json(path) -> Arch:
     try:
-        cfg = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ArchError(f"{path}: cannot read model config: {e}") from e
-    try:
-        heads = int(cfg["num_attention_heads"])
-        return Arch(
-            num_attention_heads=heads,
-            num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
-            num_hidden_layers=int(cfg["num_hidden_layers"]),
-            hidden_size=int(cfg["hidden_size"]),
-            intermediate_size=int(cfg["intermediate_size"]),
-            vocab_size=int(cfg["vocab_size"]),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            source=str(path),
-        )
-    except KeyError as e:
-        raise ArchError(f"{path}: model config lacks {e.args[0]!r}") from None
+        return arch_from_config_json(path, shape_only=True)
+    except UnsupportedModel as e:
+        raise ArchError(str(e)) from None
 
 
 def _lookup(name: str, what: str) -> Arch:
     key = name.rstrip("/").split("/")[-1].lower()
     if key in KNOWN:
-        a = KNOWN[key]
-        return Arch(**{**a.__dict__, "source": f"launch/arch.py KNOWN[{key!r}] (from {what})"})
+        return _from_known(KNOWN[key], f"launch/arch.py KNOWN[{key!r}] (from {what})")
     raise ArchError(
         f"unknown model architecture for {what}: not a local directory with config.json and "
         f"{key!r} is not in launch/arch.py KNOWN ({', '.join(sorted(KNOWN))}); "
@@ -96,17 +87,15 @@ def _lookup(name: str, what: str) -> Arch:
 def resolve_arch(recipe) -> Arch:
     m = recipe.model
     if m.tiny is not None:
-        t = m.tiny
-        return Arch(t.num_attention_heads, t.num_key_value_heads, t.num_hidden_layers, t.hidden_size,
-                    t.intermediate_size, 0, t.tie_word_embeddings, source="model.tiny")
+        return arch_of_model_cfg(m)
     if m.hf_path and (Path(m.hf_path) / "config.json").is_file():
-        return arch_from_config_json(Path(m.hf_path) / "config.json")
+        return _config_json(Path(m.hf_path) / "config.json")
     arch = recipe.cluster.arch
     if arch:
         if arch.endswith(".json"):
             if not Path(arch).is_file():
                 raise ArchError(f"cluster.arch={arch!r}: file not found")
-            return arch_from_config_json(arch)
+            return _config_json(arch)
         return _lookup(arch, f"cluster.arch={arch!r}")
     if m.hf_path:
         return _lookup(m.hf_path, f"model.hf_path={m.hf_path!r}")
@@ -144,10 +133,10 @@ def memory_estimate(arch: Arch, tp: int, pp: int, dp: int, tokens_per_mb: int) -
       in flight on the first stage (1F1B);
     * logits: fp32 logits and their gradient on the last stage, vocab split over tp: 8 * tokens * V / tp.
     """
-    p = arch.num_params()
+    p = num_params(arch)
     shard = p / (tp * pp)
-    h, f, kvd = arch.hidden_size, arch.intermediate_size, arch.num_key_value_heads * arch.head_dim
+    h, f, kvd = arch.hidden_size, arch.intermediate_size, arch.num_kv_heads * arch.head_dim
     per_tok_layer = (12 * h + 4 * kvd + 6 * f) / tp
-    act = per_tok_layer * tokens_per_mb * (arch.num_hidden_layers / pp) * pp
+    act = per_tok_layer * tokens_per_mb * (arch.num_layers / pp) * pp
     logits = 8 * tokens_per_mb * arch.vocab_size / tp
     return MemoryEstimate(p, 6 * shard / 1e9, 12 * shard / dp / 1e9, act / 1e9, logits / 1e9)

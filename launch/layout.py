@@ -10,10 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from launch.arch import Arch, ArchError, memory_estimate, resolve_arch
-
-
-class LayoutError(ValueError):
-    pass
+from megatron_a3po.models import LayoutError, layout_errors  # noqa: F401 - LayoutError: launch's errors too
 
 
 @dataclass(frozen=True)
@@ -48,11 +45,6 @@ class Layout:
         return [] if e.base_gpu < 0 else list(range(e.base_gpu, e.base_gpu + self.engine_tp))
 
 
-def _divides(errors, a: int, b: int, msg: str):
-    if a <= 0 or b % a != 0:
-        errors.append(msg)
-
-
 def plan_layout(recipe, executor: str, *, local_gpus: int | None = None) -> Layout:
     """Check the recipe's layout for ``executor`` ("slurm" or "local") and place every process.
 
@@ -65,17 +57,9 @@ def plan_layout(recipe, executor: str, *, local_gpus: int | None = None) -> Layo
     except ArchError as e:
         raise LayoutError(str(e)) from None
     tp, pp = par.tp, par.pp
-    heads, kv, layers = arch.num_attention_heads, arch.num_key_value_heads, arch.num_hidden_layers
 
-    # --- model shape vs parallelism (Megatron: heads and query groups split over TP, layers over PP)
-    _divides(errors, tp, heads, f"parallel.tp={tp} must divide the model's num_attention_heads={heads} "
-                                f"({arch.source})")
-    _divides(errors, tp, kv, f"parallel.tp={tp} must divide the model's num_key_value_heads={kv} "
-                             f"(Megatron splits query groups over TP; {arch.source})")
-    _divides(errors, pp, layers, f"parallel.pp={pp} must divide the model's num_hidden_layers={layers} "
-                                 f"({arch.source})")
-    _divides(errors, ro.engine_tp, heads, f"rollout.engine_tp={ro.engine_tp} must divide the model's "
-                                          f"num_attention_heads={heads} ({arch.source})")
+    # --- model shape vs parallelism: the one validator (megatron_a3po.models.layout)
+    errors += layout_errors(arch, tp=tp, pp=pp, engine_tp=ro.engine_tp)
 
     external = bool(ro.engine_urls) or ro.router_url is not None
     layout_gpu = True
@@ -199,13 +183,8 @@ def plan_layout(recipe, executor: str, *, local_gpus: int | None = None) -> Layo
         raise LayoutError(f"--executor {executor!r}: expected local or slurm")
 
     # --- batch: every data-parallel rank needs sequences in every PPO minibatch
-    seqs = ro.batch_prompts * ro.n_samples
-    if seqs % tr.ppo_n_minibatches != 0:
-        errors.append(f"rollout.batch_prompts x rollout.n_samples = {seqs} is not divisible by "
-                      f"trainer.ppo_n_minibatches={tr.ppo_n_minibatches}")
-    elif seqs // tr.ppo_n_minibatches < dp:
-        errors.append(f"a PPO minibatch holds {seqs // tr.ppo_n_minibatches} sequences, fewer than the "
-                      f"data-parallel size {dp}: raise rollout.batch_prompts or lower trainer.ppo_n_minibatches")
+    errors += layout_errors(arch, tp=1, pp=1, dp=dp, batch_seqs=ro.batch_prompts * ro.n_samples,
+                            n_minibatches=tr.ppo_n_minibatches)
 
     if errors:
         raise LayoutError("invalid launch layout for recipe {!r} ({} executor):\n  - {}".format(

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from megatron_a3po.models.layout import check_layout
+
 VOCAB_DIVISIBLE_BY = 128
 
 
@@ -44,6 +46,7 @@ class Arch:
     tie_embeddings: bool
     qkv_bias: bool
     qk_norm: bool
+    source: str = ""  # where it was read from (a config.json, model.tiny, ...): error messages name it
 
 
 def supported_architectures() -> dict[str, str]:
@@ -79,22 +82,85 @@ def _rope_params(cfg) -> dict:
     return out
 
 
-def arch_from_hf(cfg) -> Arch:
+def arch_from_hf(cfg, source: str = "", *, shape_only: bool = False) -> Arch:
+    """The one reading of an HF config (a transformers config object) into an ``Arch``.
+
+    ``shape_only``: a config of no supported family still gives its shapes (family ""), for the
+    launcher's layout checks of models it will not build itself."""
     from megatron_a3po.models.families import get_family
 
-    fam = family_of(cfg)
-    family = get_family(fam)
+    try:
+        fam = family_of(cfg)
+    except UnsupportedModel:
+        if not shape_only:
+            raise
+        fam, family = "", None
+    else:
+        family = get_family(fam)
     nh = cfg.num_attention_heads
     hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // nh
     rope = _rope_params(cfg)
     return Arch(
         family=fam, vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size, num_layers=cfg.num_hidden_layers, num_heads=nh,
-        num_kv_heads=getattr(cfg, "num_key_value_heads", None) or nh, head_dim=hd, rms_eps=cfg.rms_norm_eps,
-        rope_theta=float(rope.get("rope_theta", 10000.0)), max_position=cfg.max_position_embeddings,
+        num_kv_heads=getattr(cfg, "num_key_value_heads", None) or nh, head_dim=hd,
+        rms_eps=getattr(cfg, "rms_norm_eps", 1e-6), rope_theta=float(rope.get("rope_theta", 10000.0)),
+        max_position=getattr(cfg, "max_position_embeddings", 0),
         tie_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
-        qkv_bias=family.has_qkv_bias(cfg), qk_norm=family.qk_norm,
+        qkv_bias=family.has_qkv_bias(cfg) if family else bool(getattr(cfg, "attention_bias", False)),
+        qk_norm=family.qk_norm if family else False, source=source,
     )
+
+
+def arch_of_model_cfg(model_cfg) -> Arch:
+    """The ``Arch`` of a recipe's ``model`` section without loading weights: ``model.tiny`` (its vocabulary
+    is the task tokenizer's, unknown here: vocab_size 0), else the config.json of ``model.hf_path`` or of
+    ``model.mcore_path``/hf_config. A missing file is an ``UnsupportedModel`` naming the key."""
+    from pathlib import Path
+
+    if model_cfg.tiny is not None:
+        from megatron_a3po.models.tiny import tiny_hf_config
+
+        t = model_cfg.tiny
+        cfg = tiny_hf_config("qwen2", vocab_size=0, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+                             num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
+                             num_key_value_heads=t.num_key_value_heads, tie_word_embeddings=t.tie_word_embeddings,
+                             max_position_embeddings=t.max_position_embeddings)
+        return arch_from_hf(cfg, source="model.tiny")
+    if model_cfg.hf_path is not None:
+        f = Path(model_cfg.hf_path) / "config.json"
+        if not f.exists():
+            raise UnsupportedModel(f"model.hf_path={model_cfg.hf_path}: {f} not found")
+    else:
+        root = Path(model_cfg.mcore_path)
+        if not root.exists():
+            raise UnsupportedModel(f"model.mcore_path={model_cfg.mcore_path}: directory not found")
+        f = root / "hf_config" / "config.json"
+        if not f.exists():
+            raise UnsupportedModel(f"model.mcore_path={model_cfg.mcore_path}: {f} not found "
+                                   "(convert with tools.convert_ckpt)")
+    return arch_from_config_json(f)
+
+
+def arch_from_config_json(path, *, shape_only: bool = False) -> Arch:
+    """``arch_from_hf`` of a config.json file (through transformers' own config class for its model_type,
+    the generic one without); a missing, unreadable or incomplete file is an ``UnsupportedModel`` naming it."""
+    import json
+    from pathlib import Path
+
+    from transformers import AutoConfig, PretrainedConfig
+
+    path = Path(path)
+    try:
+        d = json.loads(path.read_text())
+        mt = d.pop("model_type", None)
+        cfg = AutoConfig.for_model(mt, **d) if mt else PretrainedConfig(**d)
+    except (OSError, ValueError, TypeError) as e:
+        raise UnsupportedModel(f"{path}: cannot read the model config ({type(e).__name__}: {e})") from None
+    try:
+        return arch_from_hf(cfg, source=str(path), shape_only=shape_only)
+    except AttributeError as e:
+        raise UnsupportedModel(f"{path}: model config lacks {getattr(e, 'name', None) or e}") from None
 
 
 def weights_dtype(hf_config) -> torch.dtype:
@@ -110,15 +176,6 @@ def weights_dtype(hf_config) -> torch.dtype:
 def padded_vocab_size(vocab: int, tp: int) -> int:
     m = VOCAB_DIVISIBLE_BY * tp
     return ((vocab + m - 1) // m) * m
-
-
-def check_layout(arch: Arch, tp: int, pp: int) -> None:
-    if arch.num_heads % tp:
-        raise ValueError(f"parallel.tp={tp} does not divide num_attention_heads={arch.num_heads}")
-    if arch.num_kv_heads % tp:
-        raise ValueError(f"parallel.tp={tp} does not divide num_key_value_heads={arch.num_kv_heads}")
-    if arch.num_layers % pp:
-        raise ValueError(f"parallel.pp={pp} does not divide num_hidden_layers={arch.num_layers}")
 
 
 def _use_te() -> bool:
@@ -151,7 +208,7 @@ def transformer_config(arch: Arch, *, params_dtype=torch.float32, sequence_paral
     from megatron.core.transformer import TransformerConfig
 
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
-    check_layout(arch, tp, pp)
+    check_layout(arch, tp=tp, pp=pp)
     cpu = not torch.cuda.is_available()
     return TransformerConfig(
         num_layers=arch.num_layers, hidden_size=arch.hidden_size, ffn_hidden_size=arch.intermediate_size,

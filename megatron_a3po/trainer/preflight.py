@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 
@@ -11,42 +10,34 @@ class PreflightError(ValueError):
 
 
 def _arch(recipe) -> dict:
-    mc = recipe.model
-    if mc.tiny is not None:
-        t = mc.tiny
-        return {"num_attention_heads": t.num_attention_heads, "num_key_value_heads": t.num_key_value_heads,
-                "num_hidden_layers": t.num_hidden_layers, "hidden_size": t.hidden_size,
-                "intermediate_size": t.intermediate_size, "tie_word_embeddings": t.tie_word_embeddings,
-                "model_type": "qwen2", "source": "model.tiny"}
-    if mc.hf_path is not None:
-        cfg = Path(mc.hf_path) / "config.json"
-        if not cfg.exists():
-            raise PreflightError(f"model.hf_path={mc.hf_path}: {cfg} not found")
-    else:
-        root = Path(mc.mcore_path)
-        if not root.exists():
-            raise PreflightError(f"model.mcore_path={mc.mcore_path}: directory not found")
-        cfg = root / "hf_config" / "config.json"
-        if not cfg.exists():
-            raise PreflightError(f"model.mcore_path={mc.mcore_path}: {cfg} not found (convert with tools.convert_ckpt)")
+    """The recipe's model as the checkpoint's state.json records it (HF config names; see
+    trainer.checkpoint.ARCH_FIELDS), read through the one reader, ``models.arch_of_model_cfg``."""
+    a = _model_arch(recipe)
+    return {"model_type": a.family, "vocab_size": a.vocab_size or None, "hidden_size": a.hidden_size,
+            "intermediate_size": a.intermediate_size, "num_hidden_layers": a.num_layers,
+            "num_attention_heads": a.num_heads, "num_key_value_heads": a.num_kv_heads,
+            "tie_word_embeddings": a.tie_embeddings, "source": a.source}
+
+
+def _model_arch(recipe):
+    from megatron_a3po.models import UnsupportedModel, arch_of_model_cfg
+
     try:
-        d = json.loads(cfg.read_text())
-    except json.JSONDecodeError as e:
-        raise PreflightError(f"{cfg}: not valid JSON ({e})") from None
-    d.setdefault("num_key_value_heads", d.get("num_attention_heads"))
-    d["source"] = str(cfg)
-    return d
+        return arch_of_model_cfg(recipe.model)
+    except UnsupportedModel as e:
+        raise PreflightError(str(e)) from None
 
 
-def check_layout(arch: dict, tp: int, pp: int) -> None:
-    nh, nkv, nl = arch["num_attention_heads"], arch["num_key_value_heads"], arch["num_hidden_layers"]
-    src = arch.get("source", "model")
-    if nh % tp:
-        raise PreflightError(f"parallel.tp={tp} does not divide num_attention_heads={nh} ({src})")
-    if nkv % tp:  # megatron-core shards whole query groups
-        raise PreflightError(f"parallel.tp={tp} does not divide num_key_value_heads={nkv} ({src})")
-    if nl % pp:
-        raise PreflightError(f"parallel.pp={pp} does not divide num_hidden_layers={nl} ({src})")
+def check_layout(recipe) -> None:
+    """The one layout validator (megatron_a3po.models.layout) on the recipe's model and layout."""
+    from megatron_a3po.models import LayoutError, check_layout as check
+
+    p, r, t = recipe.parallel, recipe.rollout, recipe.trainer
+    try:
+        check(_model_arch(recipe), tp=p.tp, pp=p.pp, dp=p.dp, batch_seqs=r.batch_prompts * r.n_samples,
+              n_minibatches=t.ppo_n_minibatches)
+    except LayoutError as e:
+        raise PreflightError(str(e)) from None
 
 
 def check_engines(urls: list[str], timeout: float = 5.0) -> None:
@@ -62,7 +53,7 @@ def check_engines(urls: list[str], timeout: float = 5.0) -> None:
 
 
 def preflight(recipe) -> None:
-    check_layout(_arch(recipe), recipe.parallel.tp, recipe.parallel.pp)
+    check_layout(recipe)
     d = recipe.data
     from megatron_a3po.rollout.data import DataError, load_records
     from megatron_a3po.rollout.tasks import get_task

@@ -94,9 +94,9 @@ def _arch_and_layout(cfg, tp: int, pp: int, where: str):
 
     arch = arch_from_hf(cfg)  # UnsupportedModel names the architecture and lists the supported ones
     try:
-        check_layout(arch, tp, pp)
+        check_layout(arch, tp=tp, pp=pp, keys={"tp": "--tp", "pp": "--pp"})
     except ValueError as e:
-        raise CliError(f"{where}: {e}".replace("parallel.tp", "--tp").replace("parallel.pp", "--pp")) from None
+        raise CliError(f"{where}: {e}") from None
     return arch
 
 
