@@ -53,7 +53,12 @@ def _dryrun(home, recipe, *extra, capsys):
             "--container-image", IMAGE, "--job-dir", str(home / "jobs"), "--packager", "none"]
     for m in MOUNTS:
         argv += ["--mount", m]
-    rc = launch_main(argv + list(extra))
+    return _sbatch_text(argv + list(extra), capsys)
+
+
+def _sbatch_text(argv, capsys):
+    """Run the launcher's dry run; the text of the sbatch script it wrote (its path is the last line)."""
+    rc = launch_main(argv)
     out = capsys.readouterr()
     assert rc == 0, out.err
     path = Path(out.out.strip().splitlines()[-1])
@@ -171,11 +176,8 @@ def test_cluster_file(home, tmp_path, capsys):
     cf = tmp_path / "cluster.yaml"
     cf.write_text("account: teamx\npartition: h100\ncontainer_image: img:7\ncontainer_mounts: ['/a:/b']\n"
                   "time: '01:30:00'\nenv_vars: {HF_HOME: /b/hf}\n")
-    rc = launch_main(["--recipe", "qwen2_5_1_5b_gsm8k", "--executor", "slurm", "--dryrun", "--cluster", str(cf),
-                      "--packager", "none", "--job-dir", str(home / "jobs")])
-    out = capsys.readouterr()
-    assert rc == 0, out.err
-    text = Path(out.out.strip().splitlines()[-1]).read_text()
+    text = _sbatch_text(["--recipe", "qwen2_5_1_5b_gsm8k", "--executor", "slurm", "--dryrun", "--cluster", str(cf),
+                         "--packager", "none", "--job-dir", str(home / "jobs")], capsys)
     g0, g1 = _group_headers(text)
     for g in (g0, g1):
         assert "account=teamx" in g and "partition=h100" in g and "time=01:30:00" in g
@@ -241,11 +243,8 @@ def test_slurm_dryrun_cpu_cluster(home, tmp_path, capsys):
     # the local CPU cluster file: 2 trainer nodes (one rank each, DP=2 across them) + 2 rollout nodes with
     # one CPU engine each, no container, no GPUs, shared nodes; the tiny model's weights are not built
     run_dir = tmp_path / "run"
-    rc = launch_main(["--recipe", "demo_cpu", "--executor", "slurm", "--dryrun", "--cluster",
-                      "recipes/clusters/local_cpu.yaml", "--packager", "none", f"trainer.log_dir={run_dir}"])
-    out = capsys.readouterr()
-    assert rc == 0, out.err
-    text = Path(out.out.strip().splitlines()[-1]).read_text()
+    text = _sbatch_text(["--recipe", "demo_cpu", "--executor", "slurm", "--dryrun", "--cluster",
+                         "recipes/clusters/local_cpu.yaml", "--packager", "none", f"trainer.log_dir={run_dir}"], capsys)
     g0, g1 = _group_headers(text)
     for g in (g0, g1):
         assert "nodes=2" in g and "ntasks-per-node=1" in g and "account=local" in g

@@ -8,24 +8,16 @@ wrapper around ``collate`` (what the packer hands to the model), not from the tr
 import pytest
 import torch
 
+from train_samples import random_samples
+
 from megatron_a3po import metrics as M
 
 COUNT_KEYS = (M.NUM_TOKENS, M.CLIP_COUNT, M.DUAL_CLIP_COUNT, M.STALENESS_HIST)
 
 
 def _samples(seed, n_groups=6, n=4):
-    from megatron_a3po.trainer.batch import TrainSample
-
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for k in range(n_groups * n):
-        P, R = 4 + (k * 5) % 7, 2 + (k * 7) % 9  # uneven lengths: a split by count would be unbalanced
-        out.append(TrainSample(prompt_ids=torch.randint(3, 90, (P,), generator=g).tolist(),
-                               response_ids=torch.randint(3, 90, (R,), generator=g).tolist(),
-                               behave_logprobs=(-torch.rand(R, generator=g) * 3 - 1).tolist(),
-                               versions=torch.randint(3, 6, (R,), generator=g).tolist(),
-                               advantage=float(torch.randn((), generator=g)), group_id=k // n))
-    return out
+    # uneven lengths: a split by count would be unbalanced
+    return random_samples(n_groups, n, seed, lambda k: (4 + (k * 5) % 7, 2 + (k * 7) % 9))
 
 
 def _recipe(d, *, dist_opt, n_mb):

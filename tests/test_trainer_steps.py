@@ -3,7 +3,7 @@
 import os
 
 import pytest
-import torch
+from train_samples import random_samples
 
 from megatron_a3po import metrics as M
 
@@ -23,18 +23,7 @@ def dist1():
 
 
 def _samples(n_groups=4, n=4, seed=0):
-    from megatron_a3po.trainer.batch import TrainSample
-
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for k in range(n_groups * n):
-        P, R = 4 + k % 3, 2 + (k * 7) % 5
-        out.append(TrainSample(prompt_ids=torch.randint(3, 90, (P,), generator=g).tolist(),
-                               response_ids=torch.randint(3, 90, (R,), generator=g).tolist(),
-                               behave_logprobs=(-torch.rand(R, generator=g) * 3 - 1).tolist(),
-                               versions=torch.randint(3, 6, (R,), generator=g).tolist(),
-                               advantage=float(torch.randn((), generator=g)), group_id=k // n))
-    return out
+    return random_samples(n_groups, n, seed, lambda k: (4 + k % 3, 2 + (k * 7) % 5))
 
 
 def test_grad_norm_invariant_to_micro_batch_size(dist1, tmp_path):
