@@ -125,7 +125,8 @@ def arch_of_model_cfg(model_cfg) -> Arch:
         cfg = tiny_hf_config("qwen2", vocab_size=0, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
                              num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
                              num_key_value_heads=t.num_key_value_heads, tie_word_embeddings=t.tie_word_embeddings,
-                             max_position_embeddings=t.max_position_embeddings)
+                             max_position_embeddings=t.max_position_embeddings,
+                             pad_token_id=None, bos_token_id=None, eos_token_id=None)  # no vocabulary yet
         return arch_from_hf(cfg, source="model.tiny")
     if model_cfg.hf_path is not None:
         f = Path(model_cfg.hf_path) / "config.json"

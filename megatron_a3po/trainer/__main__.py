@@ -109,7 +109,6 @@ def main(argv=None) -> int:
     except RecipeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from megatron_a3po.convert.distckpt import CheckpointError
     from megatron_a3po.trainer.preflight import PreflightError, preflight
 
     try:
@@ -127,6 +126,8 @@ def main(argv=None) -> int:
 
 
 def _train(recipe, args) -> int:
+    from megatron_a3po.convert.distckpt import CheckpointError
+
     run_dir = args.run_dir or recipe.trainer.log_dir
     world = recipe.parallel.tp * recipe.parallel.pp * (recipe.parallel.dp or 1)
     try:
