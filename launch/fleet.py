@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from launch.health import healthy
+from launch.health import healthy, split_command
 from megatron_a3po.platform.procs import free_port
 from launch.keyed import keyed_command
 from megatron_a3po.rollout.router import router_command
@@ -85,11 +85,7 @@ def my_node_index(hosts: list[str], explicit: int | None) -> int:
 
 
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra: list[str] = []
-    if "--" in argv:
-        i = argv.index("--")
-        argv, extra = argv[:i], argv[i + 1:]
+    argv, extra = split_command(argv)
     ap = argparse.ArgumentParser(prog="python -m launch.fleet", description=__doc__.splitlines()[0])
     ap.add_argument("--backend", choices=["sglang", "cpu"], default="sglang")
     ap.add_argument("--model-path", required=True)

@@ -48,12 +48,17 @@ def wait_healthy(urls: list[str], timeout_s: float, poll_s: float = 2.0) -> list
     return []
 
 
-def main(argv=None) -> int:
+def split_command(argv=None) -> tuple[list[str], list[str]]:
+    """``OPTIONS -- COMMAND...`` -> (options, command); the command is [] without ``--``."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    cmd: list[str] = []
-    if "--" in argv:
-        i = argv.index("--")
-        argv, cmd = argv[:i], argv[i + 1:]
+    if "--" not in argv:
+        return argv, []
+    i = argv.index("--")
+    return argv[:i], argv[i + 1:]
+
+
+def main(argv=None) -> int:
+    argv, cmd = split_command(argv)
     ap = argparse.ArgumentParser(prog="python -m launch.health", description=__doc__.splitlines()[0])
     ap.add_argument("--url", action="append", default=[], help="server base URL (repeatable)")
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for all servers")

@@ -513,12 +513,6 @@ def build_app(engine: Engine):
             raise BadRequest("abort_request needs rid or abort_all=true")
         return PlainTextResponse("")
 
-    @post("/update_weights_from_disk")
-    async def update_disk(request: Request):
-        body = await body_of(request)
-        code, out = await asyncio.to_thread(engine.update_from_disk, body)
-        return JSONResponse(out, status_code=code)
-
     @post("/update_weight_version")
     async def update_version(request: Request):
         body = await body_of(request)
@@ -533,33 +527,23 @@ def build_app(engine: Engine):
     async def weight_version():
         return {"weight_version": engine.sched.weight_version}
 
-    @post("/init_weights_update_group")
-    async def init_group(request: Request):
-        body = await body_of(request)
-        code, out = await asyncio.to_thread(engine.init_group, body)
-        return JSONResponse(out, status_code=code)
+    # the weight-update control routes: each hands its JSON body to one Engine method, which answers
+    # (status, body); the slow ones (a load from disk, a collective) run off the event loop
+    def engine_route(path: str, method, *, off_loop: bool):
+        async def route(request: Request):
+            body = await body_of(request)
+            code, out = await asyncio.to_thread(method, body) if off_loop else method(body)
+            return JSONResponse(out, status_code=code)
 
-    @post("/update_weights_from_distributed")
-    async def update_dist(request: Request):
-        body = await body_of(request)
-        code, out = await asyncio.to_thread(engine.update_from_distributed, body)
-        return JSONResponse(out, status_code=code)
+        post(path, name=path.strip("/"))(route)
 
-    @post("/destroy_weights_update_group")
-    async def destroy_group(request: Request):
-        body = await body_of(request)
-        code, out = await asyncio.to_thread(engine.destroy_group, body)
-        return JSONResponse(out, status_code=code)
-
-    @post("/begin_weight_update")
-    async def begin_update(request: Request):
-        code, out = engine.begin_update(await body_of(request))
-        return JSONResponse(out, status_code=code)
-
-    @post("/end_weight_update")
-    async def end_update(request: Request):
-        code, out = engine.end_update(await body_of(request))
-        return JSONResponse(out, status_code=code)
+    for path, method, off_loop in (("/update_weights_from_disk", engine.update_from_disk, True),
+                                   ("/init_weights_update_group", engine.init_group, True),
+                                   ("/update_weights_from_distributed", engine.update_from_distributed, True),
+                                   ("/destroy_weights_update_group", engine.destroy_group, True),
+                                   ("/begin_weight_update", engine.begin_update, False),
+                                   ("/end_weight_update", engine.end_update, False)):
+        engine_route(path, method, off_loop=off_loop)
 
     @post("/update_weights_from_tensor")
     async def _from_tensor():
