@@ -85,7 +85,7 @@ def main(argv=None):
 
     from megatron_a3po.models.tiny import save_tiny_hf_model
     from megatron_a3po.platform import init_distributed
-    from megatron_a3po.trainer.actor import Actor
+    from megatron_a3po.trainer.loop import build_actor
     from megatron_a3po.trainer.batch import TrainSample
 
     init_distributed(tp=1, pp=1, seed=0)
@@ -96,7 +96,7 @@ def main(argv=None):
                                     randomize_norms=False)
         cfg = AutoConfig.from_pretrained(hf_dir)
         samples = [TrainSample(**s) for s in _samples(hf_dir, args, args.vocab)]
-        actors = {m: Actor(_recipe(m, args), cfg, hf_dir=str(hf_dir)) for m in ("recompute", "loglinear")}
+        actors = {m: build_actor(_recipe(m, args), cfg, hf_dir=str(hf_dir)) for m in ("recompute", "loglinear")}
         rows = {m: [] for m in actors}
         for step in range(args.steps + 1):
             for mode, actor in actors.items():

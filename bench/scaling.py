@@ -30,12 +30,12 @@ def _worker(rank, world, hf_dir, samples, args):
 
     from bench.e2e import _recipe
     from megatron_a3po.platform import init_distributed
-    from megatron_a3po.trainer.actor import Actor
+    from megatron_a3po.trainer.loop import build_actor
     from megatron_a3po.trainer.batch import TrainSample
 
     torch.set_num_threads(1)
     init_distributed(tp=1, pp=1, seed=0)
-    actor = Actor(_recipe(args.mode, args), AutoConfig.from_pretrained(hf_dir), hf_dir=hf_dir)
+    actor = build_actor(_recipe(args.mode, args), AutoConfig.from_pretrained(hf_dir), hf_dir=hf_dir)
     batch = [TrainSample(**s) for s in samples]
     times = []
     for step in range(args.steps + 1):

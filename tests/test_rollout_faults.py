@@ -9,7 +9,7 @@ import pytest
 
 from megatron_a3po.engine.launch import launch_engines
 from megatron_a3po.rollout import ControllerConfig, RolloutManager, WeightUpdateError
-from megatron_a3po.rollout.controller import Controller
+from megatron_a3po.rollout.cursor import PromptCursor
 from rollout_util import check_versions_against_logs, model_dirs, read_version_logs, toy_prompts, toy_task, tokenizer
 
 pytestmark = pytest.mark.slow
@@ -70,7 +70,7 @@ def test_killed_503_and_hanging_engines(dirs, tmp_path):
     got = [s.prompt_index for s in delivered if s.sample_index == 0]
     assert len(got) == len(set(got)) == 7 * GROUPS
     assert not set(got) & set(sd["pending"])
-    order = Controller(None, prompts, None, None, ControllerConfig(seed=1))._epoch_order(0)
+    order = PromptCursor(len(prompts), seed=1)._epoch_order(0)
     assert set(got) | set(sd["pending"]) == set(order[:sd["pos"]])
     check_versions_against_logs(delivered, read_version_logs([e.version_log for e in eps]))
 
@@ -265,7 +265,7 @@ def test_kill_restart_stop_and_lose_all_engines_behind_the_real_router(dirs, tmp
     assert len(got) == len(set(got))
     idx = [s.prompt_index for s in delivered if s.sample_index == 0]
     assert not set(idx) & set(sd["pending"])
-    order = Controller(None, prompts, None, None, ControllerConfig(seed=1))._epoch_order(0)
+    order = PromptCursor(len(prompts), seed=1)._epoch_order(0)
     assert set(idx) | set(sd["pending"]) == set(order[:sd["pos"]])
     assert admitted_at_end >= len(got)
     check_versions_against_logs(delivered, read_version_logs([e.version_log for e in eps]))

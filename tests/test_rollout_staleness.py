@@ -55,9 +55,9 @@ def test_staleness_versions_and_accounting(tmp_path):
     assert len(got) == len(set(got)), "a prompt was delivered twice"
     assert not set(got) & set(sd["pending"])
     assert sd["epoch"] == 0
-    from megatron_a3po.rollout.controller import Controller
+    from megatron_a3po.rollout.cursor import PromptCursor
 
-    order = Controller(None, prompts, None, None, ControllerConfig(seed=5))._epoch_order(0)
+    order = PromptCursor(len(prompts), seed=5)._epoch_order(0)
     assert set(got) | set(sd["pending"]) == set(order[:sd["pos"]])
 
     # resume: a new manager delivers the pending prompts, then new ones; nothing delivered twice

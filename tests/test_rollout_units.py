@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from megatron_a3po.rollout.controller import Controller, ControllerConfig, RolloutError, token_versions
+from megatron_a3po.rollout.cursor import PromptCursor
 from megatron_a3po.rollout.fleet import Fleet
 from megatron_a3po.rollout.types import Batch, Sample, batch_normalise, group_advantages
 
@@ -69,12 +70,12 @@ def test_bad_configuration_errors():
 
 
 def test_data_cursor_wraps_epochs_and_requeue_first():
-    c = Controller(None, list(range(4)), None, None, ControllerConfig(seed=3, epochs=2))
-    seen = [c._next_prompt() for _ in range(8)]
+    c = PromptCursor(4, seed=3, epochs=2)
+    seen = [c.next() for _ in range(8)]
     assert sorted(seen[:4]) == [0, 1, 2, 3] and sorted(seen[4:]) == [0, 1, 2, 3]
-    assert c._next_prompt() is None
-    c.requeue.append(2)
-    assert c._next_prompt() == 2
+    assert c.next() is None
+    c.give_back(2)
+    assert c.next() == 2
 
 
 def test_engine_cli_help():

@@ -35,7 +35,7 @@ def _worker(rank, world, d, full=True):
 
     import megatron_a3po.trainer.actor as A
     from megatron_a3po.platform import init_distributed
-    from megatron_a3po.trainer.actor import Actor
+    from megatron_a3po.trainer.loop import build_actor
 
     init_distributed(tp=1, pp=1, seed=0)
     cfg = AutoConfig.from_pretrained(d)
@@ -49,7 +49,7 @@ def _worker(rank, world, d, full=True):
     A.collate = counting_collate
     out = {}
     # distributed optimizer on: two steps, grad norm, counts, the next step's loss, weights after
-    actor = Actor(_recipe(d, dist_opt=True, n_mb=2), cfg, hf_dir=d)
+    actor = build_actor(_recipe(d, dist_opt=True, n_mb=2), cfg, hf_dir=d)
     s1 = actor.train_step(_samples(0), 6, group_size=4)
     out["packed"] = list(packed)
     A.collate = orig
@@ -59,7 +59,7 @@ def _worker(rank, world, d, full=True):
     # numpy: tensors would cross the result queue through shared memory that dies with the process
     weights = {n: t.float().numpy().copy() for bucket in actor.export_hf_weights(64 << 20) for n, t in bucket}
     # distributed optimizer off: the all-reduced gradient itself (one minibatch: the buffers still hold it)
-    actor2 = Actor(_recipe(d, dist_opt=False, n_mb=1), cfg, hf_dir=d)
+    actor2 = build_actor(_recipe(d, dist_opt=False, n_mb=1), cfg, hf_dir=d)
     actor2.train_step(_samples(0), 6, group_size=4)
     grads = {n: p.main_grad.detach().float().numpy().copy() for n, p in actor2.chunks[0].module.named_parameters()}
     if rank == 0:

@@ -42,7 +42,7 @@ def _worker(rank, world, d, ckpt_root, *, tp, start, stop, save_at=None, kill_af
 
     from megatron_a3po.config import Recipe
     from megatron_a3po.platform import init_distributed
-    from megatron_a3po.trainer.actor import Actor
+    from megatron_a3po.trainer.loop import build_actor
     from megatron_a3po.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
     init_distributed(tp=tp, pp=1, seed=0)
@@ -50,7 +50,7 @@ def _worker(rank, world, d, ckpt_root, *, tp, start, stop, save_at=None, kill_af
                                "trainer": {"mode": "loglinear", "lr": 1e-3, "ppo_n_minibatches": 2,
                                            "max_tokens_per_mb": 64},
                                "rollout": {"n_samples": 4, "temperature": 0.7}})
-    actor = Actor(r, AutoConfig.from_pretrained(d), hf_dir=d)
+    actor = build_actor(r, AutoConfig.from_pretrained(d), hf_dir=d)
     version = 0
     if start > 0:
         st = load_checkpoint(latest_checkpoint(ckpt_root), actor)

@@ -30,7 +30,7 @@ def test_grad_norm_invariant_to_micro_batch_size(dist1, tmp_path):
     from transformers import AutoConfig
 
     from megatron_a3po.models.tiny import save_tiny_hf_model
-    from megatron_a3po.trainer.actor import Actor
+    from megatron_a3po.trainer.loop import build_actor
     from megatron_a3po.trainer.packing import pack_microbatches
     from megatron_a3po.config import Recipe
 
@@ -44,7 +44,7 @@ def test_grad_norm_invariant_to_micro_batch_size(dist1, tmp_path):
                                    "trainer": {"mode": "loglinear", "lr": 1e-3, "ppo_n_minibatches": 2,
                                                "max_tokens_per_mb": budget},
                                    "rollout": {"n_samples": 4, "temperature": 0.7}})
-        actor = Actor(r, cfg, hf_dir=str(d))
+        actor = build_actor(r, cfg, hf_dir=str(d))
         stats = actor.train_step(samples, 6, group_size=4)
         norms[budget] = stats[M.GRAD_NORM]
         n_mbs[budget] = len(pack_microbatches(lengths, budget))

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_a3po.models.layout import check_layout
+from megatron_a3po.platform import is_cpu
 
 VOCAB_DIVISIBLE_BY = 128
 
@@ -180,7 +181,7 @@ def padded_vocab_size(vocab: int, tp: int) -> int:
 
 
 def _use_te() -> bool:
-    if not torch.cuda.is_available():
+    if is_cpu():
         return False
     try:
         import transformer_engine  # noqa: F401
@@ -210,7 +211,7 @@ def transformer_config(arch: Arch, *, params_dtype=torch.float32, sequence_paral
 
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
     check_layout(arch, tp=tp, pp=pp)
-    cpu = not torch.cuda.is_available()
+    cpu = is_cpu()
     return TransformerConfig(
         num_layers=arch.num_layers, hidden_size=arch.hidden_size, ffn_hidden_size=arch.intermediate_size,
         num_attention_heads=arch.num_heads, num_query_groups=arch.num_kv_heads, kv_channels=arch.head_dim,
@@ -271,7 +272,7 @@ def build_model(hf_config, *, params_dtype=torch.float32, pre_process=None, post
     model.rotary_pos_emb.inv_freq = _hf_inv_freq(hf_config, arch.head_dim).to(
         model.rotary_pos_emb.inv_freq.device)
     model.hf_arch = arch
-    if not torch.cuda.is_available():
+    if is_cpu():
         model = model.to(params_dtype)
     else:
         model = model.cuda()

@@ -1,5 +1,5 @@
-"""Asynchronous rollout controller (asyncio): keeps prompt groups in flight on the fleet, bounds
-staleness, tags token versions, scores and normalises groups, and applies weight updates safely.
+"""Asynchronous rollout controller (asyncio): admits prompt groups to the fleet under the staleness
+bound, hands the trainer batches that respect it, and applies weight updates safely.
 
 Versions. The trainer's version ``k`` is the number of optimizer steps behind its current weights; the
 engines serve version ``served_version`` (what the last successful ``update_weights`` pushed). Every
@@ -28,33 +28,33 @@ push fails on any server after retries, every server stays paused (none serves m
 ``WeightUpdateError`` is raised (also from later ``get_batch`` calls) until an ``update_weights``
 succeeds.
 
-Each group is ONE /generate with SGLang's ``n`` (an aborted sample is resumed on its own as prompt + partial);
-rewards are computed off the event loop; advantages are GRPO-normalised per group when a group completes
-(``adv_norm``, ``adv_eps``; see types.py) and, with ``adv_batch_norm``, once more over each delivered batch.
+The controller keeps admission, the staleness bound and the weight updates. Its two helpers: the prompt
+cursor (cursor.py: which prompt comes next, in a seeded per-epoch order, prompts given back first) and
+the per-group workflow (workflow.py: one /generate with SGLang's ``n`` per group, aborted samples resumed
+as prompt + partial, rewards and group advantages). With ``adv_batch_norm`` the advantages are
+normalised once more over each delivered batch, here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
-import zlib
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 from megatron_a3po.rollout.fleet import BadRequestError, Fleet, FleetError, NoServersError
-from megatron_a3po.rollout.types import ADV_EPS, Batch, Sample, batch_normalise, group_advantages
+from megatron_a3po.rollout.cursor import PromptCursor
+from megatron_a3po.rollout.types import ADV_EPS, Batch, Sample, batch_normalise
+from megatron_a3po.rollout.workflow import GroupWorkflow, RolloutError, token_versions
+
+__all__ = ["Controller", "ControllerConfig", "RolloutError", "WeightUpdateError", "token_versions"]
 
 log = logging.getLogger("megatron_a3po.rollout.controller")
 
 
 class WeightUpdateError(RuntimeError):
-    pass
-
-
-class RolloutError(RuntimeError):
     pass
 
 
@@ -74,7 +74,7 @@ class ControllerConfig:
     # not None: every request carries a ``sampling_seed`` derived from (this, group id, sample, segment),
     # so what a sample draws does not depend on which other requests the engine batches it with. The CPU
     # engine gives sample j of an ``n`` request the seed ``s * 1000003 + j``; SGLang would give all n the
-    # same seed (identical samples), so RolloutManager.from_recipe sets this for the CPU backend only.
+    # same seed (identical samples), so trainer/fleet.py:controller_config sets this for the CPU backend only.
     sampling_seed: int | None = None
     epochs: int | None = None  # None: cycle over the data forever
     reward_timeout_s: float = 30.0
@@ -92,47 +92,15 @@ class ControllerConfig:
     adv_batch_norm: bool = False
 
 
-def token_versions(meta: dict, n: int) -> list[int]:
-    """Per-output-token integer versions from a /generate meta_info (spans, else weight_version)."""
-    spans = meta.get("weight_versions") or []
-    if spans:
-        out: list[int | None] = [None] * n
-        for sp in spans:
-            v = _int_version(sp["version"])
-            for i in range(int(sp["start"]), int(sp["end"])):
-                if not 0 <= i < n:
-                    raise RolloutError(f"weight_versions span {sp} outside the {n} output tokens")
-                out[i] = v
-        if any(v is None for v in out):
-            raise RolloutError(f"weight_versions spans {spans} do not cover all {n} output tokens")
-        return out  # type: ignore[return-value]
-    v = meta.get("weight_version")
-    if v is None:
-        raise RolloutError("response has neither weight_versions nor weight_version in meta_info")
-    return [_int_version(v)] * n
-
-
-def _int_version(v) -> int:
-    try:
-        return int(v)
-    except (TypeError, ValueError):
-        raise RolloutError(f"weight version {v!r} is not an integer: start engines with --weight-version N "
-                           "and update them with integer versions") from None
-
-
 class Controller:
     def __init__(self, fleet: Fleet, prompts: list, task, tokenizer, cfg: ControllerConfig,
                  transport=None, initial_version: int = 0):
         if not prompts:
             raise ValueError("no prompts to roll out")
-        self.fleet = fleet
-        self.prompts = prompts
-        self.task = task
-        self.tokenizer = tokenizer
-        self.cfg = cfg
+        self.fleet, self.prompts, self.task, self.tokenizer, self.cfg = fleet, prompts, task, tokenizer, cfg
         self.transport = transport
-        self.trainer_version = initial_version
-        self.served_version = initial_version
+        # versions: the trainer's, the fleet's, and the newest a batch was consumed at
+        self.trainer_version = self.served_version = initial_version
         self.last_consumed_version = initial_version - 1
         self.counters: Counter = Counter()
         self.initial_version = initial_version
@@ -142,34 +110,18 @@ class Controller:
         self.timings: Counter = Counter()
         self.ready: list[list[Sample]] = []
         self.inflight: dict[int, tuple[int, asyncio.Task]] = {}
-        self.requeue: deque[int] = deque()
-        self.epoch, self.pos, self.next_gid = 0, 0, 0
-        self._order = self._epoch_order(0)
+        self.next_gid = 0
+        self.cursor = PromptCursor(len(prompts), shuffle=cfg.shuffle, seed=cfg.seed, epochs=cfg.epochs)
+        self.workflow = GroupWorkflow(
+            fleet, task, tokenizer, n_samples=cfg.n_samples, max_new_tokens=cfg.max_new_tokens,
+            sampling={"temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k, **cfg.extra_sampling},
+            sampling_seed=cfg.sampling_seed, reward_timeout_s=cfg.reward_timeout_s, adv_norm=cfg.adv_norm,
+            adv_eps=cfg.adv_eps, counters=self.counters, gate=self._gate, too_stale=self._too_stale)
         self._broken: WeightUpdateError | None = None
         self._fatal: BaseException | None = None
         self._stopping = False
         self.delivered_log: list[tuple[int, int]] = []  # (group_id, prompt_index) for tests/debug
-        self.gen_tokens = 0
         self._t_start = time.monotonic()
-
-    # ---- data cursor
-    def _epoch_order(self, epoch: int) -> list[int]:
-        order = list(range(len(self.prompts)))
-        if self.cfg.shuffle:
-            random.Random(self.cfg.seed * 100003 + epoch).shuffle(order)
-        return order
-
-    def _next_prompt(self) -> int | None:
-        if self.requeue:
-            return self.requeue.popleft()
-        if self.cfg.epochs is not None and self.epoch >= self.cfg.epochs:
-            return None
-        idx = self._order[self.pos]
-        self.pos += 1
-        if self.pos == len(self._order):
-            self.epoch, self.pos = self.epoch + 1, 0
-            self._order = self._epoch_order(self.epoch)
-        return idx
 
     def state_dict(self) -> dict:
         """Cursor + prompts admitted but not yet handed to the trainer (they are regenerated on load)."""
@@ -177,21 +129,14 @@ class Controller:
         # uninterrupted run would have delivered them
         admitted = sorted([(gid, idx) for gid, (idx, _) in self.inflight.items()]
                           + [(g[0].group_id, g[0].prompt_index) for g in self.ready])
-        pending = [idx for _, idx in admitted] + list(self.requeue)
-        return {"epoch": self.epoch, "pos": self.pos, "seed": self.cfg.seed, "shuffle": self.cfg.shuffle,
-                "num_prompts": len(self.prompts), "pending": pending, "next_gid": self.next_gid,
+        return {**self.cursor.state_dict([idx for _, idx in admitted]), "next_gid": self.next_gid,
                 "groups_delivered": self.counters["groups_delivered"]}
 
     def load_state_dict(self, sd: dict):
-        if sd["num_prompts"] != len(self.prompts):
-            raise ValueError(f"rollout state is for a dataset of {sd['num_prompts']} prompts, this one has "
-                             f"{len(self.prompts)}")
         if self.inflight or self.ready:
             raise RuntimeError("load_state_dict must be called before start()")
-        self.cfg.seed, self.cfg.shuffle = sd["seed"], sd["shuffle"]
-        self.epoch, self.pos, self.next_gid = sd["epoch"], sd["pos"], sd["next_gid"]
-        self._order = self._epoch_order(self.epoch)
-        self.requeue = deque(sd["pending"])
+        self.cursor.load_state_dict(sd)
+        self.next_gid = sd["next_gid"]
         # groups in flight or ready at save time are not trusted after a crash: regenerated, and counted
         self.counters["groups_regenerated_on_resume"] = len(sd["pending"])
         self.counters["groups_delivered"] = sd.get("groups_delivered", 0)
@@ -247,7 +192,7 @@ class Controller:
     async def _admit_loop(self):
         while not self._stopping:
             while self._can_admit():
-                idx = self._next_prompt()
+                idx = self.cursor.next()
                 if idx is None:
                     break
                 gid = self.next_gid
@@ -256,15 +201,25 @@ class Controller:
                 self.inflight[gid] = (idx, asyncio.create_task(self._run_group(gid, idx)))
             await self._wait_tick(0.5)
 
-    # ---- generation
+    # ---- generation (the per-group workflow, workflow.py), under the controller's gate and bound
+    async def _gate(self):
+        """Wait until requests may be sent (not during a weight update); a failed update stops them."""
+        while not self._open.is_set():
+            await self._open.wait()
+        if self._broken:
+            raise self._broken
+
+    def _too_stale(self, versions: list[int]) -> bool:
+        """Whether a sample holding tokens of these versions is past the bound at the earliest trainer
+        version it could be consumed at (then it could never be delivered)."""
+        c0 = max(self.trainer_version, self.last_consumed_version + 1)
+        return c0 - min(versions) > self.cfg.max_staleness
+
     async def _run_group(self, gid: int, idx: int):
         prompt = self.prompts[idx]
         try:
-            first = await self._group_request(gid, prompt)
-            samples = list(await asyncio.gather(*(self._run_sample(gid, prompt, j, first=first[j])
-                                                  for j in range(self.cfg.n_samples))))
-            await self._score(samples, prompt)
-            self.ready.append(samples)
+            samples = await self.workflow.run(gid, prompt)
+            self.ready.append(samples)  # not before the await: get_batch rebinds self.ready meanwhile
             self.counters["groups_completed"] += 1
         except asyncio.CancelledError:
             raise
@@ -272,118 +227,14 @@ class Controller:
             if self._fatal is None:  # every in-flight group fails with it: say it once
                 log.error("rollout stopped: %s", e)
             self._fatal = self._fatal or e
-            self.requeue.appendleft(idx)
+            self.cursor.give_back(idx, first=True)
         except Exception as e:  # noqa: BLE001 - retry the prompt
             self.counters["groups_failed"] += 1
-            self.requeue.append(idx)
+            self.cursor.give_back(idx)
             log.exception("group %d (prompt %d) failed, re-queued: %s", gid, idx, e)
         finally:
             self.inflight.pop(gid, None)
             self._tick()
-
-    def _sampling(self, remaining: int) -> dict:
-        cfg = self.cfg
-        return {"max_new_tokens": remaining, "temperature": cfg.temperature, "top_p": cfg.top_p,
-                "top_k": cfg.top_k, **cfg.extra_sampling}
-
-    def _request_seed(self, gid: int, j: int, seg: int) -> int:
-        """The sampling_seed of a request: a 31-bit hash of (run seed, group id, sample j + 1 or 0 for the
-        group request, segment), the same in every run with this seed whatever the timing."""
-        return zlib.crc32(f"{self.cfg.sampling_seed}/{gid}/{j}/{seg}".encode()) & 0x7FFFFFFF
-
-    async def _group_request(self, gid: int, prompt) -> list[tuple[dict, str]]:
-        """All n samples of a group in ONE /generate (SGLang's ``n``): n times fewer requests, which is
-        what bounds throughput when responses are short. Returns (response, engine rid) per sample."""
-        while not self._open.is_set():
-            await self._open.wait()
-        if self._broken:
-            raise self._broken
-        n = self.cfg.n_samples
-        sp = dict(self._sampling(self.cfg.max_new_tokens), n=n) if n > 1 else self._sampling(self.cfg.max_new_tokens)
-        if self.cfg.sampling_seed is not None:
-            sp["sampling_seed"] = self._request_seed(gid, 0, 0)
-        payload = {"input_ids": list(prompt.prompt_ids), "sampling_params": sp, "return_logprob": True}
-        resp, rid, _url = await self.fleet.generate(payload, rid_base=f"g{gid}-n{n}")
-        resps = resp if isinstance(resp, list) else [resp]
-        if len(resps) != n:
-            raise RolloutError(f"request {rid}: asked for n={n} samples, got {len(resps)}")
-        # each sample has its own rid (meta_info.id): SGLang gives every one of the n a uuid4
-        return [(r, str((r.get("meta_info") or {}).get("id") or rid)) for r in resps]
-
-    async def _run_sample(self, gid: int, prompt, j: int, first: tuple[dict, str] | None = None) -> Sample:
-        """Collect one sample; ``first`` is its part of the group request, later segments (after an
-        abort) are resubmitted alone as prompt + partial output."""
-        cfg = self.cfg
-        out: list[int] = []
-        lps: list[float] = []
-        vers: list[int] = []
-        rids: list[str] = []
-        seg = idle_aborts = 0
-        while True:
-            if first is not None:
-                (resp, rid), first = first, None
-            else:
-                while not self._open.is_set():
-                    await self._open.wait()
-                if self._broken:
-                    raise self._broken
-                sp = self._sampling(cfg.max_new_tokens - len(out))
-                if cfg.sampling_seed is not None:
-                    sp["sampling_seed"] = self._request_seed(gid, j + 1, seg)
-                payload = {"input_ids": list(prompt.prompt_ids) + out, "sampling_params": sp, "return_logprob": True}
-                resp, rid, _url = await self.fleet.generate(payload, rid_base=f"g{gid}-s{j}-p{seg}")
-            seg += 1
-            meta = resp["meta_info"]
-            toks = list(resp.get("output_ids") or [])
-            lp_entries = meta.get("output_token_logprobs") or []
-            if len(lp_entries) != len(toks) or any(int(e[1]) != t for e, t in zip(lp_entries, toks)):
-                raise RolloutError(f"request {rid}: output_token_logprobs do not match output_ids")
-            out += toks
-            lps += [float(e[0]) for e in lp_entries]
-            vers += token_versions(meta, len(toks))
-            rids.append(rid)
-            self.gen_tokens += len(toks)
-            fr = (meta.get("finish_reason") or {}).get("type")
-            if fr == "abort":
-                self.counters["requests_aborted_resumed"] += 1
-                idle_aborts = 0 if toks else idle_aborts + 1
-                if idle_aborts > 20:  # the server keeps aborting without progress: give the group up
-                    raise RuntimeError(f"request {rid} aborted {idle_aborts} times without progress: "
-                                       f"{meta.get('finish_reason')}")
-                # the earliest version this sample can be consumed at; past the bound -> start over
-                c0 = max(self.trainer_version, self.last_consumed_version + 1)
-                if out and c0 - min(vers) > cfg.max_staleness:
-                    self.counters["samples_restarted_stale"] += 1
-                    out, lps, vers, rids = [], [], [], []
-                if len(out) < cfg.max_new_tokens:
-                    continue
-                fr = "length"
-            if fr not in ("stop", "length"):
-                raise RolloutError(f"request {rid}: unexpected finish_reason {meta.get('finish_reason')!r}")
-            return Sample(group_id=gid, prompt_index=prompt.index, sample_index=j, prompt_ids=list(prompt.prompt_ids),
-                          response_ids=out, behave_logprobs=lps, versions=vers, finish_reason=fr, rids=rids)
-
-    async def _score(self, samples: list[Sample], prompt):
-        def score_all():
-            rs = []
-            for s in samples:
-                s.text = self.tokenizer.decode(s.response_ids, skip_special_tokens=True) if self.tokenizer else ""
-                try:
-                    rs.append(float(self.task.reward(s.text, prompt.record)))
-                except Exception:  # noqa: BLE001 - a reward bug must not stall the run: 0 and counted
-                    log.exception("reward of task %s failed on prompt %d", getattr(self.task, "name", "?"),
-                                  prompt.index)
-                    self.counters["reward_errors"] += 1
-                    rs.append(0.0)
-            return rs
-
-        try:
-            rewards = await asyncio.wait_for(asyncio.to_thread(score_all), self.cfg.reward_timeout_s)
-        except asyncio.TimeoutError:
-            self.counters["reward_timeouts"] += 1
-            rewards = [0.0] * len(samples)
-        for s, r, a in zip(samples, rewards, group_advantages(rewards, self.cfg.adv_norm, self.cfg.adv_eps)):
-            s.reward, s.advantage = r, a
 
     # ---- trainer side
     def set_version(self, version: int):
@@ -397,7 +248,7 @@ class Controller:
             if any(s.staleness(version) > self.cfg.max_staleness for s in g):
                 self.counters["groups_dropped_stale"] += 1
                 self.counters["samples_dropped_stale"] += len(g)
-                self.requeue.append(g[0].prompt_index)
+                self.cursor.give_back(g[0].prompt_index)
             else:
                 keep.append(g)
         if len(keep) != len(self.ready):
@@ -445,7 +296,7 @@ class Controller:
                 self.timings["wait_s"] += self.timings["last_wait_s"]
                 self._tick()
                 return Batch(groups=groups, version=current_version)
-            if not self.inflight and not self.requeue and self.cfg.epochs is not None and self.epoch >= self.cfg.epochs:
+            if not self.inflight and self.cursor.exhausted():
                 raise RolloutError(f"data exhausted: {len(self.ready)} groups ready, {num_groups} requested")
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
@@ -539,8 +390,8 @@ class Controller:
         m.update({
             "rollout/groups_ready": len(self.ready), "rollout/groups_inflight": len(self.inflight),
             "rollout/trainer_version": self.trainer_version, "rollout/served_version": self.served_version,
-            "rollout/servers_live": len(self.fleet.live()), "rollout/gen_tokens": self.gen_tokens,
-            "rollout/gen_tokens_per_s": self.gen_tokens / el,
+            "rollout/servers_live": len(self.fleet.live()), "rollout/gen_tokens": self.workflow.gen_tokens,
+            "rollout/gen_tokens_per_s": self.workflow.gen_tokens / el,
             "rollout/wait_s_total": self.timings["wait_s"], "rollout/weight_sync_s_total": self.timings["weight_sync_s"],
             # the last get_batch wait and weight sync (metrics.TIME_WAIT / metrics.TIME_SYNC for this step)
             "rollout/last_wait_s": self.timings["last_wait_s"],

@@ -11,15 +11,18 @@ Metrics of one evaluation (``EvalResult.metrics``), over ``n_prompts`` prompts x
     eval/accuracy        mean reward over every sample (with 0/1 rewards: the fraction answered correctly;
                          with several samples, the pass@1 estimate)
     eval/pass@k          k = n_samples > 1: the fraction of prompts with at least one sample of reward > 0
+    eval/reward_failures rewards that raised or timed out (scored 0), when there were any
 """
 
 from __future__ import annotations
 
 import asyncio
 import statistics
+from collections import Counter
 from dataclasses import dataclass, field
 
-from megatron_a3po.rollout.controller import RolloutError, token_versions
+from megatron_a3po.rollout.types import ADV_EPS
+from megatron_a3po.rollout.workflow import GroupWorkflow
 
 
 @dataclass
@@ -53,57 +56,36 @@ def eval_metrics(rewards_by_prompt: list[list[float]]) -> dict:
     return out
 
 
-async def _one_prompt(fleet, prompt, cfg: EvalConfig, version: int, sem: asyncio.Semaphore) -> list[dict]:
-    async with sem:
-        n = cfg.n_samples
-        sp = {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p,
-              "top_k": cfg.top_k, **cfg.extra_sampling}
-        payload = {"input_ids": list(prompt.prompt_ids), "sampling_params": dict(sp, n=n) if n > 1 else sp,
-                   "return_logprob": True}
-        resp, rid, _ = await fleet.generate(payload, rid_base=f"eval-v{version}-p{prompt.index}")
-        resps = resp if isinstance(resp, list) else [resp]
-        if len(resps) != n:
-            raise RolloutError(f"eval request {rid}: asked for n={n} samples, got {len(resps)}")
-        out = []
-        for j, r in enumerate(resps):
-            ids, vers, seg = [], [], 0
-            while True:
-                toks = list(r.get("output_ids") or [])
-                ids += toks
-                vers += token_versions(r["meta_info"], len(toks))
-                fr = (r["meta_info"].get("finish_reason") or {}).get("type")
-                if fr != "abort" or len(ids) >= cfg.max_new_tokens:
-                    break
-                seg += 1  # paused mid-request (no weight update runs during an eval): continue where it was
-                if seg > 20:
-                    raise RolloutError(f"eval request {rid}: aborted {seg} times")
-                cont = {"input_ids": list(prompt.prompt_ids) + ids,
-                        "sampling_params": dict(sp, max_new_tokens=cfg.max_new_tokens - len(ids)),
-                        "return_logprob": True}
-                r, _, _ = await fleet.generate(cont, rid_base=f"eval-v{version}-p{prompt.index}-s{j}-c{seg}")
-            out.append({"prompt_index": prompt.index, "sample_index": j, "response_ids": ids, "versions": vers})
-        return out
+def _no_wait():
+    """An evaluation has no admission gate: it runs between two weight updates (trainer/fleet.py)."""
+    return asyncio.sleep(0)
 
 
 async def evaluate(fleet, prompts: list, task, tokenizer, cfg: EvalConfig, version: int) -> EvalResult:
-    """Generate ``cfg.n_samples`` answers per prompt with the fleet's current weights and score them."""
+    """Generate ``cfg.n_samples`` answers per prompt with the fleet's current weights and score them: the
+    training rollout's per-group workflow (workflow.py), with no staleness rule (nothing is trained on
+    these samples) and no sampling seed (greedy by default)."""
     loop = asyncio.get_running_loop()
     t0 = loop.time()
+    counters: Counter = Counter()
+    wf = GroupWorkflow(fleet, task, tokenizer, n_samples=cfg.n_samples, max_new_tokens=cfg.max_new_tokens,
+                       sampling={"temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k,
+                                 **cfg.extra_sampling},
+                       sampling_seed=None, reward_timeout_s=cfg.reward_timeout_s, adv_norm="mean", adv_eps=ADV_EPS,
+                       counters=counters, gate=_no_wait, too_stale=lambda versions: False,
+                       rid=lambda p, j, seg: f"eval-v{version}-p{p}" + (f"-s{j}-c{seg}" if j >= 0 else ""))
     sem = asyncio.Semaphore(max(1, cfg.concurrency))
-    groups = await asyncio.gather(*(_one_prompt(fleet, p, cfg, version, sem) for p in prompts))
 
-    def score():
-        by_prompt = []
-        for p, g in zip(prompts, groups):
-            for s in g:
-                s["record"] = p.record
-                s["text"] = tokenizer.decode(s["response_ids"], skip_special_tokens=True)
-                s["reward"] = float(task.reward(s["text"], p.record))
-            by_prompt.append([s["reward"] for s in g])
-        return by_prompt
+    async def one(p):
+        async with sem:
+            return await wf.run(p.index, p)
 
-    by_prompt = await asyncio.wait_for(asyncio.to_thread(score), cfg.reward_timeout_s)
-    samples = [s for g in groups for s in g]
-    m = eval_metrics(by_prompt)
+    groups = await asyncio.gather(*(one(p) for p in prompts))
+    samples = [{"prompt_index": s.prompt_index, "sample_index": s.sample_index, "response_ids": s.response_ids,
+                "versions": s.versions, "record": p.record, "text": s.text, "reward": s.reward}
+               for p, g in zip(prompts, groups) for s in g]
+    m = eval_metrics([[s.reward for s in g] for g in groups])
     m["eval/mixed_version_samples"] = sum(1 for s in samples if any(v != version for v in s["versions"]))
+    if counters["reward_errors"] or counters["reward_timeouts"]:
+        m["eval/reward_failures"] = counters["reward_errors"] + counters["reward_timeouts"]
     return EvalResult(version=version, samples=samples, metrics=m, seconds=loop.time() - t0)

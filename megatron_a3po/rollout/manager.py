@@ -7,11 +7,11 @@ Typical trainer loop (disk weight sync)::
 
     from megatron_a3po.rollout import RolloutManager
 
-    rm = RolloutManager.from_recipe(recipe, engine_urls=urls, tokenizer=tok)   # or RolloutManager(...)
+    rm = RolloutManager(urls, prompts, task, tok, ControllerConfig(...))   # see trainer/fleet.py
     rm.start()                                  # health-checks servers, starts generating at version 0
     if resume: rm.load_state_dict(saved["rollout"])          # (before start())
     for step in range(steps):
-        batch = rm.get_batch(recipe.rollout.batch_prompts, current_version=step, timeout=600)
+        batch = rm.get_batch(batch_prompts, current_version=step, timeout=600)
         ...train on batch (batch.to_padded() gives tensors; per-token versions in batch)...
         save_hf(model, d := f"{run}/hf/v{step + 1}")
         rm.update_weights(step + 1, hf_dir=d)   # pause(abort) -> load -> continue, on every server
@@ -47,7 +47,7 @@ class RolloutManager:
 
     Args:
         engine_urls: server base URLs (``http://127.0.0.1:30000``); weight updates go to all of them.
-        prompts: list of ``data.Prompt`` (or use ``from_recipe``).
+        prompts: list of ``data.Prompt`` (``data.load_prompts``).
         task: a ``tasks.Task`` (reward function) or its name.
         tokenizer: HF tokenizer (decodes responses for the reward).
         config: ``ControllerConfig`` (n_samples, max_inflight_groups, batch_groups, max_staleness,
@@ -80,37 +80,6 @@ class RolloutManager:
         self._thread = threading.Thread(target=self._loop.run_forever, name="rollout-loop", daemon=True)
         self._started = False
         self._closed = False
-
-    # ---- construction helpers
-    @classmethod
-    def from_recipe(cls, recipe, *, engine_urls: list[str] | None = None, tokenizer=None, prompts=None,
-                    initial_version: int = 0, transport=None, api_key: str | None = None,
-                    log_hints: dict[str, str] | None = None, router_url: str | None = None) -> "RolloutManager":
-        """Build from a ``megatron_a3po.config.Recipe`` (rollout + data sections).
-
-        Engine URLs come from ``engine_urls``, else ``recipe.rollout.engine_urls``. The manager starts no
-        servers: the trainer (megatron_a3po.trainer.fleet) or the launcher does.
-        """
-        r, d = recipe.rollout, recipe.data
-        urls = list(engine_urls if engine_urls is not None else r.engine_urls)
-        if not urls and not (router_url or r.router_url):
-            raise ValueError("no rollout engines: set rollout.engine_urls (or rollout.router_url)")
-        if prompts is None:
-            from megatron_a3po.rollout.data import load_prompts
-
-            if not d.train_path:
-                raise ValueError("data.train_path is required to build prompts")
-            prompts = load_prompts(d.train_path, d.task, tokenizer)
-        cfg = ControllerConfig(n_samples=r.n_samples, max_inflight_groups=r.max_inflight_groups,
-                               batch_groups=r.batch_prompts, max_staleness=r.max_staleness,
-                               max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
-                               top_k=r.top_k, shuffle=d.shuffle, seed=recipe.trainer.seed,
-                               sampling_seed=recipe.trainer.seed if r.backend == "cpu" else None,
-                               pause_mode=r.pause_mode, adv_norm=recipe.loss.adv_norm,
-                               adv_eps=recipe.loss.adv_eps, adv_batch_norm=recipe.loss.adv_batch_norm)
-        return cls(urls, prompts, d.task, tokenizer, cfg, router_url=router_url or r.router_url, transport=transport,
-                   initial_version=initial_version, request_timeout=r.request_timeout_s, api_key=api_key,
-                   hang_timeout_s=r.hang_timeout_s, log_hints=log_hints)
 
     # ---- plumbing
     def _call(self, coro, timeout: float | None = None):

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_a3po import metrics as M
+from megatron_a3po.config import LossCfg, ParallelCfg, TrainerCfg
 from megatron_a3po.platform import synchronize
 from megatron_a3po.trainer.batch import MicroBatch, TrainSample, collate
 from megatron_a3po.trainer.optim import build_optimizer, lr_at
@@ -56,13 +57,20 @@ def _ps():
 
 
 class Actor:
-    def __init__(self, recipe, hf_config, *, hf_dir: str | None = None, mcore_dir: str | None = None):
+    """Takes its own sections only (``trainer.loop.build_actor`` hands them out of a recipe): ``trainer``
+    (mode, lr schedule, minibatches, micro-batch tokens, optimizer), ``loss``, ``parallel``, the model's
+    ``params_dtype``, and the rollout's sampling ``temperature`` (log-probs are of the tempered policy
+    the engines sample from)."""
+
+    def __init__(self, hf_config, *, trainer: TrainerCfg, loss: LossCfg, parallel: ParallelCfg,
+                 params_dtype: str = "float32", temperature: float = 1.0, hf_dir: str | None = None,
+                 mcore_dir: str | None = None):
         from megatron_a3po.models import build_model
 
-        self.recipe = recipe
+        self.tc, self.lc, self.temperature = trainer, loss, temperature
         self.hf_config = hf_config
         self.vocab_size = int(hf_config.vocab_size)
-        dtype = torch.bfloat16 if recipe.model.params_dtype == "bfloat16" else torch.float32
+        dtype = torch.bfloat16 if params_dtype == "bfloat16" else torch.float32
         self.dtype = dtype
         # every parameter is loaded below (both loaders fail on a missing one): skip the random init
         model = build_model(hf_config, params_dtype=dtype, init_weights=hf_dir is None and mcore_dir is None)
@@ -80,7 +88,7 @@ class Actor:
             from megatron_a3po.convert import load_mcore_checkpoint
 
             load_mcore_checkpoint([model], mcore_dir)
-        self.optim = build_optimizer([model], recipe.trainer, recipe.parallel, bf16=dtype == torch.bfloat16)
+        self.optim = build_optimizer([model], trainer, parallel, bf16=dtype == torch.bfloat16)
         self.chunks = self.optim.model_chunks
         self.step_count = 0
 
@@ -97,7 +105,7 @@ class Actor:
 
     def _microbatches(self, samples: list[TrainSample], idx: list[int]) -> list[MicroBatch]:
         sub = [samples[i] for i in idx]
-        plans = pack_microbatches([s.length for s in sub], self.recipe.trainer.max_tokens_per_mb)
+        plans = pack_microbatches([s.length for s in sub], self.tc.max_tokens_per_mb)
         return [collate(sub, p.indices, p.seq_len) for p in plans]
 
     def _global_tokens(self, mbs) -> int:
@@ -124,7 +132,7 @@ class Actor:
         """Forward-only pass with the current weights: sets ``mb.prox_logp`` on the last stage."""
         from megatron_a3po.loss.pipeline import logprob_forward_step
 
-        fwd = logprob_forward_step(temperature=self.recipe.rollout.temperature, vocab_size=self.vocab_size)
+        fwd = logprob_forward_step(temperature=self.temperature, vocab_size=self.vocab_size)
         for m in self.chunks:
             m.eval()
         with torch.no_grad():
@@ -141,7 +149,7 @@ class Actor:
             raise ValueError(f"{len(samples)} samples is not a whole number of groups of {group_size}")
         groups = [samples[i:i + group_size] for i in range(0, len(samples), group_size)]
         ps = _ps()
-        plan = plan_data_parallel([sum(s.length for s in g) for g in groups], self.recipe.trainer.ppo_n_minibatches,
+        plan = plan_data_parallel([sum(s.length for s in g) for g in groups], self.tc.ppo_n_minibatches,
                                   ps.get_data_parallel_world_size())
         r = ps.get_data_parallel_rank()
         return [[s for gi in mb[r] for s in groups[gi]] for mb in plan]
@@ -156,7 +164,7 @@ class Actor:
         from megatron_a3po.loss import aggregate_stats
         from megatron_a3po.loss.pipeline import policy_forward_step
 
-        rc, tc, lc = self.recipe.rollout, self.recipe.trainer, self.recipe.loss
+        tc, lc = self.tc, self.lc
         mode = tc.mode
         t_step = time.perf_counter()
         minibatches = [self._microbatches(share, list(range(len(share)))) for share in shares]
@@ -182,7 +190,7 @@ class Actor:
             if n_global == 0:
                 continue
             fwd = policy_forward_step(mode=mode, current_version=current_version, num_tokens_global=n_global,
-                                      temperature=rc.temperature, vocab_size=self.vocab_size,
+                                      temperature=self.temperature, vocab_size=self.vocab_size,
                                       loss_kwargs=loss_kwargs, alpha_schedule=lc.alpha_schedule,
                                       schedule_kwargs=lc.alpha_kwargs(),
                                       entropy_coef=lc.entropy_coef, prox_timer=prox_timer)
@@ -222,7 +230,7 @@ class Actor:
         mine = dp_shares([s.length for s in samples], ps.get_data_parallel_world_size())[ps.get_data_parallel_rank()]
         mbs = self._microbatches(samples, mine)
         n = self._global_tokens(mbs)
-        self.set_lr(self.recipe.trainer.warm_start_lr)
+        self.set_lr(self.tc.warm_start_lr)
         self.optim.zero_grad()
         out = self._schedule(sft_forward_step(num_tokens_global=n, vocab_size=self.vocab_size), mbs, False)
         self.optim.step()

@@ -15,28 +15,50 @@ import statistics
 from pathlib import Path
 
 from megatron_a3po import metrics as M
+from megatron_a3po.config import DataCfg, EvalCfg, RolloutCfg
+from megatron_a3po.rollout.controller import ControllerConfig
+
+
+def controller_config(rollout: RolloutCfg, *, seed: int, shuffle: bool, adv_norm: str, adv_eps: float,
+                      adv_batch_norm: bool) -> ControllerConfig:
+    """The rollout controller's config from the rollout section, the run's seed, the data order and the
+    advantage settings (loss.adv_*)."""
+    r = rollout
+    return ControllerConfig(n_samples=r.n_samples, max_inflight_groups=r.max_inflight_groups,
+                            batch_groups=r.batch_prompts, max_staleness=r.max_staleness,
+                            max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
+                            top_k=r.top_k, shuffle=shuffle, seed=seed,
+                            # SGLang would give all n samples of a request one seed (identical samples)
+                            sampling_seed=seed if r.backend == "cpu" else None,
+                            pause_mode=r.pause_mode, adv_norm=adv_norm, adv_eps=adv_eps,
+                            adv_batch_norm=adv_batch_norm)
 
 
 class RolloutSide:
-    def __init__(self, recipe, *, run_dir: Path, tokenizer_dir: str):
+    """Takes its own sections only (``trainer.loop.build_rollout_side`` hands them out of a recipe):
+    ``rollout`` (the fleet), ``data`` (prompts), ``eval_cfg`` (evaluation), the controller's config and
+    the run's seed."""
+
+    def __init__(self, rollout: RolloutCfg, data: DataCfg, eval_cfg: EvalCfg, controller: ControllerConfig, *,
+                 seed: int, run_dir: Path, tokenizer_dir: str):
         from transformers import AutoTokenizer
 
         from megatron_a3po.rollout.data import load_prompts
         from megatron_a3po.rollout.tasks import get_task
 
-        self.recipe = recipe
+        self.rc, self.data, self.eval_cfg, self.controller_cfg, self.seed = rollout, data, eval_cfg, controller, seed
         self.run_dir = Path(run_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-        self.task = get_task(recipe.data.task)
-        d = recipe.data
+        self.task = get_task(data.task)
+        d = data
         train, evals = d.train_path, d.eval_path
         if train is None:
             if self.task.write_datasets is None:
                 raise ValueError(f"data.train_path is required for data.task={d.task}")
-            train, held = self.task.write_datasets(self.run_dir / "data", seed=recipe.trainer.seed, **d.synthetic)
+            train, held = self.task.write_datasets(self.run_dir / "data", seed=seed, **d.synthetic)
             evals = evals if evals is not None else held
         self.prompts = load_prompts(train, self.task, self.tokenizer, key="data.train_path")
-        self.eval_prompts = (load_prompts(evals, self.task, self.tokenizer, recipe.eval.num_prompts,
+        self.eval_prompts = (load_prompts(evals, self.task, self.tokenizer, eval_cfg.num_prompts,
                                           key="data.eval_path") if evals is not None else [])
         self._eval_future = None
         self._eval_done: list = []
@@ -52,7 +74,7 @@ class RolloutSide:
         """Connect to (or start, from ``weights_dir``) the engines; the caller syncs an external fleet."""
         from megatron_a3po.rollout import RolloutManager
 
-        rc = self.recipe.rollout
+        rc = self.rc
         urls = list(rc.engine_urls)
         if not urls and rc.router_url is None:
             if rc.backend != "cpu":
@@ -66,7 +88,7 @@ class RolloutSide:
             self.engines = launch_engines(weights_dir, n=rc.num_engines, version=str(version),
                                           log_dir=self.run_dir / "engines", api_key=self.api_key,
                                           weights_root=self.run_dir,
-                                          extra_args=["--random-seed", str(self.recipe.trainer.seed)])
+                                          extra_args=["--random-seed", str(self.seed)])
             urls = [e.url for e in self.engines]
             if rc.start_router:
                 from megatron_a3po.rollout.router import start_router
@@ -74,11 +96,12 @@ class RolloutSide:
                 self.router = start_router(urls, log_path=self.run_dir / "engines" / "router.log")
         if weights_dir is not None:
             self._weight_dirs.append(Path(weights_dir))
-        self.rm = RolloutManager.from_recipe(self.recipe, engine_urls=urls, tokenizer=self.tokenizer,
-                                             prompts=self.prompts, initial_version=version,
-                                             transport=self._transport(), api_key=self.api_key,
-                                             log_hints={e.url: e.log_path for e in self.engines if e.log_path},
-                                             router_url=self.router.url if self.router else None)
+        self.rm = RolloutManager(urls, self.prompts, self.task, self.tokenizer, self.controller_cfg,
+                                 router_url=self.router.url if self.router else rc.router_url,
+                                 transport=self._transport(), initial_version=version,
+                                 request_timeout=rc.request_timeout_s, api_key=self.api_key,
+                                 hang_timeout_s=rc.hang_timeout_s,
+                                 log_hints={e.url: e.log_path for e in self.engines if e.log_path})
         if state:
             self.rm.load_state_dict(state)
         self.rm.start()
@@ -87,24 +110,23 @@ class RolloutSide:
     @property
     def streams_weights(self) -> bool:
         """True when pushes take streamed (name, tensor) pairs rather than an HF dir on disk."""
-        return self.recipe.rollout.weight_sync == "nccl"
+        return self.rc.weight_sync == "nccl"
 
     def _transport(self):
         import os
         import socket
 
-        import torch
-
+        from megatron_a3po.platform import is_cpu
         from megatron_a3po.platform.procs import free_port
         from megatron_a3po.rollout import DiskTransport, NcclTransport
 
-        rc = self.recipe.rollout
+        rc = self.rc
         if rc.weight_sync == "disk":
             return DiskTransport()
         addr = rc.weight_sync_master_addr or (
             "127.0.0.1" if not rc.engine_urls and rc.router_url is None
             else os.environ.get("MASTER_ADDR") or socket.gethostname())
-        return NcclTransport(addr, free_port(), backend="nccl" if torch.cuda.is_available() else "gloo",
+        return NcclTransport(addr, free_port(), backend="gloo" if is_cpu() else "nccl",
                              bucket_bytes=rc.weight_sync_bucket_mb << 20, server_tp=rc.engine_tp)
 
     def close(self):
@@ -121,7 +143,7 @@ class RolloutSide:
 
     # ------------------------------------------------------------------ per step
     def get_batch(self, current_version: int) -> list[list[dict]]:
-        rc = self.recipe.rollout
+        rc = self.rc
         batch = self.rm.get_batch(rc.batch_prompts, current_version, timeout=max(600.0, rc.request_timeout_s * 4))
         return [[dict(prompt_ids=s.prompt_ids, response_ids=s.response_ids, behave_logprobs=s.behave_logprobs,
                       versions=s.versions, advantage=s.advantage, reward=s.reward, group_id=s.group_id,
@@ -153,7 +175,7 @@ class RolloutSide:
         from megatron_a3po.rollout.evaluate import EvalConfig
 
         self.wait_eval()
-        ec, rc = self.recipe.eval, self.recipe.rollout
+        ec, rc = self.eval_cfg, self.rc
         cfg = EvalConfig(n_samples=ec.n_samples, temperature=ec.temperature, top_p=ec.top_p, top_k=ec.top_k,
                          max_new_tokens=ec.max_new_tokens or rc.max_new_tokens,
                          reward_timeout_s=max(300.0, rc.request_timeout_s))
@@ -167,7 +189,7 @@ class RolloutSide:
             return
         t0 = time.perf_counter()
         fut, self._eval_future = self._eval_future, None
-        self._eval_done.append(fut.result(timeout=max(600.0, self.recipe.rollout.request_timeout_s * 4)))
+        self._eval_done.append(fut.result(timeout=max(600.0, self.rc.request_timeout_s * 4)))
         self.eval_wait_s += time.perf_counter() - t0
 
     def take_eval_results(self) -> list:
@@ -195,13 +217,13 @@ class RolloutSide:
 
         from megatron_a3po.platform.keys import auth_headers
 
-        urls = list(self.recipe.rollout.engine_urls) or [e.url for e in self.engines]
+        urls = list(self.rc.engine_urls) or [e.url for e in self.engines]
         return {u: httpx.get(u + "/debug/weights_digest", timeout=60, headers=auth_headers(self.api_key)).json()["digest"]
                 for u in urls}
 
     def warm_start_samples(self, n: int, *, seed: int) -> list[tuple[list[int], list[int]]]:
         if self.task.warm_start_pairs is None:
-            raise ValueError(f"trainer.warm_start_steps > 0 but task {self.recipe.data.task} has no warm_start_pairs")
+            raise ValueError(f"trainer.warm_start_steps > 0 but task {self.data.task} has no warm_start_pairs")
         eos = self.tokenizer.eos_token_id
         out = []
         for q, resp in self.task.warm_start_pairs(n, seed=seed):

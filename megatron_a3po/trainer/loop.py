@@ -81,14 +81,32 @@ def prepare_initial_model(recipe, run_dir: Path):
     return AutoConfig.from_pretrained(meta), None, str(p), str(meta)
 
 
+def build_actor(recipe, hf_config, *, hf_dir: str | None = None, mcore_dir: str | None = None):
+    """The actor, given its sections of the recipe."""
+    from megatron_a3po.trainer.actor import Actor
+
+    return Actor(hf_config, trainer=recipe.trainer, loss=recipe.loss, parallel=recipe.parallel,
+                 params_dtype=recipe.model.params_dtype, temperature=recipe.rollout.temperature,
+                 hf_dir=hf_dir, mcore_dir=mcore_dir)
+
+
+def build_rollout_side(recipe, *, run_dir: Path, tokenizer_dir: str):
+    """Rank 0's rollout side, given its sections of the recipe."""
+    from megatron_a3po.trainer.fleet import RolloutSide, controller_config
+
+    lc = recipe.loss
+    ctl = controller_config(recipe.rollout, seed=recipe.trainer.seed, shuffle=recipe.data.shuffle,
+                            adv_norm=lc.adv_norm, adv_eps=lc.adv_eps, adv_batch_norm=lc.adv_batch_norm)
+    return RolloutSide(recipe.rollout, recipe.data, recipe.eval, ctl, seed=recipe.trainer.seed, run_dir=run_dir,
+                       tokenizer_dir=tokenizer_dir)
+
+
 def run(recipe, *, run_dir: str | Path | None = None) -> dict:
     """Train per ``recipe`` in this (already spawned) process; returns the summary on rank 0."""
     from megatron_a3po.loss import finalize_bucket_means
-    from megatron_a3po.platform import init_distributed
-    from megatron_a3po.trainer.actor import Actor
+    from megatron_a3po.platform import init_distributed, is_cpu
     from megatron_a3po.trainer.batch import TrainSample
     from megatron_a3po.trainer.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-    from megatron_a3po.trainer.fleet import RolloutSide
 
     from megatron_a3po.trainer import terminal
 
@@ -96,7 +114,7 @@ def run(recipe, *, run_dir: str | Path | None = None) -> dict:
     terminal.quiet_library_progress()
     tc, rc = recipe.trainer, recipe.rollout
     run_dir = Path(run_dir or tc.log_dir)
-    if not torch.cuda.is_available():
+    if is_cpu():
         # one intra-op thread per rank: the CPU engines need the other cores, and OpenMP threads that
         # spin on an oversubscribed machine make every step several times slower
         torch.set_num_threads(int(os.environ.get("A3PO_THREADS_PER_RANK", "1")))
@@ -112,7 +130,7 @@ def run(recipe, *, run_dir: str | Path | None = None) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
     _barrier()
     hf_config, hf_dir, mcore_dir, tok_dir = prepare_initial_model(recipe, run_dir)
-    actor = Actor(recipe, hf_config, hf_dir=hf_dir, mcore_dir=mcore_dir)
+    actor = build_actor(recipe, hf_config, hf_dir=hf_dir, mcore_dir=mcore_dir)
 
     start_step, version, rollout_state, resumed = 0, 0, None, False
     save_dir = Path(tc.save_dir) if tc.save_dir else run_dir / "checkpoints"
@@ -127,7 +145,7 @@ def run(recipe, *, run_dir: str | Path | None = None) -> dict:
 
     if rank == 0:  # one history: records of steps after the one resumed from are replaced, not repeated
         _cut_history(run_dir / "steps.jsonl", start_step)
-    side = RolloutSide(recipe, run_dir=run_dir, tokenizer_dir=tok_dir) if rank == 0 else None
+    side = build_rollout_side(recipe, run_dir=run_dir, tokenizer_dir=tok_dir) if rank == 0 else None
     t_start = time.perf_counter()
     try:
         if not resumed and tc.warm_start_steps:
