@@ -4,6 +4,7 @@ duplicated (also across a state_dict resume)."""
 
 import time
 
+import httpx
 import pytest
 
 from megatron_a3po.engine.launch import launch_engines
@@ -19,9 +20,14 @@ GROUPS = 2
 
 def test_staleness_versions_and_accounting(tmp_path):
     dirs = model_dirs(tmp_path, 2)
-    eps = launch_engines(dirs[0], n=2, version="0", version_log=tmp_path / "versions-{port}.jsonl")
+    eps = launch_engines(dirs[0], n=2, version="0", version_log=tmp_path / "versions-{port}.jsonl",
+                         test_hooks=True)
+    # long responses (no early stop) at >= 20 ms a decode step (the "slow" hook: a fast machine finishes
+    # 32 tokens of the tiny model before the trainer's next update), so weight updates land mid-request
+    # and aborted requests resume
+    for e in eps:
+        httpx.post(f"{e.url}/debug/fault", json={"mode": "slow", "step_delay_s": 0.02}, timeout=10).raise_for_status()
     prompts = toy_prompts(400)
-    # long responses (no early stop), so weight updates land mid-request and aborted requests resume
     cfg = ControllerConfig(n_samples=2, max_inflight_groups=4, batch_groups=GROUPS, max_staleness=STALENESS,
                            max_new_tokens=32, seed=5, extra_sampling={"ignore_eos": True})
     rm = RolloutManager([e.url for e in eps], prompts, toy_task(), tokenizer(), cfg)

@@ -21,11 +21,16 @@ def _samples(seed, n_groups=6, n=4):
 
 
 def _recipe(d, *, dist_opt, n_mb):
+    """adam_eps 1e-4, not 1e-8: Adam's first step moves a weight by lr * g / (|g| + eps), which for
+    |g| near eps turns the fp32 rounding of the gradient sum (~1e-10 here, DP=2 sums in another order)
+    into weight differences of ~lr * 1e-10 / eps: 1e-5 at eps 1e-8 on a few elements per tensor, 1e-9
+    at 1e-4. The comparison is of the DP code path, not of Adam's conditioning."""
     from megatron_a3po.config import Recipe
 
     return Recipe.model_validate({
         "name": "t", "model": {"hf_path": str(d)}, "parallel": {"use_distributed_optimizer": dist_opt},
-        "trainer": {"mode": "loglinear", "lr": 1e-3, "ppo_n_minibatches": n_mb, "max_tokens_per_mb": 64},
+        "trainer": {"mode": "loglinear", "lr": 1e-3, "ppo_n_minibatches": n_mb, "max_tokens_per_mb": 64,
+                    "adam_eps": 1e-4},
         "loss": {"eps_clip": 0.1, "dual_clip": 3.0},
         "rollout": {"n_samples": 4, "temperature": 0.7}})
 
@@ -112,8 +117,6 @@ def test_dp2_matches_dp1_gradient_loss_counts(tmp_path):
     for n, g in ref["grads"].items():
         torch.testing.assert_close(torch.from_numpy(r0["grads"][n]), torch.from_numpy(g), rtol=0, atol=1e-6, msg=n)
     for n, w in ref["weights"].items():
-        if n.endswith("k_proj.bias"):  # its true gradient is 0 (softmax ignores a per-query shift of the
-            continue  # scores): Adam turns the rounding noise into +-lr steps, at DP=1 as at DP=2
         torch.testing.assert_close(torch.from_numpy(r0["weights"][n]), torch.from_numpy(w), rtol=0, atol=1e-6, msg=n)
 
 

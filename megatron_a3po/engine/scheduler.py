@@ -135,6 +135,7 @@ class Scheduler:
         self.pause_mode: str | None = None
         self.step_count = 0
         self.tokens_generated = 0
+        self.step_delay_s = 0.0  # test hook ("slow" fault): sleep after each decode step
         self._stop = False
         self._log_lock = threading.Lock()
         self._log_path = version_log
@@ -429,6 +430,8 @@ class Scheduler:
                         still += [s for s, fin in zip(chunk, self._decode_batch(chunk)) if not fin]
                     self.running = still
                     self.step_count += 1
+                    if self.step_delay_s and self.running:
+                        time.sleep(self.step_delay_s)
                 if self.paused or not (self.running or self.waiting):
                     self._wake.wait(timeout=0.05)
                     self._wake.clear()

@@ -16,7 +16,8 @@ SGLang, all deliberate:
 * ``meta_info.weight_versions`` is always present when a request produced tokens (one span when the
   version did not change);
 * test hooks (only with ``--enable-test-hooks``): ``POST /debug/fault`` to make /generate and /health
-  return 503 or hang for N seconds, or to fail the next K weight updates; ``GET /debug/version_log``
+  return 503 or hang for N seconds, to fail the next K weight updates, or to slow every decode step
+  (so that a fast machine still has requests in flight when a weight update lands); ``GET /debug/version_log``
   returns which version produced each token of the recent requests (also written to
   ``--version-log FILE`` as jsonl).
 """
@@ -557,7 +558,8 @@ def build_app(engine: Engine):
     if engine.args.enable_test_hooks:
         @app.post("/debug/fault")
         async def fault(request: Request):
-            """TEST HOOK. {"mode": "503"|"hang"|"fail_update"|"none", "duration_s": s, "count": k}"""
+            """TEST HOOK. {"mode": "503"|"hang"|"fail_update"|"slow"|"none", "duration_s": s, "count": k,
+            "step_delay_s": s}"""
             body = await body_of(request)
             mode = body.get("mode")
             now = time.time()
@@ -567,10 +569,16 @@ def build_app(engine: Engine):
                 engine.fault["hang"] = now + float(body.get("duration_s", 5))
             elif mode == "fail_update":
                 engine.fault["fail_update"] = int(body.get("count", 1))
+            elif mode == "slow":
+                delay = body.get("step_delay_s", 0.02)
+                if not isinstance(delay, (int, float)) or not 0 <= delay <= 10:
+                    raise BadRequest(f"step_delay_s {delay!r}: expected seconds in [0, 10]")
+                engine.sched.step_delay_s = float(delay)
             elif mode == "none":
                 engine.fault.clear()
+                engine.sched.step_delay_s = 0.0
             else:
-                raise BadRequest(f"fault mode {mode!r}: expected 503, hang, fail_update or none")
+                raise BadRequest(f"fault mode {mode!r}: expected 503, hang, fail_update, slow or none")
             return {"status": "ok", "fault": engine.fault}
 
         @app.get("/debug/version_log")
