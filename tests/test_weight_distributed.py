@@ -2,11 +2,13 @@
 pairs to a real engine process that joined the group via /init_weights_update_group. On CPU the same code
 runs with backend="gloo"; with a GPU and an SGLang server it runs with "nccl" (GPU-only test below)."""
 
+import time
+
 import httpx
 import pytest
 import torch
 
-from megatron_a3po.engine.launch import launch_engine
+from megatron_a3po.engine.launch import launch_engine, launch_engines
 from megatron_a3po.platform.procs import free_port
 from megatron_a3po.rollout import ControllerConfig, NcclTransport, RolloutManager
 from megatron_a3po.rollout.weights import buckets
@@ -72,6 +74,74 @@ def test_bucketed_broadcast_updates_engine_weights(tmp_path):
     finally:
         rm.close()
         ep.stop()
+
+
+def _hf_tensors(d):
+    """The HF files' tensors, read with safetensors (independent of the engine)."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(Path(d).glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def test_update_group_is_remade_when_an_engine_dies_and_comes_back(tmp_path):
+    """NCCL transport (gloo), two engines: one is SIGKILLed -> the next update makes a new group over the
+    survivor and succeeds; the engine restarts on its port with version-0 weights -> it stays out (it has
+    old weights, and a streaming transport has nothing to resend) until the next update, which makes a
+    group with it and brings it to the new version; only then it serves. Digests against the HF files."""
+    from megatron_a3po.convert.digest import state_digest
+
+    dirs = model_dirs(tmp_path, 3)
+    a, b = launch_engines(dirs[0], n=2, version="0", test_hooks=True, timeout=300)
+    transport = NcclTransport("127.0.0.1", free_port(), backend="gloo", bucket_bytes=64 << 10)
+    cfg = ControllerConfig(n_samples=2, max_inflight_groups=2, batch_groups=1, max_staleness=1, max_new_tokens=4)
+    rm = RolloutManager([a.url, b.url], toy_prompts(50), toy_task(), tokenizer(), cfg, transport=transport,
+                        health_interval_s=0.3, hang_timeout_s=10.0)
+    restarted = None
+    weights = {v: _hf_tensors(dirs[v % 3]) for v in (1, 2, 3)}
+
+    def digest(url):
+        return httpx.get(f"{url}/debug/weights_digest", timeout=30).json()["digest"]
+
+    try:
+        rm.start()
+        rm.init_weight_transport()
+        rm.get_batch(1, 0, timeout=120)
+        rm.update_weights(1, named_tensors=iter(weights[1].items()))
+        assert digest(a.url) == digest(b.url) == state_digest(weights[1].items())
+        a.kill()
+        deadline = time.time() + 30
+        while a.url in {s.url for s in rm.fleet.live()}:
+            assert time.time() < deadline, "the killed engine is still in the fleet after 30 s"
+            time.sleep(0.2)
+        rm.get_batch(1, 1, timeout=120)
+        rm.update_weights(2, named_tensors=iter(weights[2].items()))  # a new group over b alone
+        assert transport.regroups == 1 and transport.urls == [b.url]
+        assert digest(b.url) == state_digest(weights[2].items())
+        restarted = launch_engine(dirs[0], port=a.port, version="0", test_hooks=True, timeout=300)
+        deadline = time.time() + 60
+        while a.url not in rm.controller._joiners:  # seen again, older weights: held out for the next update
+            assert time.time() < deadline, f"the restarted engine was not seen within 60 s: {rm.fleet.events}"
+            time.sleep(0.2)
+        assert a.url not in {s.url for s in rm.fleet.live()}
+        rm.get_batch(1, 2, timeout=120)
+        rm.update_weights(3, named_tensors=iter(weights[3].items()))  # the group is made with a again
+        assert transport.regroups == 2 and sorted(transport.urls) == sorted([a.url, b.url])
+        assert digest(a.url) == digest(b.url) == state_digest(weights[3].items())
+        assert httpx.get(f"{a.url}/model_info").json()["weight_version"] == "3"
+        assert a.url in {s.url for s in rm.fleet.live()}
+        assert any(u == a.url and x.startswith("rejoined") for _, u, x in rm.fleet.events)
+        batch = rm.get_batch(1, 3, timeout=120)
+        assert all(min(s.versions) >= 2 for s in batch.samples)
+    finally:
+        rm.close()
+        for e in (a, b, restarted):
+            if e is not None:
+                e.stop()
 
 
 @pytest.mark.gpu

@@ -105,6 +105,9 @@ class Controller:
         self.counters: Counter = Counter()
         self.initial_version = initial_version
         self._last_payload: dict = {}  # the last successful push (hf_dir): resent to a server that rejoins
+        # servers back with older weights that a streaming transport (NCCL) cannot resend: they join the
+        # next weight update (a new update group with them), held out of the fleet until then
+        self._joiners: set[str] = set()
         if fleet is not None:
             fleet.on_rejoin = self._rejoin
         self.timings: Counter = Counter()
@@ -313,9 +316,12 @@ class Controller:
         async with self._update_lock:
             t0 = time.monotonic()
             self._open.clear()
+            joining = [(s, prev) for s in self.fleet.servers if s.url in self._joiners
+                       for prev in [await self.fleet.claim(s)] if prev is not None]
             try:
                 await self.fleet.call_all("/pause_generation", {"mode": self.cfg.pause_mode},
                                           retries=self.cfg.update_retries)
+                await self._regroup_if_changed(joining)
                 # requests paused in place still hold KV caches: SGLang fails a flush then
                 await self.transport.push(self.fleet, version, retries=self.cfg.update_retries,
                                           flush_cache=self.cfg.pause_mode != "in_place", **payload)
@@ -324,10 +330,12 @@ class Controller:
                 if wrong:
                     raise FleetError(f"servers report other weight versions than {version}: {wrong}")
             except NoServersError as e:
+                self._release(joining)
                 self._fatal = self._fatal or e
                 self._tick()
                 raise RolloutError(f"rollout failed: {e}") from e
             except Exception as e:  # noqa: BLE001 - any failure after the pause leaves the fleet paused
+                self._release(joining)
                 self.counters["weight_update_failures"] += 1
                 self._broken = WeightUpdateError(
                     f"weight update to version {version} failed: {e}. Every server is left paused, so none "
@@ -335,6 +343,9 @@ class Controller:
                 self._tick()
                 raise self._broken from e
             await self.fleet.call_all("/continue_generation", {}, retries=self.cfg.update_retries)
+            for srv, prev in joining:  # they have the new version now: back on the router, served
+                self._joiners.discard(srv.url)
+                await self.fleet.serve_again(srv, prev)
             self._broken = None
             self.served_version = version
             self._last_payload = {k: v for k, v in payload.items() if k == "hf_dir"}
@@ -355,11 +366,35 @@ class Controller:
                 raise RolloutError(f"rollout failed: {e}") from e
             await asyncio.sleep(0.2)
 
+    def _release(self, joining):
+        for srv, prev in joining:
+            self.fleet.release(srv, prev)
+
+    async def _regroup_if_changed(self, joining):
+        """A streaming transport's update group is made over fixed members: after the fleet changed, a
+        new one over the servers now in it. If the servers coming back break it, they stay out (and are
+        tried again at the next update) and the group is made without them."""
+        t = self.transport
+        if not (hasattr(t, "members_changed") and t.members_changed(self.fleet)):
+            return
+        try:
+            await t.regroup(self.fleet)
+        except Exception as e:  # noqa: BLE001
+            if not joining:
+                raise
+            log.warning("a new weight-update group with %s failed (%s); making it without them",
+                        [srv.url for srv, _ in joining], e)
+            self._release(joining)
+            joining.clear()
+            await t.regroup(self.fleet)
+
     async def _rejoin(self, s) -> bool:
         """Bring a server that was out of the fleet (hung, dead, restarted) to the served weights before it
         serves again: pause(abort) its leftovers, load the last pushed weights (disk transport), check
-        its version, continue. False: it stays out (retried at its next liveness check)."""
-        if self._stopping or self._broken is not None or self._fatal is not None:
+        its version, continue. A streaming transport (NCCL) has no weights to resend: a server that still
+        has the served version rejoins at once, one with older weights joins the next weight update.
+        False: it stays out (retried at its next liveness check)."""
+        if self._stopping or self._broken is not None or self._fatal is not None or s.url in self._joiners:
             return False
         async with self._update_lock:
             try:
@@ -369,10 +404,19 @@ class Controller:
                     await self.transport.push(self.fleet, self.served_version, servers=[s],
                                               retries=self.cfg.update_retries, **self._last_payload)
                 elif self.served_version != self.initial_version:
-                    log.error("server %s cannot be brought to version %d: the %s transport has no weights to "
-                              "resend; it stays out of the fleet", s.url, self.served_version,
-                              type(self.transport).__name__)
-                    return False
+                    info = await self.fleet.call_one(s, "/model_info", None, method="GET", retries=0)
+                    if info is not None and str(info.get("weight_version")) == str(self.served_version):
+                        pass  # it missed no update (a short hang): the next update regroups with it
+                    elif hasattr(self.transport, "regroup"):
+                        self._joiners.add(s.url)
+                        log.warning("server %s is back with older weights: it joins the next weight update",
+                                    s.url)
+                        return False
+                    else:
+                        log.error("server %s cannot be brought to version %d: the %s transport has no weights "
+                                  "to resend; it stays out of the fleet", s.url, self.served_version,
+                                  type(self.transport).__name__)
+                        return False
                 info = await self.fleet.call_one(s, "/model_info", None, method="GET", retries=0)
                 if info is None or str(info.get("weight_version")) != str(self.served_version):
                     log.warning("server %s reports version %s after its resync, not %d", s.url,

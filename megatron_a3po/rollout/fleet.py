@@ -249,9 +249,8 @@ class Fleet:
             try:
                 res = await self._probe(s)
                 if s.state in OUT:
-                    if res == "ok" and await self._rejoin(s):
-                        self.counters["servers_rejoined"] += 1
-                        self._event(s, "rejoined (synced to the current weights)")
+                    if res == "ok":
+                        await self._rejoin(s)
                     continue
                 if res == "timeout":
                     self._take_out(s, HUNG, f"no answer to /model_info within {self.hang_timeout_s:g}s")
@@ -272,13 +271,36 @@ class Fleet:
         prev, ok = s.state, False
         s.state = SYNCING
         try:
-            ok = ((self.on_rejoin is None or await self.on_rejoin(s))
-                  and (self.router is None or await self._router_add(s)))
+            ok = self.on_rejoin is None or await self.on_rejoin(s)
         finally:
-            if s.state == SYNCING:
-                s.state = UP if ok else prev
+            if not ok and s.state == SYNCING:
+                s.state = prev
+        return ok and await self.serve_again(s, prev)
+
+    async def claim(self, s: Server) -> str | None:
+        """An out server that answers again goes ``syncing`` (control calls, such as a weight update that
+        brings it to the new version, reach it; generation does not): its previous state, or None if it
+        does not answer or is not out."""
+        if s.state not in OUT or await self._probe(s) != "ok" or s.state not in OUT:
+            return None
+        prev, s.state = s.state, SYNCING
+        return prev
+
+    def release(self, s: Server, prev: str):
+        """Undo ``claim``: back out of the fleet."""
+        if s.state == SYNCING:
+            s.state = prev
+
+    async def serve_again(self, s: Server, prev: str) -> bool:
+        """``s`` (syncing) has the current weights: back on the router, then served. False: back to
+        ``prev`` (out), retried at its next liveness check."""
+        ok = self.router is None or await self._router_add(s)
+        if s.state == SYNCING:
+            s.state = UP if ok else prev
         if ok:
             s.connect_failures = 0
+            self.counters["servers_rejoined"] += 1
+            self._event(s, "rejoined (synced to the current weights)")
             self._notify()
         return ok
 

@@ -16,18 +16,27 @@ controller.py); a transport only moves the weights.
   bucket carries ``weight_version`` (and ``flush_cache``), so a server reports the new version only
   once it has every tensor. Collective calls are not retried (a half-done broadcast cannot be
   replayed); a failure raises and the controller leaves every server paused.
+  The group's members are fixed when it is made: when the fleet changes (a server died, hung, or comes
+  back), ``regroup`` makes a new one over the servers in the fleet (the old one is destroyed on the
+  trainer and, best effort, on every server; a new master port), before the next push. A server that
+  comes back with older weights than the fleet's joins at the next push, which brings it to the new
+  version with the others (the controller holds it out until then).
   ``backend="gloo"`` runs the same code on CPU (tests); GPU deployments use ``"nccl"``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Iterable, Iterator
 
 import torch
 
+from megatron_a3po.platform.procs import free_port
 from megatron_a3po.platform.stores import init_update_group
 from megatron_a3po.rollout.fleet import Fleet, FleetError, ServerCallError
+
+log = logging.getLogger("megatron_a3po.rollout.weights")
 
 
 class DiskTransport:
@@ -105,12 +114,19 @@ class NcclTransport:
             torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu"))
         self.timeout_s = timeout_s
         self.group = None
-        self.urls: list[str] = []
+        self.urls: list[str] = []  # the members of the current group, in rank order
+        self.regroups = 0
+        self._tp_of: dict[str, int] = {}  # a list server_tp is per server of the first group
 
     def init_bodies(self, urls: list[str]) -> dict[str, dict]:
-        tps = self.server_tp if isinstance(self.server_tp, list) else [self.server_tp] * len(urls)
-        if len(tps) != len(urls):
-            raise ValueError(f"server_tp has {len(tps)} entries for {len(urls)} servers")
+        if isinstance(self.server_tp, list):
+            if not self._tp_of:
+                if len(self.server_tp) != len(urls):
+                    raise ValueError(f"server_tp has {len(self.server_tp)} entries for {len(urls)} servers")
+                self._tp_of = dict(zip(urls, self.server_tp))
+            tps = [self._tp_of[u] for u in urls]
+        else:
+            tps = [self.server_tp] * len(urls)
         world = 1 + sum(tps)
         out, off = {}, 1
         for u, tp in zip(urls, tps):
@@ -126,6 +142,28 @@ class NcclTransport:
         if last and version is not None:
             b["weight_version"] = str(version)
         return b
+
+    def members_changed(self, fleet: Fleet) -> bool:
+        return self.group is not None and [s.url for s in fleet.live()] != self.urls
+
+    async def regroup(self, fleet: Fleet):
+        """A new update group over the servers now in the fleet (see the module docstring)."""
+        servers = fleet.live()
+        log.warning("weight-update group: %s -> %s; making a new group", self.urls, [s.url for s in servers])
+        # best effort on every server in the fleet: a server that comes back from a hang may still hold
+        # the old group (and would refuse a new one of the same name)
+        await asyncio.gather(*(fleet.call_one(s, "/destroy_weights_update_group", {"group_name": self.group_name},
+                                              retries=0, timeout=30.0) for s in servers), return_exceptions=True)
+        if self.group is not None:
+            import torch.distributed as dist
+
+            # gloo: local. NCCL: the communicator is torn down here; its peers that left hold no
+            # pending collective (a push that failed mid-broadcast already failed the update)
+            dist.destroy_process_group(self.group)
+            self.group = None
+        self.master_port = free_port()
+        self.regroups += 1
+        await self.init(fleet)
 
     async def init(self, fleet: Fleet):
         servers = fleet.live()
