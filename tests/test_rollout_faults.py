@@ -272,14 +272,18 @@ def test_kill_restart_stop_and_lose_all_engines_behind_the_real_router(dirs, tmp
 
 
 
-def test_trainer_behind_the_real_router_kill_one_then_all_engines(tmp_path):
-    """The real training loop (trainer CLI, two CPU engines behind sglang-router): SIGKILL one engine
-    mid-run (training goes on, no group trained twice, staleness bound holds), then the other: the
-    trainer stops with one clear error naming the engines' logs and trainer.resume=true."""
+def test_trainer_behind_the_real_router_kill_restart_stop_then_lose_all_engines(tmp_path):
+    """The real training loop (trainer CLI, two CPU engines behind sglang-router, hang timeout 5 s):
+    SIGKILL engine A mid-run (training goes on); restart it on its port (it serves only once synced to
+    the trainer's version); SIGSTOP engine B for 60 s (dropped within the timeout; no step meanwhile
+    takes longer than the timeout plus a normal step; A is never marked unavailable); SIGCONT (B synced
+    before it serves); then kill both: one clear error naming the engines' logs and trainer.resume=true.
+    Throughout: no group trained twice, the staleness bound holds."""
     import json
     import signal
     import subprocess
     import sys
+    import threading
     from pathlib import Path
 
     import psutil
@@ -287,41 +291,111 @@ def test_trainer_behind_the_real_router_kill_one_then_all_engines(tmp_path):
     pytest.importorskip("sglang_router")
     from conftest import subprocess_env
 
+    HANG = 5.0
     root = Path(__file__).resolve().parents[1]
     run = tmp_path / "run"
     env = subprocess_env(A3PO_NO_PROGRESS="1", OMP_NUM_THREADS="1", PYTHONPATH=str(root))
     cmd = [sys.executable, "-m", "megatron_a3po.trainer", "--recipe", "demo_cpu", "--run-dir", str(run),
            "trainer.warm_start_steps=0", "rollout.batch_prompts=2", "rollout.n_samples=2",
-           "rollout.max_inflight_groups=6", "trainer.ppo_n_minibatches=1", "data.synthetic.num_prompts=200",
-           "trainer.steps=200", "rollout.num_engines=2", "rollout.start_router=true", "rollout.max_staleness=2",
-           "rollout.hang_timeout_s=5"]
+           "rollout.max_inflight_groups=6", "trainer.ppo_n_minibatches=1", "data.synthetic.num_prompts=4000",
+           "trainer.steps=100000", "trainer.eval_every=0", "rollout.num_engines=2", "rollout.start_router=true",
+           "rollout.max_staleness=2", f"rollout.hang_timeout_s={HANG:g}"]
     proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out_lines: list[str] = []  # the trainer's log (fleet events are logged there)
+    err_lines: list[str] = []
+    def pump(f, lines):
+        for line in iter(f.readline, ""):
+            lines.append(line)
+
+    readers = [threading.Thread(target=pump, args=(f, lines), daemon=True)
+               for f, lines in ((proc.stdout, out_lines), (proc.stderr, err_lines))]
+    for r in readers:
+        r.start()
 
     def steps():
         f = run / "steps.jsonl"
-        return [json.loads(x) for x in f.read_text().splitlines()] if f.exists() else []
+        return [json.loads(x) for x in f.read_text().splitlines() if x.strip()] if f.exists() else []
 
-    def wait_steps(n, timeout=400):
+    def wait_for(cond, what, timeout=400):
         deadline = time.monotonic() + timeout
-        while len(steps()) < n:
-            assert proc.poll() is None, proc.communicate()[1][-3000:]
-            assert time.monotonic() < deadline, f"fewer than {n} steps after {timeout}s"
+        while not cond():
+            assert proc.poll() is None, "".join(out_lines)[-2000:] + "".join(err_lines)[-2000:]
+            assert time.monotonic() < deadline, f"{what}: not within {timeout}s\n" + "".join(out_lines)[-3000:]
             time.sleep(0.3)
 
+    def events(url, text):
+        return [x for x in out_lines if url in x and text in x]
+
+    restarted = None
     try:
-        wait_steps(2)
-        engines = [p for p in psutil.Process(proc.pid).children(recursive=True)
-                   if "megatron_a3po.engine" in " ".join(p.cmdline())]
+        wait_for(lambda: len(steps()) >= 2, "2 steps")
+        engines = sorted((p for p in psutil.Process(proc.pid).children(recursive=True)
+                          if "megatron_a3po.engine" in " ".join(p.cmdline())), key=lambda p: p.pid)
         assert len(engines) == 2
-        engines[0].send_signal(signal.SIGKILL)
+        a, b = engines
+        port_of = {e: e.cmdline()[e.cmdline().index("--port") + 1] for e in engines}
+        url_a, url_b = (f"http://127.0.0.1:{port_of[e]}" for e in engines)
+        a_cmd, a_env = a.cmdline(), a.environ()
+        headers = {"Authorization": f"Bearer {a_env['A3PO_API_KEY']}"} if a_env.get("A3PO_API_KEY") else {}
+
+        def served_version(url):
+            return httpx.get(f"{url}/model_info", headers=headers, timeout=5).json()["weight_version"]
+
+        a.send_signal(signal.SIGKILL)
         n = len(steps())
-        wait_steps(n + 3)  # training goes on with the other engine
-        engines[1].send_signal(signal.SIGKILL)
-        out, err = proc.communicate(timeout=300)
+        wait_for(lambda: len(steps()) >= n + 3, "3 steps after the kill")  # training goes on with B
+        # restart A on its port with its original command, from the run's initial HF weights (version 0;
+        # the trainer keeps only the newest weight dirs): synced to the trainer's version before it serves
+        a_cmd[a_cmd.index("--model-path") + 1] = str(run / "init_hf")
+        restarted = subprocess.Popen(a_cmd, env=a_env, stdout=open(tmp_path / "restarted.log", "w"),
+                                     stderr=subprocess.STDOUT)
+        wait_for(lambda: events(url_a, "rejoined"), "A rejoined", timeout=300)
+        # the version A serves is the trainer's (never the version-0 weights it started with)
+        v_a, v_b = served_version(url_a), served_version(url_b)
+        assert abs(int(v_a) - int(v_b)) <= 1 and int(v_a) >= n + 3, (v_a, v_b)  # an update may be under way
+
+        # SIGSTOP B for 60 s: dropped within the hang timeout, training goes on with A
+        n_before = len(steps())
+        b.send_signal(signal.SIGSTOP)
+        t_stop, t_hung = time.monotonic(), None
+        try:
+            while time.monotonic() - t_stop < 60:
+                if t_hung is None and events(url_b, "hung"):
+                    t_hung = time.monotonic() - t_stop
+                time.sleep(0.2)
+            during = steps()[n_before:]
+        finally:
+            b.send_signal(signal.SIGCONT)
+        assert t_hung is not None and t_hung <= HANG + 5.0, (t_hung, "".join(out_lines)[-3000:])
+        wait_for(lambda: len(events(url_b, "rejoined")) >= 1, "B rejoined after SIGCONT", timeout=300)
+        assert len(during) >= 10, f"only {len(during)} steps in the 60 s B was stopped"
+        # no step waited longer than the hang timeout because of B (plus a normal step's time, 5 s)
+        worst = max(r["stats"]["time/step"] for r in during)
+        print(f"B stopped 60 s: hung after {t_hung:.1f}s, {len(during)} steps meanwhile, the longest {worst:.2f}s")
+        assert worst <= HANG + 5.0, f"a step took {worst:.1f}s while B was stopped (hang timeout {HANG}s)"
+        # A (healthy) was never marked unavailable, hung or dropped after its rejoin
+        i_rejoin = next(i for i, x in enumerate(out_lines) if url_a in x and "rejoined" in x)
+        bad = [x for x in out_lines[i_rejoin + 1:] if url_a in x and any(
+            w in x for w in (" unavailable", " hung", " dropped"))]
+        assert not bad, bad
+        n = len(steps())
+        wait_for(lambda: len(steps()) >= n + 2, "2 steps after B rejoined")
+        v_a, v_b = served_version(url_a), served_version(url_b)
+        assert abs(int(v_a) - int(v_b)) <= 1  # both in the fleet, synced (one update may be in progress)
+
+        for e in (restarted, b):
+            e.send_signal(signal.SIGKILL)
+        proc.wait(timeout=300)
+        for r in readers:
+            r.join(timeout=10)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        if restarted is not None and restarted.poll() is None:
+            restarted.kill()
+            restarted.wait()
+    err, out = "".join(err_lines), "".join(out_lines)
     assert proc.returncode == 1, err[-3000:]
     lines = [x for x in err.splitlines() if x.startswith("error:")]
     assert len(lines) == 1, err[-3000:]

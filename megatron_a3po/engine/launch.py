@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from megatron_a3po.platform.procs import free_port, stop_process
+from megatron_a3po.platform.procs import die_with_parent, free_port, stop_process
 
 
 @dataclass
@@ -38,17 +38,6 @@ class EngineProcess:
     def stop(self, timeout: float = 10.0):
         """SIGTERM this process (by pid), SIGKILL if it has not exited after ``timeout``."""
         stop_process(self.proc, timeout)
-
-
-def _die_with_parent():
-    """Linux: the engine gets SIGTERM when the process that started it dies (even by SIGKILL)."""
-    try:
-        import ctypes
-        import signal
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
 
 
 def wait_healthy(url: str, timeout: float = 120.0, proc: subprocess.Popen | None = None, log_path=None):
@@ -100,7 +89,7 @@ def launch_engine(model_path, *, port: int | None = None, host: str = "127.0.0.1
         out = open(log_path, "w")
     else:
         out = subprocess.DEVNULL
-    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent)
     ep = EngineProcess(proc=proc, url=f"http://{host}:{port}", port=port, log_path=log_path,
                        version_log=str(version_log) if version_log else None)
     if wait:

@@ -20,6 +20,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def die_with_parent():
+    """``preexec_fn`` for a child server (engine, router): on Linux it gets SIGTERM when the process that
+    started it dies, even by SIGKILL, so no server outlives a killed trainer."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
 def stop_process(proc, timeout: float = 10.0):
     """SIGTERM a ``subprocess.Popen`` (by its pid), SIGKILL it if it has not exited after ``timeout``."""
     import subprocess

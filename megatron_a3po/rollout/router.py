@@ -22,7 +22,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from megatron_a3po.platform.procs import free_port, stop_process
+from megatron_a3po.platform.procs import die_with_parent, free_port, stop_process
 
 
 def router_command(worker_urls: list[str], *, port: int, prometheus_port: int, host: str = "127.0.0.1",
@@ -114,7 +114,7 @@ def start_router(worker_urls: list[str], *, port: int | None = None, prometheus_
     else:
         out = subprocess.DEVNULL
     try:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
     finally:
         if out is not subprocess.DEVNULL:
             out.close()
