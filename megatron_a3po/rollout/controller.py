@@ -44,7 +44,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from megatron_a3po.rollout.fleet import BadRequestError, Fleet, FleetError, NoServersError
+from megatron_a3po.rollout.fleet import OUT, BadRequestError, Fleet, FleetError, NoServersError
 from megatron_a3po.rollout.cursor import PromptCursor
 from megatron_a3po.rollout.types import ADV_EPS, Batch, Sample, batch_normalise
 from megatron_a3po.rollout.workflow import GroupWorkflow, RolloutError, token_versions
@@ -318,18 +318,24 @@ class Controller:
             self._open.clear()
             joining = [(s, prev) for s in self.fleet.servers if s.url in self._joiners
                        for prev in [await self.fleet.claim(s)] if prev is not None]
+            # the servers of this update, fixed now: one that comes back meanwhile (syncing, waiting for
+            # this lock to be resynced on its own) is neither paused, pushed to nor checked by it
+            servers = self.fleet.live()
             try:
-                await self.fleet.call_all("/pause_generation", {"mode": self.cfg.pause_mode},
+                await self.fleet.call_all("/pause_generation", {"mode": self.cfg.pause_mode}, servers=servers,
                                           retries=self.cfg.update_retries)
-                await self._regroup_if_changed(joining)
+                servers = await self._regroup_if_changed(joining, servers)
                 # requests paused in place still hold KV caches: SGLang fails a flush then
-                await self.transport.push(self.fleet, version, retries=self.cfg.update_retries,
+                await self.transport.push(self.fleet, version, retries=self.cfg.update_retries, servers=servers,
                                           flush_cache=self.cfg.pause_mode != "in_place", **payload)
-                infos = await self.fleet.call_all("/model_info", None, method="GET", retries=self.cfg.update_retries)
+                infos = await self.fleet.call_all("/model_info", None, method="GET", servers=servers,
+                                                  retries=self.cfg.update_retries)
                 wrong = {u: i.get("weight_version") for u, i in infos.items() if str(i.get("weight_version")) != str(version)}
                 if wrong:
                     raise FleetError(f"servers report other weight versions than {version}: {wrong}")
-            except NoServersError as e:
+                await self.fleet.call_all("/continue_generation", {}, servers=servers,
+                                          retries=self.cfg.update_retries)
+            except NoServersError as e:  # e.g. the last engines died during this update
                 self._release(joining)
                 self._fatal = self._fatal or e
                 self._tick()
@@ -342,7 +348,6 @@ class Controller:
                     "serves mixed weights; call update_weights again to retry.")
                 self._tick()
                 raise self._broken from e
-            await self.fleet.call_all("/continue_generation", {}, retries=self.cfg.update_retries)
             for srv, prev in joining:  # they have the new version now: back on the router, served
                 self._joiners.discard(srv.url)
                 await self.fleet.serve_again(srv, prev)
@@ -370,23 +375,27 @@ class Controller:
         for srv, prev in joining:
             self.fleet.release(srv, prev)
 
-    async def _regroup_if_changed(self, joining):
+    async def _regroup_if_changed(self, joining, servers):
         """A streaming transport's update group is made over fixed members: after the fleet changed, a
-        new one over the servers now in it. If the servers coming back break it, they stay out (and are
-        tried again at the next update) and the group is made without them."""
+        new one over this update's servers. If the servers coming back break it, they stay out (and are
+        tried again at the next update) and the group is made without them. Returns the servers."""
         t = self.transport
-        if not (hasattr(t, "members_changed") and t.members_changed(self.fleet)):
-            return
+        servers = [s for s in servers if s.state not in OUT]
+        if not (hasattr(t, "members_changed") and t.members_changed(servers)):
+            return servers
         try:
-            await t.regroup(self.fleet)
+            await t.regroup(self.fleet, servers)
         except Exception as e:  # noqa: BLE001
             if not joining:
                 raise
             log.warning("a new weight-update group with %s failed (%s); making it without them",
                         [srv.url for srv, _ in joining], e)
+            back = {srv.url for srv, _ in joining}
             self._release(joining)
             joining.clear()
-            await t.regroup(self.fleet)
+            servers = [s for s in servers if s.url not in back and s.state not in OUT]
+            await t.regroup(self.fleet, servers)
+        return servers
 
     async def _rejoin(self, s) -> bool:
         """Bring a server that was out of the fleet (hung, dead, restarted) to the served weights before it
@@ -398,25 +407,29 @@ class Controller:
             return False
         async with self._update_lock:
             try:
+                resend = bool(self._last_payload.get("hf_dir"))
+                if not resend and self.served_version != self.initial_version:
+                    # nothing to resend: only a server that missed no update (a short hang) rejoins now
+                    # (the next update regroups with it); it is not paused otherwise (it serves nothing
+                    # while out, and /health, a generation, would wait out a pause)
+                    info = await self.fleet.call_one(s, "/model_info", None, method="GET", retries=0)
+                    if info is None:
+                        return False
+                    if str(info.get("weight_version")) != str(self.served_version):
+                        if hasattr(self.transport, "regroup"):
+                            self._joiners.add(s.url)
+                            log.warning("server %s is back with older weights: it joins the next weight update",
+                                        s.url)
+                        else:
+                            log.error("server %s cannot be brought to version %d: the %s transport has no "
+                                      "weights to resend; it stays out of the fleet", s.url, self.served_version,
+                                      type(self.transport).__name__)
+                        return False
                 if await self.fleet.call_one(s, "/pause_generation", {"mode": "abort"}, retries=0) is None:
                     return False
-                if self._last_payload.get("hf_dir"):
+                if resend:
                     await self.transport.push(self.fleet, self.served_version, servers=[s],
                                               retries=self.cfg.update_retries, **self._last_payload)
-                elif self.served_version != self.initial_version:
-                    info = await self.fleet.call_one(s, "/model_info", None, method="GET", retries=0)
-                    if info is not None and str(info.get("weight_version")) == str(self.served_version):
-                        pass  # it missed no update (a short hang): the next update regroups with it
-                    elif hasattr(self.transport, "regroup"):
-                        self._joiners.add(s.url)
-                        log.warning("server %s is back with older weights: it joins the next weight update",
-                                    s.url)
-                        return False
-                    else:
-                        log.error("server %s cannot be brought to version %d: the %s transport has no weights "
-                                  "to resend; it stays out of the fleet", s.url, self.served_version,
-                                  type(self.transport).__name__)
-                        return False
                 info = await self.fleet.call_one(s, "/model_info", None, method="GET", retries=0)
                 if info is None or str(info.get("weight_version")) != str(self.served_version):
                     log.warning("server %s reports version %s after its resync, not %d", s.url,

@@ -143,12 +143,13 @@ class NcclTransport:
             b["weight_version"] = str(version)
         return b
 
-    def members_changed(self, fleet: Fleet) -> bool:
-        return self.group is not None and [s.url for s in fleet.live()] != self.urls
+    def members_changed(self, servers) -> bool:
+        return self.group is not None and [s.url for s in servers] != self.urls
 
-    async def regroup(self, fleet: Fleet):
-        """A new update group over the servers now in the fleet (see the module docstring)."""
-        servers = fleet.live()
+    async def regroup(self, fleet: Fleet, servers=None):
+        """A new update group over ``servers`` (default: the servers now in the fleet; see the module
+        docstring)."""
+        servers = fleet.live() if servers is None else list(servers)
         log.warning("weight-update group: %s -> %s; making a new group", self.urls, [s.url for s in servers])
         # best effort on every server in the fleet: a server that comes back from a hang may still hold
         # the old group (and would refuse a new one of the same name)
@@ -163,10 +164,10 @@ class NcclTransport:
             self.group = None
         self.master_port = free_port()
         self.regroups += 1
-        await self.init(fleet)
+        await self.init(fleet, servers)
 
-    async def init(self, fleet: Fleet):
-        servers = fleet.live()
+    async def init(self, fleet: Fleet, servers=None):
+        servers = fleet.live() if servers is None else list(servers)
         self.urls = [s.url for s in servers]
         bodies = self.init_bodies(self.urls)
         world = next(iter(bodies.values()))["world_size"]
@@ -190,7 +191,7 @@ class NcclTransport:
             dist.broadcast(t, src=0, group=self.group)
 
     async def push(self, fleet: Fleet, version: int, *, named_tensors=None, retries: int = 0, flush_cache: bool = True,
-                   **_):
+                   servers=None, **_):
         """Open a weight-update session on every server (``/begin_weight_update``: SGLang refuses the
         distributed update outside one, and then never joins the broadcast), send every bucket, close the
         session (``/end_weight_update``, also after a failure)."""
@@ -198,7 +199,7 @@ class NcclTransport:
             raise FleetError("NcclTransport.init(fleet) must run before push")
         if named_tensors is None:
             raise ValueError("NcclTransport.push needs named_tensors (an iterable of (name, tensor))")
-        servers = [s for s in fleet.live()]
+        servers = fleet.live() if servers is None else list(servers)
         if [s.url for s in servers] != self.urls:
             raise FleetError(f"the fleet changed since the update group was made ({self.urls} -> "
                              f"{[s.url for s in servers]}); re-create the group")
