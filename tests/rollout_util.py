@@ -22,6 +22,16 @@ def model_dirs(root: Path, n: int = 2, family: str = "qwen2") -> list[str]:
     return [str(save_tiny_hf_model(root / f"{family}-w{i}", family, seed=i, tokenizer=tok)) for i in range(n)]
 
 
+def hf_tensors(d) -> dict:
+    """An HF directory's tensors, read with safetensors (independent of the engine and the converter)."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(Path(d).glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
 def toy_prompts(n: int):
     from megatron_a3po.rollout.data import Prompt
 

@@ -10,7 +10,7 @@ import pytest
 from megatron_a3po.engine.launch import launch_engines
 from megatron_a3po.rollout import ControllerConfig, RolloutManager, WeightUpdateError
 from megatron_a3po.rollout.cursor import PromptCursor
-from rollout_util import check_versions_against_logs, model_dirs, read_version_logs, toy_prompts, toy_task, tokenizer
+from rollout_util import check_versions_against_logs, hf_tensors, model_dirs, read_version_logs, toy_prompts, toy_task, tokenizer
 
 pytestmark = pytest.mark.slow
 GROUPS = 3
@@ -146,16 +146,9 @@ def test_close_ends_the_servers_side_of_inflight_requests(dirs):
 
 def _digest_of_dir(d):
     """Independent of the engine: the HF files, read with safetensors."""
-    from pathlib import Path
-
-    from safetensors.torch import load_file
-
     from megatron_a3po.convert.digest import state_digest
 
-    tensors = {}
-    for f in sorted(Path(d).glob("*.safetensors")):
-        tensors.update(load_file(str(f)))
-    return state_digest(tensors.items())
+    return state_digest(hf_tensors(d).items())
 
 
 def _wait_event(rm, url, text, timeout):

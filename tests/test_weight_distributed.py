@@ -12,7 +12,7 @@ from megatron_a3po.engine.launch import launch_engine, launch_engines
 from megatron_a3po.platform.procs import free_port
 from megatron_a3po.rollout import ControllerConfig, NcclTransport, RolloutManager
 from megatron_a3po.rollout.weights import buckets
-from rollout_util import model_dirs, toy_prompts, toy_task, tokenizer
+from rollout_util import hf_tensors, model_dirs, toy_prompts, toy_task, tokenizer
 
 pytestmark = pytest.mark.slow
 
@@ -76,18 +76,6 @@ def test_bucketed_broadcast_updates_engine_weights(tmp_path):
         ep.stop()
 
 
-def _hf_tensors(d):
-    """The HF files' tensors, read with safetensors (independent of the engine)."""
-    from pathlib import Path
-
-    from safetensors.torch import load_file
-
-    out = {}
-    for f in sorted(Path(d).glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
-
-
 def test_update_group_is_remade_when_an_engine_dies_and_comes_back(tmp_path):
     """NCCL transport (gloo), two engines: one is SIGKILLed -> the next update makes a new group over the
     survivor and succeeds; the engine restarts on its port with version-0 weights -> it stays out (it has
@@ -102,7 +90,7 @@ def test_update_group_is_remade_when_an_engine_dies_and_comes_back(tmp_path):
     rm = RolloutManager([a.url, b.url], toy_prompts(50), toy_task(), tokenizer(), cfg, transport=transport,
                         health_interval_s=0.3, hang_timeout_s=10.0)
     restarted = None
-    weights = {v: _hf_tensors(dirs[v % 3]) for v in (1, 2, 3)}
+    weights = {v: hf_tensors(dirs[v % 3]) for v in (1, 2, 3)}
 
     def digest(url):
         return httpx.get(f"{url}/debug/weights_digest", timeout=30).json()["digest"]

@@ -273,8 +273,8 @@ class Fleet:
         try:
             ok = self.on_rejoin is None or await self.on_rejoin(s)
         finally:
-            if not ok and s.state == SYNCING:
-                s.state = prev
+            if not ok:
+                self.release(s, prev)
         return ok and await self.serve_again(s, prev)
 
     async def claim(self, s: Server) -> str | None:
