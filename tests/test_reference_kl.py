@@ -30,14 +30,19 @@ def test_kl_penalised_advantages_on_hand_made_groups():
         kl_penalised_advantages(rewards, kl[:2], gid, 0.1, "mean", 1e-6)
 
 
-def _worker(rank, world, d, placement):
+def _worker(rank, world, d):
+    from megatron_a3po.platform import init_distributed
+
+    init_distributed(tp=1, pp=1, seed=0)
+    return {placement: _train_and_swap(d, placement) for placement in ("device", "host")}
+
+
+def _train_and_swap(d, placement):
     from transformers import AutoConfig
 
     from megatron_a3po.config import Recipe
-    from megatron_a3po.platform import init_distributed
     from megatron_a3po.trainer.loop import build_actor
 
-    init_distributed(tp=1, pp=1, seed=0)
     recipe = Recipe.model_validate({
         "name": "t", "model": {"hf_path": d}, "parallel": {"use_distributed_optimizer": False},
         "trainer": {"mode": "loglinear", "lr": 3e-2, "ppo_n_minibatches": 1, "max_tokens_per_mb": 64},
@@ -57,16 +62,21 @@ def _worker(rank, world, d, placement):
                 nbytes=actor.reference.nbytes)
 
 
-@pytest.mark.parametrize("placement", ["device", "host"])
-def test_reference_pass_is_the_initial_policy_and_puts_the_weights_back(tmp_path, placement):
-    from transformers import AutoModelForCausalLM
-
+@pytest.mark.slow
+def test_reference_pass_is_the_initial_policy_and_puts_the_weights_back(tmp_path):
     from megatron_a3po.models.tiny import save_tiny_hf_model
     from megatron_a3po.platform.procs import run_distributed
 
     d = str(save_tiny_hf_model(tmp_path / "m", "qwen2", num_hidden_layers=1))
-    (out,) = run_distributed(_worker, 1, d, placement, timeout=600)
-    assert out["same"], "the trained weights were not restored after the reference pass"
+    (outs,) = run_distributed(_worker, 1, d, timeout=600)
+    for placement, out in outs.items():
+        _check_against_initial_model(d, out, placement)
+
+
+def _check_against_initial_model(d, out, placement):
+    from transformers import AutoModelForCausalLM
+
+    assert out["same"], f"{placement}: the trained weights were not restored after the reference pass"
     assert all(M.TIME_REF in s and M.KL_REF_REWARD_PENALTY in s for s in out["stats"])
     assert out["stats"][0][M.KL_REF_REWARD_PENALTY] > 0
     hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float64)
@@ -80,7 +90,7 @@ def test_reference_pass_is_the_initial_policy_and_puts_the_weights_back(tmp_path
             lp = torch.log_softmax(hf(seq).logits[0].double() / TEMP, -1)
             want = lp[torch.arange(P - 1, P - 1 + R), seq[0, P:]]
             got = ref[row][mask[row].bool()].double()
-            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=0, msg=placement)
             moved = max(moved, float((cur[row][mask[row].bool()].double() - want).abs().max()))
     assert moved > 1e-3   # the trained policy has moved away from the reference
     assert out["nbytes"] > 0
