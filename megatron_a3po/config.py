@@ -92,15 +92,56 @@ class LossCfg(_Strict):
     adv_norm: Literal["mean", "mean_std", "mean_std_population"] = "mean_std"
     adv_eps: float = Field(1e-6, gt=0)
     adv_batch_norm: bool = False
+    # Options below are all off by default; docs/algorithm.md has a section on each.
+    # Loss aggregation (loss/aggregate.py), global over micro-batches and DP ranks: token-mean, or the mean
+    # over sequences of their token means / token sums / token sums over agg_norm_constant (Dr. GRPO)
+    agg_mode: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] = \
+        "token-mean"
+    agg_norm_constant: float | None = Field(None, gt=0)
+    # the policy-gradient term (loss/ppo.py): ppo (clipped ratio), gspo (the sequence's geometric-mean
+    # ratio, clipped), cispo (a clipped stop-gradient weight on log pi; eps_clip / eps_clip_high bound it)
+    pg_variant: Literal["ppo", "gspo", "cispo"] = "ppo"
+    # Rollout correction (loss/correction.py). TIS: the behaviour weight pi_prox/pi_behav truncated at
+    # tis_cap, per token, per sequence (product) or per sequence geometric mean. MIS: tokens (or whole
+    # sequences) whose ratio (mis_ratio: prox = pi_prox/pi_behav, theta = pi_theta/pi_behav) lies outside
+    # [mis_low, mis_high] leave the loss (ICEPOP: mis_level=token with both bounds; mis_high null = no bound)
+    tis_level: Literal["off", "token", "sequence", "geometric"] = "off"
+    tis_cap: float = Field(2.0, gt=0)
+    mis_level: Literal["off", "token", "sequence", "geometric"] = "off"
+    mis_ratio: Literal["prox", "theta"] = "prox"
+    mis_low: float = Field(0.0, ge=0)
+    mis_high: float | None = Field(None, gt=0)
+    # log k1 / k3 KL between the engine's and the trainer's log-probs, overall and per staleness bucket
+    mismatch_metrics: bool = False
+    # KL to a reference policy (the initial weights; loss/kl.py, trainer/reference.py): coefficient,
+    # estimator, in the loss or subtracted from the reward; reference weights on the device (swapped in by
+    # pointer) or in host memory (copied in for each reference pass)
+    kl_coef: float = Field(0.0, ge=0)
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    kl_in: Literal["loss", "reward"] = "loss"
+    kl_ref_placement: Literal["device", "host"] = "device"
 
     def alpha_kwargs(self) -> dict:
         """The schedule parameters loss/prox.py's staleness_alpha takes."""
         return dict(alpha_slope=self.alpha_slope, alpha_cap=self.alpha_cap, alpha_fixed=self.alpha_fixed)
 
+    def correction_kwargs(self) -> dict:
+        """The settings loss/correction.py's Correction takes (mis_high None: no upper bound)."""
+        return dict(tis_level=self.tis_level, tis_cap=self.tis_cap, mis_level=self.mis_level,
+                    mis_ratio=self.mis_ratio, mis_low=self.mis_low,
+                    mis_high=float("inf") if self.mis_high is None else self.mis_high)
+
     @model_validator(mode="after")
     def _check(self):
         if self.dual_clip is not None and self.dual_clip <= 1:
             raise ValueError(f"loss.dual_clip must be > 1, got {self.dual_clip}")
+        if self.agg_mode == "seq-mean-token-sum-norm" and self.agg_norm_constant is None:
+            raise ValueError("loss.agg_mode=seq-mean-token-sum-norm needs loss.agg_norm_constant (e.g. the "
+                             "longest response, rollout.max_new_tokens)")
+        if self.mis_high is not None and self.mis_high <= self.mis_low:
+            raise ValueError(f"loss.mis_high={self.mis_high} must be > loss.mis_low={self.mis_low}")
+        if self.pg_variant == "cispo" and self.dual_clip is not None:
+            raise ValueError("loss.dual_clip does not apply to loss.pg_variant=cispo (its weight is already bounded)")
         return self
 
 
@@ -174,11 +215,31 @@ class RolloutCfg(_Strict):
     # for weights + KV cache (None = SGLang's default) and any further server flags, verbatim.
     mem_fraction_static: float | None = Field(None, gt=0, lt=1)
     engine_args: list[str] = []
+    # Dynamic sampling (rollout/filters.py): a finished group whose rewards are all equal (zero advantage)
+    # is dropped, and replaced from the prompt stream under the same staleness bound (refill: batches keep
+    # batch_prompts groups) or not (shrink: a batch holds batch_prompts minus the groups dropped since the
+    # last one, at least dynamic_sampling_min_groups). After dynamic_sampling_max_drops drops since the last
+    # batch (None: 4 x batch_prompts) constant groups are let through, with a warning: no run stalls.
+    dynamic_sampling: Literal["off", "refill", "shrink"] = "off"
+    dynamic_sampling_max_drops: int | None = Field(None, ge=1)
+    dynamic_sampling_min_groups: int = Field(1, ge=1)
+    # DAPO's overlong handling (rollout/filters.py): a reward penalty ramping from 0 to
+    # -overlong_penalty_factor over the last overlong_buffer tokens before max_new_tokens (0: off), and
+    # mask_truncated: samples cut at max_new_tokens leave the loss (still in their group's advantages)
+    overlong_buffer: int = Field(0, ge=0)
+    overlong_penalty_factor: float = Field(1.0, ge=0)
+    mask_truncated: bool = False
 
     @model_validator(mode="after")
     def _top_k(self):
         if self.top_k == 0:
             raise ValueError("rollout.top_k must be -1 (all tokens) or >= 1, got 0")
+        if self.overlong_buffer >= self.max_new_tokens:
+            raise ValueError(f"rollout.overlong_buffer={self.overlong_buffer} must be < rollout.max_new_tokens="
+                             f"{self.max_new_tokens}")
+        if self.dynamic_sampling_min_groups > self.batch_prompts:
+            raise ValueError(f"rollout.dynamic_sampling_min_groups={self.dynamic_sampling_min_groups} exceeds "
+                             f"rollout.batch_prompts={self.batch_prompts}")
         return self
 
 
@@ -289,6 +350,14 @@ class Recipe(_Strict):
             raise ValueError("trainer.verify_weight_sync needs rollout.backend=cpu (SGLang exposes no weight digest)")
         if self.data.task == "gsm8k" and self.model.tiny is not None:
             raise ValueError("data.task=gsm8k needs a real tokenizer: set model.hf_path, not model.tiny")
+        if self.loss.kl_coef and self.loss.kl_in == "reward" and self.loss.adv_batch_norm:
+            raise ValueError("loss.kl_in=reward recomputes the group advantages on each data-parallel rank's "
+                             "share: it cannot be combined with loss.adv_batch_norm (a whole-batch statistic)")
+        need = self.trainer.ppo_n_minibatches * (self.parallel.dp or 1)
+        if self.rollout.dynamic_sampling == "shrink" and self.rollout.dynamic_sampling_min_groups < need:
+            raise ValueError(f"rollout.dynamic_sampling=shrink: rollout.dynamic_sampling_min_groups="
+                             f"{self.rollout.dynamic_sampling_min_groups} must be at least trainer.ppo_n_minibatches"
+                             f" x parallel.dp = {need} (every minibatch needs a group on every DP rank)")
         return self
 
 

@@ -32,6 +32,24 @@ APPROX_ERR_BUCKETS = ("d1", "d2", "d3", "d4+")
 # per bucket, the fraction of masked tokens in it (the weights that turn bucket sums into bucket means)
 APPROX_ERR_BUCKET_FRAC = "approx_err/token_frac/{bucket}"
 
+# rollout correction (loss/correction.py): shares of tokens / sequences truncated (TIS) or masked (MIS),
+# and the final importance weight (the behaviour weight after the correction) over the kept tokens
+CORR_TIS_TOKEN_FRAC = "correction/tis_truncated_token_frac"
+CORR_TIS_SEQ_FRAC = "correction/tis_truncated_seq_frac"
+CORR_MIS_TOKEN_FRAC = "correction/mis_masked_token_frac"
+CORR_MIS_SEQ_FRAC = "correction/mis_masked_seq_frac"
+CORR_IS_W_MEAN, CORR_IS_W_MAX = "correction/is_weight_mean", "correction/is_weight_max"
+# engine/trainer mismatch (loss.mismatch_metrics): k1 and k3 estimates of KL(pi_engine || pi_trainer),
+# overall and per staleness bucket "<name>/<bucket>" (d0 holds d <= 0, d3+ holds d >= 3)
+MISMATCH_K1, MISMATCH_K3 = "mismatch/k1", "mismatch/k3"
+MISMATCH_BUCKETS = ("d0", "d1", "d2", "d3+")
+MISMATCH_BUCKET_FRAC = "mismatch/token_frac/{bucket}"
+# KL to the reference policy (loss.kl_coef): the chosen estimator's token mean (in the loss), or the mean
+# per-sample penalty subtracted from the reward (kl_in = reward); the reference forward pass's time
+KL_REF = "kl_ref/mean"
+KL_REF_REWARD_PENALTY = "kl_ref/reward_penalty_mean"
+TIME_REF = "time/ref_logp"
+
 # evaluation (rollout/evaluate.py): TensorBoard tags as they are (no train/ prefix), step = evaluated version
 EVAL_ACCURACY = "eval/accuracy"
 EVAL_PASS_AT = "eval/pass@{k}"

@@ -153,3 +153,61 @@ def test_dp2_tp2_loop_with_two_engines(tmp_path):
         assert all(math.isfinite(v) for v in st.values() if isinstance(v, float))
         assert set(r["engine_digests"].values()) == {r["weights_digest"]} and len(r["engine_digests"]) == 2
     assert len({r["weights_digest"] for r in recs}) == 3
+
+
+# every aggregation mode, each with sequence-level options riding along (they need the global sequence count)
+AGG_CONFIGS = [
+    dict(agg_mode="token-mean", tis_level="token", tis_cap=1.2, mis_level="token", mis_ratio="theta", mis_low=0.05),
+    dict(agg_mode="seq-mean-token-mean", pg_variant="gspo", tis_level="geometric", tis_cap=1.1, kl_coef=0.1),
+    dict(agg_mode="seq-mean-token-sum", mis_level="sequence", mis_high=3.0, entropy_coef=0.01),
+    dict(agg_mode="seq-mean-token-sum-norm", agg_norm_constant=10.0, pg_variant="cispo", dual_clip=None, kl_coef=0.1,
+         kl_in="reward", kl_estimator="k1"),
+]
+
+
+def _agg_worker(rank, world, d):
+    """The all-reduced gradient of one step per AGG_CONFIGS entry, at lr 0 (the weights never move, so
+    every entry sees the same model), with small and large micro-batches."""
+    from transformers import AutoConfig
+
+    from megatron_a3po.config import LossCfg
+    from megatron_a3po.platform import init_distributed
+    from megatron_a3po.trainer.loop import build_actor
+
+    init_distributed(tp=1, pp=1, seed=0)
+    cfg = AutoConfig.from_pretrained(d)
+    recipe = _recipe(d, dist_opt=False, n_mb=1)
+    recipe.trainer.grad_clip = 0.0   # the raw gradient
+    actor = build_actor(recipe, cfg, hf_dir=d)
+    actor.set_lr = lambda lr: actor.optim.set_lr(0.0)
+    out = {}
+    for k, extra in enumerate(AGG_CONFIGS):
+        actor.lc = LossCfg(**{**recipe.loss.model_dump(), "kl_coef": 0.0, **extra})
+        for mb_tokens in ((64, 1000) if world == 1 else (64,)):
+            actor.tc.max_tokens_per_mb = mb_tokens
+            st = actor.train_step(_samples(0), 6, group_size=4)
+            grads = {n: p.main_grad.detach().float().numpy().copy() for n, p in actor.chunks[0].module.named_parameters()}
+            if rank == 0:
+                out[(k, mb_tokens)] = (grads, st[M.PG_LOSS])
+    return out
+
+
+@pytest.mark.slow
+def test_every_aggregation_mode_gradient_is_independent_of_dp_and_micro_batches(tmp_path):
+    from megatron_a3po.models.tiny import save_tiny_hf_model
+    from megatron_a3po.platform.procs import run_distributed
+
+    d = str(save_tiny_hf_model(tmp_path / "m", "qwen2", num_hidden_layers=1))
+    (ref,) = run_distributed(_agg_worker, 1, d, timeout=600)
+    r0, _ = run_distributed(_agg_worker, 2, d, timeout=600)
+    for k in range(len(AGG_CONFIGS)):
+        base, base_loss = ref[(k, 64)]
+        for other, loss in (ref[(k, 1000)], r0[(k, 64)]):
+            assert loss == pytest.approx(base_loss, abs=1e-6), AGG_CONFIGS[k]
+            for n, g in base.items():
+                torch.testing.assert_close(torch.from_numpy(other[n]), torch.from_numpy(g), rtol=0, atol=1e-6,
+                                           msg=f"{AGG_CONFIGS[k]}: {n}")
+        assert any(abs(g).max() > 1e-4 for g in base.values())
+    # the modes differ: the same batch gives other gradients
+    g0, g1 = ref[(0, 64)][0], ref[(1, 64)][0]
+    assert any(abs(g0[n] - g1[n]).max() > 1e-5 for n in g0)

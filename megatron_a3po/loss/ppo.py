@@ -14,6 +14,17 @@ so ``w * r = exp(lt - lb)``: the whole off-policy correction is kept, and only `
 to cap (mode "clamp"); N is unchanged. Coupled PPO / GRPO is the same call with ``prox_logp = behave_logp``
 (then w == 1 exactly). Gradient w.r.t. logp: ``-w * r * A / N`` where the unclipped term is active, else 0;
 no gradient reaches ``prox_logp``, ``behave_logp`` or ``w``.
+
+Options (all off by default; docs/algorithm.md has a section on each):
+
+* ``pg_variant``: ``ppo`` (above); ``gspo``: ``r`` is replaced by the sequence's geometric-mean ratio
+  ``s_i = exp(mean_{t in seq} (lt - lp))`` carrying each token's gradient (GSPO-token: value ``s_i``,
+  gradient ``s_i * grad lt``); ``cispo``: ``pg = -A * stopgrad(clip(r, 1 - eps_clip, 1 + eps_clip_high)) * lt``
+  (the clip bounds the weight, the gradient never vanishes).
+* ``correction``: truncated / masked importance sampling (loss/correction.py), after the cap.
+* ``token_scale``: per-token coefficients of a non-default aggregation (loss/aggregate.py) replacing 1 / N.
+* ``ref_logp`` with ``kl_coef`` > 0: ``+ kl_coef * k(lt, ref)`` per masked token (loss/kl.py), with the same
+  coefficients.
 """
 
 from __future__ import annotations
@@ -21,11 +32,15 @@ from __future__ import annotations
 import torch
 
 from megatron_a3po import metrics as M
+from megatron_a3po.loss.aggregate import count_sequences, default_seq_ids, seq_sum, seq_token_count
+from megatron_a3po.loss.correction import Correction, apply_correction
+from megatron_a3po.loss.kl import kl_estimate
 from megatron_a3po.loss.prox import _compute_dtype
 
-__all__ = ["decoupled_ppo_loss"]
+__all__ = ["decoupled_ppo_loss", "PG_VARIANTS"]
 
 CAP_MODES = ("mask", "clamp")
+PG_VARIANTS = ("ppo", "gspo", "cispo")
 
 
 def _validate(logp, behave_logp, prox_logp, advantages, loss_mask, eps_clip, eps_clip_high, dual_clip,
@@ -51,11 +66,31 @@ def _validate(logp, behave_logp, prox_logp, advantages, loss_mask, eps_clip, eps
         raise ValueError(f"behave_weight_cap_mode must be one of {CAP_MODES}, got {behave_weight_cap_mode!r}")
 
 
+def _validate_options(logp, pg_variant, dual_clip, correction, seq_ids, token_scale, ref_logp, kl_coef):
+    if pg_variant not in PG_VARIANTS:
+        raise ValueError(f"loss.pg_variant: unknown variant {pg_variant!r}; expected one of {PG_VARIANTS}")
+    if pg_variant == "cispo" and dual_clip is not None:
+        raise ValueError("dual_clip does not apply to pg_variant=cispo (its clipped weight is already bounded)")
+    if correction is not None and not isinstance(correction, Correction):
+        raise ValueError(f"correction must be a loss.correction.Correction, got {type(correction).__name__}")
+    for name, t in dict(seq_ids=seq_ids, token_scale=token_scale, ref_logp=ref_logp).items():
+        if t is not None and (not isinstance(t, torch.Tensor) or t.shape != logp.shape):
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} shape {got} must equal logp shape {tuple(logp.shape)}")
+    if not kl_coef >= 0:
+        raise ValueError(f"kl_coef must be >= 0, got {kl_coef!r}")
+    if kl_coef and ref_logp is None:
+        raise ValueError("kl_coef > 0 needs ref_logp (the reference policy's log-probs)")
+
+
 def decoupled_ppo_loss(logp: torch.Tensor, behave_logp: torch.Tensor, prox_logp: torch.Tensor,
                        advantages: torch.Tensor, loss_mask: torch.Tensor, *, eps_clip: float = 0.2,
                        eps_clip_high: float | None = None, dual_clip: float | None = None,
                        behave_weight_cap: float | None = None, behave_weight_cap_mode: str = "mask",
-                       num_tokens=None, entropy: torch.Tensor | None = None):
+                       num_tokens=None, entropy: torch.Tensor | None = None, pg_variant: str = "ppo",
+                       correction: Correction | None = None, seq_ids: torch.Tensor | None = None, num_seqs=None,
+                       token_scale: torch.Tensor | None = None, ref_logp: torch.Tensor | None = None,
+                       kl_coef: float = 0.0, kl_estimator: str = "k3"):
     """Decoupled PPO loss of one micro-batch (math: module docstring). Returns ``(loss, stats)``.
 
     Args:
@@ -70,6 +105,9 @@ def decoupled_ppo_loss(logp: torch.Tensor, behave_logp: torch.Tensor, prox_logp:
             before cap masking; default: this micro-batch's count. Summing the micro-batch losses then
             gives the minibatch token mean whatever the split.
         entropy: optional per-position entropy, only reported as ``entropy/mean`` (no loss term).
+        pg_variant, correction, token_scale, ref_logp / kl_coef / kl_estimator: the options of the module
+            docstring. seq_ids: per-position sequence ids (default: one sequence per row); num_seqs: the
+            WHOLE minibatch's sequence count (default: this micro-batch's), for sequence-level shares.
 
     Returns:
         ``loss`` (0-dim, dtype fp32 or fp64 as the inputs), and ``stats``: detached tensors keyed by
@@ -79,6 +117,7 @@ def decoupled_ppo_loss(logp: torch.Tensor, behave_logp: torch.Tensor, prox_logp:
     """
     _validate(logp, behave_logp, prox_logp, advantages, loss_mask, eps_clip, eps_clip_high, dual_clip,
               behave_weight_cap, behave_weight_cap_mode)
+    _validate_options(logp, pg_variant, dual_clip, correction, seq_ids, token_scale, ref_logp, kl_coef)
     eps_high = eps_clip if eps_clip_high is None else eps_clip_high
     dt = _compute_dtype(logp, behave_logp, prox_logp)
     mask = loss_mask.bool()
@@ -102,16 +141,43 @@ def decoupled_ppo_loss(logp: torch.Tensor, behave_logp: torch.Tensor, prox_logp:
         else:
             w = w.clamp(max=behave_weight_cap)
 
-    pg1 = -adv * r
-    pg2 = -adv * r.clamp(1.0 - eps_clip, 1.0 + eps_high)
-    clipped = keep & (pg2 > pg1)                # the clipped term is active: zero gradient there
-    pg = torch.where(pg2 > pg1, pg2, pg1)
+    w_behave = w                                # the logged behaviour weight: before the rollout correction
+    extra = {}
+    if (correction is not None and correction.needs_sequences) or pg_variant == "gspo":
+        seq_ids = default_seq_ids(mask) if seq_ids is None else seq_ids
+    if correction is not None and correction.active:
+        n_seq = count_sequences(mask, seq_ids) if num_seqs is None else num_seqs
+        w, keep, extra = apply_correction(correction, w, lp - lb, lt.detach() - lb, mask, keep, seq_ids,
+                                          num_tokens=n, num_seqs=n_seq)
+
+    ratio = r
+    if pg_variant == "gspo":   # s_i = exp(mean over the sequence of log r): value s_i, gradient s_i * grad lt
+        log_s = seq_sum(log_r.detach(), mask, seq_ids) / seq_token_count(mask, seq_ids, dt).clamp(min=1)
+        ratio = torch.exp(log_s + (lt - lt.detach()))
+    lo, hi = 1.0 - eps_clip, 1.0 + eps_high
     dual = torch.zeros_like(mask)
-    if dual_clip is not None:
-        bound = dual_clip * adv.abs()
-        dual = keep & (adv < 0) & (pg > bound)
-        pg = torch.where((adv < 0) & (pg > bound), bound, pg)
-    loss = torch.where(keep, w * pg, zero).sum() / n
+    if pg_variant == "cispo":  # REINFORCE with a clipped, stop-gradient weight: no token loses its gradient
+        clipped = keep & ((r < lo) | (r > hi))
+        pg = -adv * r.detach().clamp(lo, hi) * lt
+    else:
+        pg1 = -adv * ratio
+        pg2 = -adv * ratio.clamp(lo, hi)
+        clipped = keep & (pg2 > pg1)                # the clipped term is active: zero gradient there
+        pg = torch.where(pg2 > pg1, pg2, pg1)
+        if dual_clip is not None:
+            bound = dual_clip * adv.abs()
+            dual = keep & (adv < 0) & (pg > bound)
+            pg = torch.where((adv < 0) & (pg > bound), bound, pg)
+    if token_scale is None:
+        loss = torch.where(keep, w * pg, zero).sum() / n
+    else:
+        c = token_scale.detach().to(dt)
+        loss = torch.where(keep, w * pg * c, zero).sum()
+    if kl_coef:
+        kl = torch.where(mask, kl_estimate(lt, torch.where(mask, ref_logp.detach().to(dt), zero), kl_estimator), zero)
+        kl_term = kl.sum() / n if token_scale is None else (kl * c).sum()
+        loss = loss + kl_coef * kl_term
+        extra[M.KL_REF] = kl.detach().sum() / n
 
     with torch.no_grad():
         r_d = r.detach()
@@ -122,8 +188,8 @@ def decoupled_ppo_loss(logp: torch.Tensor, behave_logp: torch.Tensor, prox_logp:
             M.RATIO_MAX: torch.where(mask, r_d, -inf).max() if mask.numel() else -inf,
             M.RATIO_MIN: torch.where(mask, r_d, inf).min() if mask.numel() else inf,
             M.RATIO_MEAN: torch.where(mask, r_d, zero).sum() / n,
-            M.BEHAVE_W_MAX: torch.where(mask, w, -inf).max() if mask.numel() else -inf,
-            M.BEHAVE_W_MEAN: torch.where(mask, w, zero).sum() / n,
+            M.BEHAVE_W_MAX: torch.where(mask, w_behave, -inf).max() if mask.numel() else -inf,
+            M.BEHAVE_W_MEAN: torch.where(mask, w_behave, zero).sum() / n,
             M.BEHAVE_W_CAPPED: capped.sum(),
             M.BEHAVE_W_CAPPED_FRAC: capped.sum().to(dt) / n,
             M.CLIP_COUNT: clipped.sum(),
@@ -132,6 +198,7 @@ def decoupled_ppo_loss(logp: torch.Tensor, behave_logp: torch.Tensor, prox_logp:
             # k3 estimator of KL(pi_prox || pi_theta) over masked tokens: E[(r - 1) - log r] >= 0
             M.APPROX_KL: torch.where(mask, torch.expm1(log_r.detach()) - log_r.detach(), zero).sum() / n,
         }
+        stats.update(extra)
         if entropy is not None:
             if entropy.shape != logp.shape:
                 raise ValueError(f"entropy shape {tuple(entropy.shape)} must equal logp shape {tuple(logp.shape)}")

@@ -29,15 +29,21 @@ STAT_REDUCTIONS: dict[str, str] = {
     M.BEHAVE_W_CAPPED: "sum", M.BEHAVE_W_CAPPED_FRAC: "sum",
     M.CLIP_COUNT: "sum", M.CLIP_FRAC: "sum", M.DUAL_CLIP_COUNT: "sum",
     M.ALPHA_MEAN: "sum", M.STALENESS_MEAN: "sum", M.STALENESS_MAX: "max", M.STALENESS_HIST: "sum",
+    M.CORR_TIS_TOKEN_FRAC: "sum", M.CORR_TIS_SEQ_FRAC: "sum", M.CORR_MIS_TOKEN_FRAC: "sum",
+    M.CORR_MIS_SEQ_FRAC: "sum", M.CORR_IS_W_MEAN: "sum", M.CORR_IS_W_MAX: "max", M.KL_REF: "sum",
 }
 _ERR_PREFIX = M.APPROX_ERR_ABS.split("{")[0]  # "approx_err/": per-method error means, all "sum"
+_MISMATCH_PREFIX = "mismatch/"                 # mismatch means and bucket shares, all "sum"
+# families of per-staleness-bucket shares: (key prefix, bucket-fraction key, bucket names)
+_BUCKET_FAMILIES = ((_ERR_PREFIX, M.APPROX_ERR_BUCKET_FRAC, M.APPROX_ERR_BUCKETS),
+                    (_MISMATCH_PREFIX, M.MISMATCH_BUCKET_FRAC, M.MISMATCH_BUCKETS))
 
 
 def stat_reduction(key: str) -> str:
     """The reduction ("sum", "max" or "min") that combines micro-batch / rank values of stat ``key``."""
     if key in STAT_REDUCTIONS:
         return STAT_REDUCTIONS[key]
-    if key.startswith(_ERR_PREFIX):
+    if key.startswith(_ERR_PREFIX) or key.startswith(_MISMATCH_PREFIX):
         return "sum"
     raise ValueError(f"unknown stat key {key!r}: add it to STAT_REDUCTIONS")
 
@@ -74,20 +80,22 @@ def all_reduce_stats(stats: Mapping[str, torch.Tensor], group=None) -> dict[str,
 
 
 def finalize_bucket_means(stats: Mapping[str, float]) -> dict[str, float]:
-    """Turn metrics mode's per-staleness-bucket shares (``approx_err/<method>/<name>/<bucket>``, each a
-    bucket's sum divided by the overall token count) into that bucket's own mean: share / token fraction.
-    Buckets without tokens are left out. Call it once, on the combined (micro-batch, rank, minibatch) stats."""
+    """Turn per-staleness-bucket shares (metrics mode's ``approx_err/<method>/<name>/<bucket>`` and the
+    mismatch metrics' ``mismatch/<k>/<bucket>``, each a bucket's sum divided by the overall token count)
+    into that bucket's own mean: share / the bucket's token fraction. Buckets without tokens are left out.
+    Call it once, on the combined (micro-batch, rank, minibatch) stats."""
     out = dict(stats)
-    frac_prefix = M.APPROX_ERR_BUCKET_FRAC.split("{")[0]
-    for key, val in stats.items():
-        if not key.startswith(_ERR_PREFIX) or key.startswith(frac_prefix):
-            continue
-        bucket = key.rsplit("/", 1)[-1]
-        if bucket not in M.APPROX_ERR_BUCKETS:
-            continue
-        frac = float(stats.get(M.APPROX_ERR_BUCKET_FRAC.format(bucket=bucket), 0.0))
-        if frac > 0:
-            out[key] = float(val) / frac
-        else:
-            del out[key]
+    for prefix, frac_key, buckets in _BUCKET_FAMILIES:
+        frac_prefix = frac_key.split("{")[0]
+        for key, val in stats.items():
+            if not key.startswith(prefix) or key.startswith(frac_prefix):
+                continue
+            bucket = key.rsplit("/", 1)[-1]
+            if bucket not in buckets:
+                continue
+            frac = float(stats.get(frac_key.format(bucket=bucket), 0.0))
+            if frac > 0:
+                out[key] = float(val) / frac
+            else:
+                del out[key]
     return out

@@ -42,10 +42,12 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from megatron_a3po.rollout.fleet import OUT, BadRequestError, Fleet, FleetError, NoServersError
 from megatron_a3po.rollout.cursor import PromptCursor
+from megatron_a3po.rollout.filters import DynamicSampler, shape_rewards
 from megatron_a3po.rollout.types import ADV_EPS, Batch, Sample, batch_normalise
 from megatron_a3po.rollout.workflow import GroupWorkflow, RolloutError, token_versions
 
@@ -90,6 +92,13 @@ class ControllerConfig:
     adv_norm: str = "mean_std"
     adv_eps: float = ADV_EPS
     adv_batch_norm: bool = False
+    # dynamic sampling and DAPO's overlong penalty (rollout/filters.py; recipe rollout.dynamic_sampling*,
+    # rollout.overlong_*): off by default
+    dynamic_sampling: str = "off"
+    ds_max_drops: int | None = None
+    ds_min_groups: int = 1
+    overlong_buffer: int = 0
+    overlong_penalty_factor: float = 1.0
 
 
 class Controller:
@@ -119,12 +128,24 @@ class Controller:
             fleet, task, tokenizer, n_samples=cfg.n_samples, max_new_tokens=cfg.max_new_tokens,
             sampling={"temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k, **cfg.extra_sampling},
             sampling_seed=cfg.sampling_seed, reward_timeout_s=cfg.reward_timeout_s, adv_norm=cfg.adv_norm,
-            adv_eps=cfg.adv_eps, counters=self.counters, gate=self._gate, too_stale=self._too_stale)
+            adv_eps=cfg.adv_eps, counters=self.counters, gate=self._gate, too_stale=self._too_stale,
+            reward_shaping=self._reward_shaping())
+        self.sampler = None if cfg.dynamic_sampling == "off" else DynamicSampler(
+            cfg.dynamic_sampling, cfg.batch_groups, max_drops=cfg.ds_max_drops, min_groups=cfg.ds_min_groups,
+            counters=self.counters)
         self._broken: WeightUpdateError | None = None
         self._fatal: BaseException | None = None
         self._stopping = False
         self.delivered_log: list[tuple[int, int]] = []  # (group_id, prompt_index) for tests/debug
         self._t_start = time.monotonic()
+
+    def _reward_shaping(self):
+        """The overlong penalty on a group's rewards (rollout/filters.py), or None when off."""
+        c = self.cfg
+        if c.overlong_buffer <= 0:
+            return None
+        return partial(shape_rewards, max_new_tokens=c.max_new_tokens, buffer=c.overlong_buffer,
+                       factor=c.overlong_penalty_factor, counters=self.counters)
 
     def state_dict(self) -> dict:
         """Cursor + prompts admitted but not yet handed to the trainer (they are regenerated on load)."""
@@ -222,7 +243,10 @@ class Controller:
         prompt = self.prompts[idx]
         try:
             samples = await self.workflow.run(gid, prompt)
-            self.ready.append(samples)  # not before the await: get_batch rebinds self.ready meanwhile
+            # not before the await: get_batch rebinds self.ready meanwhile. A group with all-equal rewards
+            # is dropped here under dynamic sampling (admission then starts another one)
+            if self.sampler is None or self.sampler.keep(samples):
+                self.ready.append(samples)
             self.counters["groups_completed"] += 1
         except asyncio.CancelledError:
             raise
@@ -283,8 +307,10 @@ class Controller:
             if self._broken:
                 raise self._broken
             self._filter_stale(current_version)
-            groups = self._take_ready(num_groups)
+            groups = self._take_ready(num_groups if self.sampler is None else self.sampler.groups_needed(num_groups))
             if groups is not None:
+                if self.sampler is not None:
+                    self.sampler.delivered()
                 for g in groups:
                     self.delivered_log.append((g[0].group_id, g[0].prompt_index))
                     assert all(s.staleness(current_version) <= self.cfg.max_staleness for s in g)
@@ -454,6 +480,8 @@ class Controller:
             "rollout/last_wait_s": self.timings["last_wait_s"],
             "rollout/last_weight_sync_s": self.timings["last_weight_sync_s"],
         })
+        if self.sampler is not None:  # dynamic sampling's extra generation: dropped groups' share of all tokens
+            m["rollout/ds_extra_gen_frac"] = self.counters["ds_tokens_dropped"] / max(1, self.workflow.gen_tokens)
         return m
 
 

@@ -69,7 +69,8 @@ class GroupWorkflow:
     def __init__(self, fleet: Fleet, task, tokenizer, *, n_samples: int, max_new_tokens: int, sampling: dict,
                  sampling_seed: int | None, reward_timeout_s: float, adv_norm: str, adv_eps: float,
                  counters: Counter, gate: Callable[[], Awaitable[None]], too_stale: Callable[[list[int]], bool],
-                 rid: Callable[[int, int, int], str] | None = None):
+                 rid: Callable[[int, int, int], str] | None = None,
+                 reward_shaping: Callable[[list[Sample], list[float]], list[float]] | None = None):
         self.fleet, self.task, self.tokenizer = fleet, task, tokenizer
         self.n, self.max_new_tokens = n_samples, max_new_tokens
         self.sampling = sampling  # temperature, top_p, top_k and any extra sampling keys
@@ -77,6 +78,7 @@ class GroupWorkflow:
         self.reward_timeout_s, self.adv_norm, self.adv_eps = reward_timeout_s, adv_norm, adv_eps
         self.counters, self.gate, self.too_stale = counters, gate, too_stale
         self.rid = rid or train_rid  # the request id base of (group, sample or -1 for the group, segment)
+        self.reward_shaping = reward_shaping  # e.g. the overlong penalty (filters.py), before the advantages
         self.gen_tokens = 0
 
     async def run(self, gid: int, prompt) -> list[Sample]:
@@ -177,5 +179,7 @@ class GroupWorkflow:
         except asyncio.TimeoutError:
             self.counters["reward_timeouts"] += 1
             rewards = [0.0] * len(samples)
+        if self.reward_shaping is not None:
+            rewards = self.reward_shaping(samples, rewards)
         for s, r, a in zip(samples, rewards, group_advantages(rewards, self.adv_norm, self.adv_eps)):
             s.reward, s.advantage = r, a

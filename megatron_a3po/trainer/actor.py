@@ -13,6 +13,7 @@ Every mode runs the same code; only the proximal log-probs differ, so mode compa
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import defaultdict
 
@@ -25,6 +26,8 @@ from megatron_a3po.platform import synchronize
 from megatron_a3po.trainer.batch import MicroBatch, TrainSample, collate
 from megatron_a3po.trainer.optim import build_optimizer, lr_at
 from megatron_a3po.trainer.packing import dp_shares, pack_microbatches, plan_data_parallel
+
+log = logging.getLogger("megatron_a3po.trainer.actor")
 
 
 def combine_minibatches(mbs_stats: list[dict]) -> dict:
@@ -91,6 +94,9 @@ class Actor:
         self.optim = build_optimizer([model], trainer, parallel, bf16=dtype == torch.bfloat16)
         self.chunks = self.optim.model_chunks
         self.step_count = 0
+        # loss.kl_coef > 0: the reference policy (trainer/reference.py), the weights the first RL step of
+        # this process starts from (after the optional warm start), taken then
+        self.reference = None
 
     # ------------------------------------------------------------------ helpers
     def _schedule(self, forward_step, mbs: list[MicroBatch], forward_only: bool):
@@ -109,11 +115,20 @@ class Actor:
         return [collate(sub, p.indices, p.seq_len) for p in plans]
 
     def _global_tokens(self, mbs) -> int:
-        n = torch.tensor([float(sum(m.num_tokens for m in mbs))], dtype=torch.float64)
+        return self._global_counts(mbs)[0]
+
+    def _global_counts(self, mbs) -> tuple[int, int]:
+        """Masked tokens and sequences of the whole minibatch (all micro-batches, all DP ranks)."""
+        from megatron_a3po.loss.aggregate import count_sequences
+        from megatron_a3po.loss.pipeline import sequence_ids
+
+        n = torch.tensor([float(sum(m.num_tokens for m in mbs)),
+                          float(sum(count_sequences(m.loss_mask, sequence_ids(m, m.loss_mask)) for m in mbs))],
+                         dtype=torch.float64)
         ps = _ps()
         if ps.get_data_parallel_world_size() > 1:
             dist.all_reduce(n, group=ps.get_data_parallel_group())
-        return int(n.item())
+        return int(n[0].item()), int(n[1].item())
 
     def _is_logging_rank(self) -> bool:
         ps = _ps()
@@ -128,8 +143,9 @@ class Actor:
         return [o for flag, o in out if flag]
 
     # ------------------------------------------------------------------ passes
-    def recompute_logprobs(self, mbs: list[MicroBatch]) -> None:
-        """Forward-only pass with the current weights: sets ``mb.prox_logp`` on the last stage."""
+    def recompute_logprobs(self, mbs: list[MicroBatch], attr: str = "prox_logp") -> None:
+        """Forward-only pass with the current weights: sets ``mb.<attr>`` (default ``prox_logp``) on the
+        last stage."""
         from megatron_a3po.loss.pipeline import logprob_forward_step
 
         fwd = logprob_forward_step(temperature=self.temperature, vocab_size=self.vocab_size)
@@ -141,7 +157,7 @@ class Actor:
             m.train()
         if _ps().is_pipeline_last_stage():
             for mb, o in zip(mbs, out):
-                mb.prox_logp = o["logp"]
+                setattr(mb, attr, o["logp"])
 
     def dp_share(self, samples: list[TrainSample], group_size: int) -> list[list[TrainSample]]:
         """This DP rank's share of each minibatch of a whole batch (the same plan on every rank)."""
@@ -181,19 +197,23 @@ class Actor:
                 self.recompute_logprobs(mbs)
             synchronize()
             prox_timer[0] += time.perf_counter() - t0
+        ref_s, kl_penalty = self._reference_pass(shares, minibatches)
         loss_kwargs = dict(eps_clip=lc.eps_clip, eps_clip_high=lc.eps_clip_high, dual_clip=lc.dual_clip,
-                           behave_weight_cap=lc.behave_weight_cap, behave_weight_cap_mode=lc.behave_weight_cap_mode)
+                           behave_weight_cap=lc.behave_weight_cap, behave_weight_cap_mode=lc.behave_weight_cap_mode,
+                           **self._option_kwargs())
         self.set_lr(lr_at(self.step_count, tc))
         per_minibatch, grad_norms = [], []
         for mbs in minibatches:
-            n_global = self._global_tokens(mbs)
+            n_global, n_seqs = self._global_counts(mbs)
             if n_global == 0:
                 continue
             fwd = policy_forward_step(mode=mode, current_version=current_version, num_tokens_global=n_global,
                                       temperature=self.temperature, vocab_size=self.vocab_size,
                                       loss_kwargs=loss_kwargs, alpha_schedule=lc.alpha_schedule,
                                       schedule_kwargs=lc.alpha_kwargs(),
-                                      entropy_coef=lc.entropy_coef, prox_timer=prox_timer)
+                                      entropy_coef=lc.entropy_coef, prox_timer=prox_timer,
+                                      num_seqs_global=n_seqs, agg_mode=lc.agg_mode,
+                                      agg_norm_constant=lc.agg_norm_constant, mismatch_metrics=lc.mismatch_metrics)
             self.optim.zero_grad()
             t0 = time.perf_counter()
             out = self._schedule(fwd, mbs, forward_only=False)
@@ -206,7 +226,7 @@ class Actor:
                                                      for o in out))
         self.step_count += 1
         n_tok = float(sum(s.length for share in shares for s in share))
-        gathered = self._gather_to_rank0((per_minibatch, prox_timer[0], n_tok))
+        gathered = self._gather_to_rank0((per_minibatch, prox_timer[0], n_tok, kl_penalty))
         if dist.is_initialized() and dist.get_rank() != 0:
             return {}
         # data-parallel ranks hold disjoint token shares of each minibatch: combine them per minibatch
@@ -220,7 +240,57 @@ class Actor:
         stats[M.TIME_OPT] = times["opt"]
         stats["time/train"] = time.perf_counter() - t_step
         stats["tokens/trained"] = sum(g[2] for g in gathered)
+        if self.reference is not None:
+            stats[M.TIME_REF] = ref_s
+            pens = [g[3] for g in gathered if g[3] is not None]
+            if pens:  # KL in the reward: the mean over the data-parallel ranks' shares
+                stats[M.KL_REF_REWARD_PENALTY] = sum(pens) / len(pens)
         return stats
+
+    def _option_kwargs(self) -> dict:
+        """decoupled_ppo_loss's optional terms from the loss section (each off by default)."""
+        from megatron_a3po.loss.correction import Correction
+
+        lc = self.lc
+        out = {}
+        if lc.pg_variant != "ppo":
+            out["pg_variant"] = lc.pg_variant
+        corr = Correction(**lc.correction_kwargs())
+        if corr.active:
+            out["correction"] = corr
+        if lc.kl_coef > 0 and lc.kl_in == "loss":
+            out.update(kl_coef=lc.kl_coef, kl_estimator=lc.kl_estimator)
+        return out
+
+    def _reference_pass(self, shares, minibatches) -> tuple[float, float | None]:
+        """With a KL term: the reference policy's log-probs into every micro-batch (``mb.ref_logp``), and
+        with the KL in the reward, the penalised advantages. Returns the pass's seconds (every rank, the
+        same wall time) and the mean reward penalty (None: KL in the loss, or not the last stage)."""
+        lc = self.lc
+        if lc.kl_coef <= 0 and self.reference is None:
+            return 0.0, None
+        if self.reference is None:
+            from megatron_a3po.trainer.reference import ReferencePolicy
+
+            if self.step_count:
+                log.warning("loss.kl_coef: the reference policy is the weights at step %d, where this process "
+                            "started (a resumed run regularises towards the weights it resumed from)",
+                            self.step_count)
+            self.reference = ReferencePolicy(self.chunks, lc.kl_ref_placement)
+        synchronize()
+        t0 = time.perf_counter()
+        with self.reference.swapped_in():
+            for mbs in minibatches:
+                self.recompute_logprobs(mbs, attr="ref_logp")
+        synchronize()
+        seconds = time.perf_counter() - t0
+        if lc.kl_in != "reward" or not _ps().is_pipeline_last_stage():
+            return seconds, None
+        from megatron_a3po.trainer.reference import penalise_advantages
+
+        pen = [penalise_advantages(mbs, share, coef=lc.kl_coef, estimator=lc.kl_estimator, adv_norm=lc.adv_norm,
+                                   adv_eps=lc.adv_eps) for share, mbs in zip(shares, minibatches) if share]
+        return seconds, (sum(pen) / len(pen) if pen else 0.0)
 
     def sft_step(self, samples: list[TrainSample]) -> float:
         """One supervised step on the response tokens (warm start); returns the mean NLL."""

@@ -49,6 +49,7 @@ class MicroBatch:
     advantages: torch.Tensor  # [b, S] float32
     sample_index: list[int] = field(default_factory=list)  # batch indices of the rows
     prox_logp: torch.Tensor | None = None  # [b, S], filled by the recompute pass
+    ref_logp: torch.Tensor | None = None  # [b, S], filled by the reference pass (loss.kl_coef > 0)
 
     @property
     def num_tokens(self) -> int:

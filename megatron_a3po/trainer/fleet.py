@@ -31,7 +31,9 @@ def controller_config(rollout: RolloutCfg, *, seed: int, shuffle: bool, adv_norm
                             # SGLang would give all n samples of a request one seed (identical samples)
                             sampling_seed=seed if r.backend == "cpu" else None,
                             pause_mode=r.pause_mode, adv_norm=adv_norm, adv_eps=adv_eps,
-                            adv_batch_norm=adv_batch_norm)
+                            adv_batch_norm=adv_batch_norm, dynamic_sampling=r.dynamic_sampling,
+                            ds_max_drops=r.dynamic_sampling_max_drops, ds_min_groups=r.dynamic_sampling_min_groups,
+                            overlong_buffer=r.overlong_buffer, overlong_penalty_factor=r.overlong_penalty_factor)
 
 
 class RolloutSide:
@@ -68,6 +70,8 @@ class RolloutSide:
         self.router = None  # a RouterProcess (rollout.start_router)
         self.rm = None
         self._weight_dirs: list[Path] = []
+        self._batch_rewards: list[float] = []  # every sample's reward of the last batch, masked ones too
+        self._truncated = [0, 0]  # samples of the last batch taken out by rollout.mask_truncated, of all
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, *, weights_dir: Path | None, version: int, state: dict | None):
@@ -143,23 +147,36 @@ class RolloutSide:
 
     # ------------------------------------------------------------------ per step
     def get_batch(self, current_version: int) -> list[list[dict]]:
+        """The next batch's groups, as the trainer's samples; with ``rollout.mask_truncated`` without the
+        samples cut at max_new_tokens (rollout/filters.py; their rewards still count in the logged mean)."""
+        from megatron_a3po.rollout.filters import drop_truncated
+
         rc = self.rc
         batch = self.rm.get_batch(rc.batch_prompts, current_version, timeout=max(600.0, rc.request_timeout_s * 4))
+        groups = batch.groups
+        self._batch_rewards = [s.reward for s in batch.samples]
+        self._truncated = [0, len(self._batch_rewards)]
+        if rc.mask_truncated:
+            groups, self._truncated[0] = drop_truncated(groups)
         return [[dict(prompt_ids=s.prompt_ids, response_ids=s.response_ids, behave_logprobs=s.behave_logprobs,
                       versions=s.versions, advantage=s.advantage, reward=s.reward, group_id=s.group_id,
                       prompt_index=s.prompt_index)
-                 for s in g] for g in batch.groups]
+                 for s in g] for g in groups]
 
     def stats(self, current_version: int, groups) -> dict:
         samples = [s for g in groups for s in g]
         stale = [current_version - v for s in samples for v in s["versions"]]
         m = self.rm.metrics()
+        rewards = self._batch_rewards or [s["reward"] for s in samples]
         out = {
-            M.REWARD_MEAN: statistics.fmean(s["reward"] for s in samples),
-            M.RESPONSE_LEN: statistics.fmean(len(s["response_ids"]) for s in samples),
+            M.REWARD_MEAN: statistics.fmean(rewards),
+            M.RESPONSE_LEN: statistics.fmean(len(s["response_ids"]) for s in samples) if samples else 0.0,
             "_staleness_values": stale,  # TensorBoard histogram; mean/max come from the loss stats
             M.GEN_TOK_S: float(m.get("rollout/gen_tokens_per_s", 0.0)),
         }
+        if self.rc.mask_truncated:  # the share of this batch's samples taken out of the loss
+            masked, total = self._truncated
+            out["rollout/truncated_masked_frac"] = masked / max(1, total)
         for k, v in m.items():
             if isinstance(v, (int, float)) and k.startswith("rollout/"):
                 out[k] = float(v)
