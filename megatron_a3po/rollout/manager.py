@@ -97,6 +97,8 @@ class RolloutManager:
         """Start the loop thread, health-check every server (up to ``wait_s``), start admitting work."""
         if self._started:
             return
+        # the reward workers, from this (long-lived) thread: they die with it (rollout/rewards.py)
+        self.controller.workflow.scorer.start()
         self._thread.start()
         self._started = True
         self._call(self.fleet.start(wait_s))
@@ -126,7 +128,8 @@ class RolloutManager:
         if self._closed or not self._started:
             raise RuntimeError("RolloutManager is not running")
         return asyncio.run_coroutine_threadsafe(
-            evaluate(self.fleet, prompts, self.controller.task, self.controller.tokenizer, config, int(version)),
+            evaluate(self.fleet, prompts, self.controller.task, self.controller.tokenizer, config, int(version),
+                     scorer=self.controller.workflow.scorer),
             self._loop)
 
     def init_weight_transport(self):
@@ -174,6 +177,7 @@ class RolloutManager:
                 self._closed = True
                 self._loop.call_soon_threadsafe(self._loop.stop)
                 self._thread.join(timeout=30)
+        self.controller.workflow.close()
         self._closed = True
 
     def __enter__(self):

@@ -178,7 +178,7 @@ class RolloutSide:
         ec, rc = self.eval_cfg, self.rc
         cfg = EvalConfig(n_samples=ec.n_samples, temperature=ec.temperature, top_p=ec.top_p, top_k=ec.top_k,
                          max_new_tokens=ec.max_new_tokens or rc.max_new_tokens,
-                         reward_timeout_s=max(300.0, rc.request_timeout_s))
+                         reward_timeout_s=self.controller_cfg.reward_timeout_s)
         self._eval_future = self.rm.start_eval(self.eval_prompts, cfg, version)
 
     def wait_eval(self) -> None:

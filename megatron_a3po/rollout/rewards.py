@@ -1,0 +1,103 @@
+"""Rewards in worker processes that are killed at a bound.
+
+A task's reward (``Task.reward(text, record)``) is user code run on model output: math-verify on an
+answer such as ``\\boxed{9^{9^{9^{9}}}}`` computes a huge integer power in C while holding the GIL, and then
+no thread-based timeout (``Future.result(timeout)``, ``asyncio.wait_for``) can fire in that process. So
+every reward of every task runs in a pool of worker processes (pebble's ``ProcessPool``, spawned, so no
+trainer state is forked):
+
+* each response is one task with its own bound (``timeout_s``, counted from the moment a worker takes it);
+  a worker still busy at the bound is killed (SIGTERM at its default action, which needs no GIL; SIGKILL
+  3 s later if that failed) and replaced, and that response scores 0 (``reward_timeouts``);
+* a reward that raises scores 0 (``reward_errors``, logged with the worker's traceback);
+* the other responses, and the next ones, are scored normally by the other workers.
+
+The workers are started once, ahead of the first batch (``start``), and die with the process that
+started them (``PR_SET_PDEATHSIG``). ``Task.reward`` must therefore be picklable: a module-level function.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import signal
+from concurrent.futures import TimeoutError as FutureTimeout
+
+log = logging.getLogger("megatron_a3po.rollout.rewards")
+
+# the bound of ONE response's reward, in seconds (rollout/controller.py ControllerConfig.reward_timeout_s,
+# also used by evaluations)
+REWARD_TIMEOUT_S = 30.0
+
+
+def _worker_init() -> None:
+    """In each worker: SIGTERM kills at once (pebble's own handler is Python code, which cannot run while a
+    C call holds the GIL), and the worker dies with the process that started the pool."""
+    from megatron_a3po.platform.procs import die_with_parent
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    die_with_parent(signal.SIGKILL)
+
+
+def _ready() -> int:
+    return os.getpid()
+
+
+def default_workers() -> int:
+    return max(2, min(4, os.cpu_count() or 2))
+
+
+class RewardScorer:
+    """Scores responses with ``task.reward`` in a process pool; one per rollout (its owner closes it)."""
+
+    def __init__(self, task, *, timeout_s: float = REWARD_TIMEOUT_S, workers: int | None = None):
+        if timeout_s <= 0:
+            raise ValueError(f"reward timeout must be > 0 s, got {timeout_s}")
+        self.task, self.timeout_s = task, float(timeout_s)
+        self.workers = workers or default_workers()
+        self._pool = None
+
+    def start(self) -> None:
+        """Start the workers now (they take a second to spawn and import the task), so the first batch's
+        rewards do not wait for them. Call it from a thread that lives as long as the pool (the workers'
+        parent-death signal is tied to the thread that spawned them)."""
+        if self._pool is not None:
+            return
+        from pebble import ProcessPool
+
+        self._pool = ProcessPool(max_workers=self.workers, initializer=_worker_init,
+                                 context=multiprocessing.get_context("spawn"))
+        for _ in range(self.workers):
+            self._pool.schedule(_ready)
+
+    async def score(self, texts: list[str], record: dict, counters=None) -> list[float]:
+        """The reward of each text for ``record``; a timed-out or failing reward is 0.0 and is counted in
+        ``counters`` (``reward_timeouts`` / ``reward_errors``)."""
+        self.start()
+        futs = [asyncio.wrap_future(self._pool.schedule(self.task.reward, args=(t, record), timeout=self.timeout_s))
+                for t in texts]
+        out = []
+        for f in futs:
+            try:
+                out.append(float(await f))
+            except FutureTimeout:
+                log.warning("reward of task %s timed out after %.1f s (scored 0)", self.task.name, self.timeout_s)
+                if counters is not None:
+                    counters["reward_timeouts"] += 1
+                out.append(0.0)
+            except Exception as e:  # noqa: BLE001 - a reward bug must not stall the run: 0 and counted
+                # pebble chains the worker's traceback as the cause
+                log.error("reward of task %s failed (scored 0): %r%s", self.task.name, e,
+                          f"\n{e.__cause__}" if e.__cause__ is not None else "")
+                if counters is not None:
+                    counters["reward_errors"] += 1
+                out.append(0.0)
+        return out
+
+    def close(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            pool.stop()
+            pool.join(timeout=10)
