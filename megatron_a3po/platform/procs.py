@@ -20,15 +20,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def die_with_parent(sig: int | None = None):
-    """``preexec_fn`` for a child server (engine, router): on Linux it gets ``sig`` (default SIGTERM) when
-    the process that started it dies, even by SIGKILL, so no server outlives a killed trainer. (Linux sends
-    it when the parent THREAD that started the child exits.)"""
+def die_with_parent():
+    """``preexec_fn`` for a child server (engine, router): on Linux it gets SIGTERM when the process that
+    started it dies, even by SIGKILL, so no server outlives a killed trainer."""
     try:
         import ctypes
         import signal
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(sig or signal.SIGTERM))  # PR_SET_PDEATHSIG
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except Exception:
         pass
 

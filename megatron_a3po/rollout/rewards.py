@@ -34,11 +34,16 @@ REWARD_TIMEOUT_S = 30.0
 
 def _worker_init() -> None:
     """In each worker: SIGTERM kills at once (pebble's own handler is Python code, which cannot run while a
-    C call holds the GIL), and the worker dies with the process that started the pool."""
-    from megatron_a3po.platform.procs import die_with_parent
+    C call holds the GIL), and the worker gets SIGKILL when the process that started the pool dies (Linux
+    PR_SET_PDEATHSIG; not platform.procs.die_with_parent, whose package imports torch: a worker imports
+    only the task's module)."""
+    import ctypes
 
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    die_with_parent(signal.SIGKILL)
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:  # not Linux: the worker exits when its pipe to the pool closes
+        pass
 
 
 def _ready() -> int:
