@@ -338,3 +338,15 @@ def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = (), 
             key = ".".join(str(x) for x in err["loc"]) or "<root>"
             lines.append(f"  {key}: {err['msg']}")
         raise RecipeError(f"{path}: invalid recipe\n" + "\n".join(lines)) from None
+
+
+
+def recipe_yaml(recipe: Recipe, header: str = "") -> str:
+    """A validated recipe as YAML text that ``load_recipe`` reads back as the same recipe: the one encoder
+    from a Recipe to what a trainer started elsewhere reads (the launcher's job directory, a sweep's run
+    directory; they write it with io.atomic_write_text). Values keep their types (no dotted overrides)."""
+    from omegaconf import OmegaConf
+
+    # OmegaConf's dumper quotes every string its own loader (load_recipe) would read as another type
+    comment = "".join(f"# {ln}\n" for ln in header.splitlines())
+    return comment + OmegaConf.to_yaml(OmegaConf.create(recipe.model_dump(mode="json")))
