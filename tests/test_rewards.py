@@ -50,15 +50,17 @@ async def main():
                        counters=counters, gate=None, too_stale=None)
     prompt = SimpleNamespace(index=0, record={"question": "?", "answer": "#### 1/3"})
     await wf.score(group([1]), prompt)  # the workers are up (and the task imported) before the clock starts
-    first = group([0, 1])
+    alone = group([0])
     t0 = time.monotonic()
-    await wf.score(first, prompt)
+    await wf.score(alone, prompt)
     elapsed = time.monotonic() - t0
-    timeouts = counters["reward_timeouts"]
+    mixed = group([0, 1])  # in a group with a right answer: each is scored on its own once the group timed out
+    await wf.score(mixed, prompt)
     nxt = group([2, 3])
     await wf.score(nxt, prompt)
-    print(json.dumps({"elapsed": elapsed, "first": [s.reward for s in first], "next": [s.reward for s in nxt],
-                      "timeouts": timeouts, "errors": counters["reward_errors"]}), flush=True)
+    print(json.dumps({"elapsed": elapsed, "alone": [s.reward for s in alone], "mixed": [s.reward for s in mixed],
+                      "next": [s.reward for s in nxt], "timeouts": counters["reward_timeouts"],
+                      "errors": counters["reward_errors"]}), flush=True)
     getattr(wf, "close", lambda: None)()
 
 
@@ -75,9 +77,11 @@ def test_stuck_reward_scores_zero_within_its_timeout_and_the_next_is_right():
                              f"never fired); stderr tail:\n{(e.stderr or b'')[-2000:]!r}") from None
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    # \boxed{9^{9^{9^{9}}}} is not 1/3 (and is never computed): 0; \frac{1}{3} in the same group is right
-    assert out["first"] == [0.0, 1.0], out
+    # \boxed{9^{9^{9^{9}}}} is not 1/3 (and is never computed): 0, within the timeout (the acceptance bound)
+    assert out["alone"] == [0.0], out
     assert out["elapsed"] <= TIMEOUT_S + 2.0, out
-    assert out["timeouts"] == 1 and out["errors"] == 0, out
+    # beside a right answer (\frac{1}{3}), which keeps its reward
+    assert out["mixed"] == [0.0, 1.0], out
+    assert out["timeouts"] == 2 and out["errors"] == 0, out
     # the next group is scored normally: 0.5 != 1/3, 2/6 == 1/3 (math-verify)
     assert out["next"] == [0.0, 1.0], out

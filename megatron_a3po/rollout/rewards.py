@@ -6,9 +6,10 @@ no thread-based timeout (``Future.result(timeout)``, ``asyncio.wait_for``) can f
 every reward of every task runs in a pool of worker processes (pebble's ``ProcessPool``, spawned, so no
 trainer state is forked):
 
-* each response is one task with its own bound (``timeout_s``, counted from the moment a worker takes it);
+* a group's responses are one task with a bound (``timeout_s``, counted from the moment a worker takes it);
   a worker still busy at the bound is killed (SIGTERM at its default action, which needs no GIL; SIGKILL
-  3 s later if that failed) and replaced, and that response scores 0 (``reward_timeouts``);
+  3 s later if that failed) and replaced, and each response of that group is then scored on its own with
+  the same bound: a response that hits it again scores 0 (``reward_timeouts``), the others their reward;
 * a reward that raises scores 0 (``reward_errors``, logged with the worker's traceback);
 * the other responses, and the next ones, are scored normally by the other workers.
 
@@ -50,6 +51,19 @@ def _ready() -> int:
     return os.getpid()
 
 
+def _score_texts(reward, texts: list[str], record: dict) -> list[tuple[bool, float | str]]:
+    """In a worker: ``(True, reward)`` or ``(False, traceback)`` per text."""
+    import traceback
+
+    out = []
+    for t in texts:
+        try:
+            out.append((True, float(reward(t, record))))
+        except Exception:  # noqa: BLE001 - reported (and scored 0) by the scorer
+            out.append((False, traceback.format_exc()))
+    return out
+
+
 def default_workers() -> int:
     return max(2, min(4, os.cpu_count() or 2))
 
@@ -79,27 +93,53 @@ class RewardScorer:
 
     async def score(self, texts: list[str], record: dict, counters=None) -> list[float]:
         """The reward of each text for ``record``; a timed-out or failing reward is 0.0 and is counted in
-        ``counters`` (``reward_timeouts`` / ``reward_errors``)."""
-        self.start()
-        futs = [asyncio.wrap_future(self._pool.schedule(self.task.reward, args=(t, record), timeout=self.timeout_s))
-                for t in texts]
+        ``counters`` (``reward_timeouts`` / ``reward_errors``).
+
+        The texts go to one worker together (one task per group: a demo step has hundreds of trivial
+        rewards); if that task hits the bound, each text is scored again on its own, each with the bound,
+        so only the stuck one scores 0."""
+        try:
+            results = await self._run(texts, record)
+        except FutureTimeout:
+            if len(texts) == 1:
+                results = [None]
+            else:
+                results = list(await asyncio.gather(*(self._run_one(t, record) for t in texts)))
+        except Exception as e:  # noqa: BLE001 - e.g. the reward does not pickle: every text failed
+            results = [(False, f"{type(e).__name__}: {e}")] * len(texts)
         out = []
-        for f in futs:
-            try:
-                out.append(float(await f))
-            except FutureTimeout:
+        for r in results:
+            if r is None:
                 log.warning("reward of task %s timed out after %.1f s (scored 0)", self.task.name, self.timeout_s)
-                if counters is not None:
-                    counters["reward_timeouts"] += 1
-                out.append(0.0)
-            except Exception as e:  # noqa: BLE001 - a reward bug must not stall the run: 0 and counted
-                # pebble chains the worker's traceback as the cause
-                log.error("reward of task %s failed (scored 0): %r%s", self.task.name, e,
-                          f"\n{e.__cause__}" if e.__cause__ is not None else "")
-                if counters is not None:
-                    counters["reward_errors"] += 1
-                out.append(0.0)
+                kind, value = "reward_timeouts", 0.0
+            elif not r[0]:
+                log.error("reward of task %s failed (scored 0): %s", self.task.name, r[1])
+                kind, value = "reward_errors", 0.0
+            else:
+                kind, value = None, r[1]
+            if kind and counters is not None:
+                counters[kind] += 1
+            out.append(value)
         return out
+
+    async def _run(self, texts: list[str], record: dict):
+        self.start()
+        try:
+            fut = self._pool.schedule(_score_texts, args=(self.task.reward, texts, record), timeout=self.timeout_s)
+        except RuntimeError:  # the pool broke (its workers could not start or died): a new one, once
+            log.warning("reward worker pool broken; starting a new one")
+            self.close()
+            self.start()
+            fut = self._pool.schedule(_score_texts, args=(self.task.reward, texts, record), timeout=self.timeout_s)
+        return await asyncio.wrap_future(fut)
+
+    async def _run_one(self, text: str, record: dict):
+        try:
+            return (await self._run([text], record))[0]
+        except FutureTimeout:
+            return None
+        except Exception as e:  # noqa: BLE001
+            return (False, f"{type(e).__name__}: {e}")
 
     def close(self) -> None:
         if self._pool is not None:
