@@ -606,6 +606,9 @@ def parse_args(argv=None):
     p.add_argument("--tokenizer-path", default=None)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=30000)
+    p.add_argument("--listen-fd", type=int, default=None,
+                   help="serve on this inherited listening socket (bound to --host:--port by the launcher, "
+                        "engine/launch.py) instead of binding one")
     p.add_argument("--weight-version", default="default")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--context-length", type=int, default=None)
@@ -661,7 +664,9 @@ def serve(app, engine: Engine, args) -> None:
 
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
                             timeout_graceful_shutdown=args.shutdown_timeout)
-    _Server(config).run()
+    import socket
+
+    _Server(config).run(sockets=None if args.listen_fd is None else [socket.socket(fileno=args.listen_fd)])
     engine.sched.stop()
 
 

@@ -15,9 +15,28 @@ from typing import Any, Callable
 
 
 def free_port() -> int:
+    """A port that was free a moment ago. Another process can take it before the caller's server binds it:
+    servers started here bind first instead (``listening_socket``, ``stores.tcp_store`` with port 0), and
+    one that binds itself retries on EADDRINUSE (rollout/router.py)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def listening_socket(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
+    """A TCP socket listening on ``host:port`` (0: a free port), inheritable by a child server
+    (``subprocess.Popen(pass_fds=...)``): the port is held from now on, so no other process can take it
+    between choosing it and the server's start. Raises OSError (EADDRINUSE) if ``port`` is taken."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+        sock.set_inheritable(True)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def die_with_parent():
