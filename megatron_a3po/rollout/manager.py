@@ -109,15 +109,17 @@ class RolloutManager:
         ``current_version`` are ready; raises TimeoutError, WeightUpdateError or RolloutError."""
         return self._call(self.controller.get_batch(num_groups, current_version, timeout))
 
-    def update_weights(self, new_version: int, hf_dir: str | None = None, named_tensors=None):
+    def update_weights(self, new_version: int, hf_dir: str | None = None, named_tensors=None,
+                       timeout: float | None = None):
         """Push new weights to every server (disk: ``hf_dir``; NCCL: ``named_tensors`` iterator) and
-        tag generation from now on with ``new_version``. Blocks until every server serves them."""
+        tag generation from now on with ``new_version``. Blocks until every server serves them, or raises
+        TimeoutError after ``timeout`` seconds (the update may still be running then)."""
         payload: dict[str, Any] = {}
         if hf_dir is not None:
             payload["hf_dir"] = str(hf_dir)
         if named_tensors is not None:
             payload["named_tensors"] = named_tensors
-        return self._call(self.controller.update_weights(int(new_version), **payload))
+        return self._call(self.controller.update_weights(int(new_version), **payload), timeout)
 
     def start_eval(self, prompts: list, config, version: int) -> Future:
         """Start evaluating ``prompts`` with the servers' current weights (``version``) in the background
