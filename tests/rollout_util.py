@@ -43,6 +43,13 @@ def toy_reward(text: str, rec: dict) -> float:
     return float(rec["sum"] in text)
 
 
+def picky_reward(text: str, rec: dict) -> float:
+    """1.0, except for the text "boom", on which it raises (a reward bug)."""
+    if text == "boom":
+        raise ValueError("boom")
+    return 1.0
+
+
 def toy_task():
     from megatron_a3po.rollout.tasks import Task
 

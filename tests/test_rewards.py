@@ -85,3 +85,22 @@ def test_stuck_reward_scores_zero_within_its_timeout_and_the_next_is_right():
     assert out["timeouts"] == 2 and out["errors"] == 0, out
     # the next group is scored normally: 0.5 != 1/3, 2/6 == 1/3 (math-verify)
     assert out["next"] == [0.0, 1.0], out
+
+
+def test_a_reward_that_raises_scores_zero_and_is_counted():
+    import asyncio
+    from collections import Counter
+
+    from megatron_a3po.rollout.rewards import RewardScorer
+    from megatron_a3po.rollout.tasks import Task
+    from rollout_util import picky_reward
+
+    scorer = RewardScorer(Task("picky", (), None, picky_reward), timeout_s=30, workers=1)
+    counters = Counter()
+    try:
+        first = asyncio.run(scorer.score(["ok", "boom", "fine"], {}, counters))
+        second = asyncio.run(scorer.score(["ok"], {}, counters))
+    finally:
+        scorer.close()
+    assert (first, second) == ([1.0, 0.0, 1.0], [1.0])
+    assert counters == Counter(reward_errors=1)
