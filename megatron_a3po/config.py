@@ -304,8 +304,9 @@ class Recipe(_Strict):
 # hands to the other ranks in that collective (trainer/loop.py _on_rank0), before the collective's own
 # timeout could fire (on NCCL the watchdog kills the process: SIGABRT, no message).
 
-# rank 0 starting the fleet before the first step: CPU engines up (engine/launch.py, 300 s), every
-# server's /health (RolloutManager.start, 120 s), the weight-update group (NcclTransport, 300 s)
+# rank 0 starting the fleet before the first step: CPU engines up (engine/launch.py, 300 s), their router
+# (rollout/router.py, 60 s), every server's /health (RolloutManager.start, 120 s), the weight-update group
+# (NcclTransport, 300 s)
 FLEET_START_S = 900.0
 # what rank 0 does between two collectives besides one wait (rollout stats, logging, a checkpoint's state)
 PG_MARGIN_S = 300.0

@@ -40,11 +40,14 @@ def test_rank0_waits_end_before_the_process_groups_time_out(kw):
 
 
 def test_the_fleet_start_fits_its_bound():
-    """Rank 0's fleet start, as its parts bound it: CPU engines up, every server's /health, the update group."""
+    """Rank 0's fleet start, as its parts bound it: CPU engines up, the router, every server's /health, the
+    update group."""
     from megatron_a3po.engine.launch import launch_engine
     from megatron_a3po.rollout import NcclTransport, RolloutManager
+    from megatron_a3po.rollout.router import start_router
 
     parts = [inspect.signature(launch_engine).parameters["timeout"].default,
+             inspect.signature(start_router).parameters["timeout"].default,
              inspect.signature(RolloutManager.start).parameters["wait_s"].default,
              inspect.signature(NcclTransport).parameters["timeout_s"].default]
     assert sum(parts) <= FLEET_START_S, parts
