@@ -267,6 +267,9 @@ def slurm_job_dir(recipe) -> str:
         os.environ.get("NEMORUN_HOME", os.path.expanduser("~/.nemo_run")), "slurm_jobs")
 
 
+LOCAL_TRAINER_TASK = "trainer"  # the local trainer task's name, and so its job directory's
+
+
 def build_local(run, recipe, layout, exp_dir: str):
     c = recipe.cluster
     env = {"PYTHONPATH": os.pathsep.join(x for x in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if x),
@@ -293,8 +296,8 @@ def build_local(run, recipe, layout, exp_dir: str):
                 f"--nproc-per-node={layout.trainer_procs_per_node}", "--rdzv-backend=c10d",
                 f"--rdzv-endpoint={os.path.join(exp_dir, f'rdzv_{rdzv_id}.store')}", "--rdzv-conf=store_type=file",
                 f"--rdzv-id={rdzv_id}", "--local-addr=127.0.0.1"]
-    t_args = trainer_args(os.path.join(exp_dir, RECIPE_FILE_NAME), engine_urls, router_url, torchrun,
-                          health_timeout=c.health_timeout_s, stop_file=stop_file)
+    t_args = trainer_args(os.path.join(exp_dir, LOCAL_TRAINER_TASK, RECIPE_FILE_NAME), engine_urls, router_url,
+                          torchrun, health_timeout=c.health_timeout_s, stop_file=stop_file)
     tasks.insert(0, run.Script(path="launch.health", entrypoint=sys.executable, m=True, args=t_args))
     executors.insert(0, run.LocalExecutor(ntasks_per_node=1, env_vars=env))
     return tasks, executors
@@ -349,16 +352,27 @@ def prepare(argv):
     return args, recipe, layout
 
 
-def write_job_recipe(recipe, job_dir, argv: list[str]) -> Path:
-    """The merged, validated recipe the trainer reads, written once into the job directory."""
+def write_recipe_into_job_dir(job, recipe, argv: list[str]) -> None:
+    """The merged, validated recipe the trainer reads, written once into ``job``'s directory.
+
+    nemo-run makes that directory when the experiment runs (``Experiment.run`` refuses one that exists),
+    then packages the job, copies the directory to the cluster (SSH tunnel) and submits it: the file is
+    written right after the directory is made, from the job's ``create_job_dir``. That is done on the
+    executor object the job prepares with (nemo-run's own clones are rebuilt from their config and would
+    drop it)."""
     from megatron_a3po.config import recipe_yaml
     from megatron_a3po.io import atomic_write_text
 
-    path = Path(job_dir) / RECIPE_FILE_NAME
-    atomic_write_text(path, recipe_yaml(recipe, header="written by launch.run: recipe, cluster file, flags and "
-                                                       "overrides, merged and validated\nlaunch.run "
-                                                       + shlex.join(argv)))
-    return path
+    text = recipe_yaml(recipe, header="written by launch.run: recipe, cluster file, flags and overrides, merged "
+                                      "and validated\nlaunch.run " + shlex.join(argv))
+    ex = job.executor
+    make_dir = ex.create_job_dir
+
+    def create_job_dir():
+        make_dir()
+        atomic_write_text(Path(ex.job_dir) / RECIPE_FILE_NAME, text)
+
+    ex.create_job_dir = create_job_dir
 
 
 def main(argv=None) -> int:
@@ -385,14 +399,13 @@ def main(argv=None) -> int:
         if args.executor == "slurm":
             tasks, executors = build_slurm(run, recipe, layout, args)
             exp.add(tasks, executor=executors, name=recipe.name)
-            write_job_recipe(recipe, exp.jobs[0].executor.job_dir, argv)
         else:
             tasks, executors = build_local(run, recipe, layout, exp._exp_dir)
-            for name, t, ex in zip(["trainer", "fleet"], tasks, executors):
+            for name, t, ex in zip([LOCAL_TRAINER_TASK, "fleet"], tasks, executors):
                 exp.add(t, executor=ex, name=name)
-            write_job_recipe(recipe, exp._exp_dir, argv)
+        write_recipe_into_job_dir(exp.jobs[0], recipe, argv)  # the trainer's job (the het job on Slurm)
         if args.dryrun:
-            exp.dryrun(log=False, exist_ok=True, delete_exp_dir=False)  # the job dir holds the recipe already
+            exp.dryrun(log=False, delete_exp_dir=False)
             if args.executor == "slurm":
                 scripts = sorted(Path(exp._exp_dir).glob("*_sbatch.sh"))
                 if not scripts:

@@ -253,6 +253,7 @@ def test_cluster_file_sections_reach_the_trainer_typed(slurm, work):
     run_dir = work / "run"
     r = _launch(env, f"trainer.log_dir={run_dir}", "trainer.steps=2", "trainer.warm_start_steps=0",
                 cluster=cf, timeout=900)
+    assert "[launch] submitted Slurm job" in r.stdout, (r.stdout + r.stderr)[-3000:]
     job = _job_id(r.stdout)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:] + "\n" + _both_logs(env, job)
     assert [x["step"] for x in _steps(run_dir)] == [1, 2]
