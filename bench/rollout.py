@@ -55,11 +55,16 @@ async def engine_alone(urls, ps, n, max_new, inflight):
         return toks, time.perf_counter() - t0
 
 
+def zero_reward(text: str, rec: dict) -> float:
+    """The benchmark's reward (module-level: rewards run in worker processes, rollout/rewards.py)."""
+    return 0.0
+
+
 def controller_run(urls, tok, ps, n, max_new, inflight):
     from megatron_a3po.rollout import ControllerConfig, RolloutManager
     from megatron_a3po.rollout.tasks import Task
 
-    task = Task("bench", ("x",), None, lambda text, rec: 0.0)
+    task = Task("bench", ("x",), None, zero_reward)
     cfg = ControllerConfig(n_samples=n, max_inflight_groups=inflight, batch_groups=len(ps), max_staleness=0,
                            max_new_tokens=max_new, extra_sampling={"ignore_eos": True}, shuffle=False, epochs=1)
     rm = RolloutManager(urls, ps, task, tok, cfg)
@@ -75,7 +80,7 @@ def trainer_loop(urls, dirs, tok, ps, n, max_new, staleness, steps, groups, trai
     from megatron_a3po.rollout import ControllerConfig, RolloutManager
     from megatron_a3po.rollout.tasks import Task
 
-    task = Task("bench", ("x",), None, lambda text, rec: 0.0)
+    task = Task("bench", ("x",), None, zero_reward)
     cfg = ControllerConfig(n_samples=n, max_inflight_groups=4 * groups, batch_groups=groups, max_staleness=staleness,
                            max_new_tokens=max_new, extra_sampling={"ignore_eos": True})
     rm = RolloutManager(urls, ps, task, tok, cfg)

@@ -14,6 +14,11 @@ A ``model.tiny`` recipe's initial weights are built into ``<trainer.log_dir>/ini
 which waits for every engine's and the router's /health, and it is told the fleet with
 ``rollout.engine_urls=[...]`` and ``rollout.router_url=...``.
 
+The trainer reads the recipe the launcher validated: recipe file + cluster file + flags + dotted overrides,
+merged and checked once here, written into the job directory (``a3po_recipe.yaml``, see
+``config.recipe_yaml``) and given to the trainer as its ``--recipe``; only the fleet's addresses, known
+when the job starts, follow as overrides.
+
 Local: the same two tasks as local processes (the CPU engine when this machine has no GPU). A recipe with
 ``model.tiny`` has no weights on disk before the trainer builds them, so there the trainer starts its
 own CPU engines and the launcher runs the trainer alone.
@@ -37,6 +42,10 @@ from megatron_a3po.platform.keys import API_KEY_ENV, new_key
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAINER_MODULE = "megatron_a3po.trainer"
 STOP_FILE_NAME = "a3po_trainer_done"
+RECIPE_FILE_NAME = "a3po_recipe.yaml"  # the merged, validated recipe in the job directory (the trainer's --recipe)
+# how the trainer on a Slurm node names that file: its working directory is the job directory's code/
+# (nemo-run: --chdir in a bare srun, --container-workdir /nemo_run/code in a container)
+SLURM_RECIPE_ARG = f"../{RECIPE_FILE_NAME}"
 SLURM_RUNDIR = "/nemo_run"  # where nemo-run mounts the job directory inside the containers
 
 
@@ -87,22 +96,6 @@ def flag_layer(args) -> dict:
     if args.mount:
         out["container_mounts"] = list(args.mount)
     return out
-
-
-def recipe_ref(path: Path, executor: str) -> str:
-    """What the trainer is given as --recipe: the name of a packaged recipe, else a path."""
-    from megatron_a3po.config import RECIPES_DIR
-
-    path = path.resolve()
-    if path.parent == RECIPES_DIR.resolve():
-        return path.stem
-    try:
-        return str(path.relative_to(REPO_ROOT))
-    except ValueError:
-        if executor == "slurm":
-            raise LaunchError(f"--recipe {path}: a Slurm job ships the repository (git archive), so the "
-                              f"recipe must be inside {REPO_ROOT}; copy it to recipes/ and commit") from None
-        return str(path)
 
 
 _SAFE = re.compile(r"^[\w@%+=:,./-]+$")
@@ -179,18 +172,19 @@ def fleet_urls(layout, hosts: list[str]) -> tuple[list[str], str | None]:
     return engines, router
 
 
-def trainer_args(ref: str, overrides: list[str], engine_urls: list[str], router_url: str | None,
-                 torchrun: list[str], *, health_timeout: float, stop_file: str) -> list[str]:
-    """Arguments of ``python -m launch.health``: wait for the fleet, then torchrun the trainer."""
+def trainer_args(recipe_arg: str, engine_urls: list[str], router_url: str | None, torchrun: list[str], *,
+                 health_timeout: float, stop_file: str) -> list[str]:
+    """Arguments of ``python -m launch.health``: wait for the fleet, then torchrun the trainer on the job's
+    recipe file (``recipe_arg``) with the fleet's addresses."""
     out = ["--timeout", str(int(health_timeout)), "--stop-file", stop_file]
     for u in engine_urls + ([router_url] if router_url else []):
         out += ["--url", u]
-    ovs = list(overrides)
+    ovs = []
     if engine_urls:
         ovs.append(f"rollout.engine_urls=[{','.join(engine_urls)}]")
     if router_url:
         ovs.append(f"rollout.router_url={router_url}")
-    return out + ["--", *torchrun, "-m", TRAINER_MODULE, "--recipe", ref, *ovs]
+    return out + ["--", *torchrun, "-m", TRAINER_MODULE, "--recipe", recipe_arg, *ovs]
 
 
 def slurm_run_dir(recipe) -> str:
@@ -216,7 +210,7 @@ def prepare_slurm_model(recipe) -> None:
     prepare_initial_model(recipe, Path(slurm_run_dir(recipe)))
 
 
-def build_slurm(run, recipe, layout, args, ref: str, overrides: list[str]):
+def build_slurm(run, recipe, layout, args):
     c = recipe.cluster
     hosts = [f"${{{rollout_host_var(i)}}}" for i in range(layout.rollout_nodes)]
     engine_urls, router_url = fleet_urls(layout, hosts)
@@ -225,8 +219,7 @@ def build_slurm(run, recipe, layout, args, ref: str, overrides: list[str]):
     # the head node's value), which expands it from its own environment (--expand-env)
     torchrun = ["torchrun", f"--nnodes={layout.trainer_nodes}", f"--nproc-per-node={layout.trainer_procs_per_node}",
                 f"--rdzv-endpoint=${TRAINER_HEAD_VAR}:{c.rdzv_port}", NODE_RANK_ARG]
-    overrides = [*overrides, f"trainer.log_dir={slurm_run_dir(recipe)}"]
-    t_args = trainer_args(ref, overrides, engine_urls, router_url, torchrun, health_timeout=c.health_timeout_s,
+    t_args = trainer_args(SLURM_RECIPE_ARG, engine_urls, router_url, torchrun, health_timeout=c.health_timeout_s,
                           stop_file=stop_file)
     f_args = fleet_args(recipe, layout, backend=recipe.rollout.backend, model_path=engine_model_path(recipe),
                         hosts=hosts, bind_host=c.bind_host, stop_file=stop_file, health_timeout=c.health_timeout_s)
@@ -274,7 +267,10 @@ def slurm_job_dir(recipe) -> str:
         os.environ.get("NEMORUN_HOME", os.path.expanduser("~/.nemo_run")), "slurm_jobs")
 
 
-def build_local(run, recipe, layout, ref: str, overrides: list[str], exp_dir: str):
+LOCAL_TRAINER_TASK = "trainer"  # the local trainer task's name, and so its job directory's
+
+
+def build_local(run, recipe, layout, exp_dir: str):
     c = recipe.cluster
     env = {"PYTHONPATH": os.pathsep.join(x for x in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if x),
            **c.env_vars}
@@ -300,8 +296,8 @@ def build_local(run, recipe, layout, ref: str, overrides: list[str], exp_dir: st
                 f"--nproc-per-node={layout.trainer_procs_per_node}", "--rdzv-backend=c10d",
                 f"--rdzv-endpoint={os.path.join(exp_dir, f'rdzv_{rdzv_id}.store')}", "--rdzv-conf=store_type=file",
                 f"--rdzv-id={rdzv_id}", "--local-addr=127.0.0.1"]
-    t_args = trainer_args(ref, overrides, engine_urls, router_url, torchrun, health_timeout=c.health_timeout_s,
-                          stop_file=stop_file)
+    t_args = trainer_args(os.path.join(exp_dir, LOCAL_TRAINER_TASK, RECIPE_FILE_NAME), engine_urls, router_url,
+                          torchrun, health_timeout=c.health_timeout_s, stop_file=stop_file)
     tasks.insert(0, run.Script(path="launch.health", entrypoint=sys.executable, m=True, args=t_args))
     executors.insert(0, run.LocalExecutor(ntasks_per_node=1, env_vars=env))
     return tasks, executors
@@ -338,9 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def prepare(argv):
-    """Parse, load and validate everything; no file is written. Returns (args, recipe, layout, ref)."""
+    """Parse, load and validate everything; no file is written. Returns (args, recipe, layout)."""
     from launch.layout import plan_layout
-    from megatron_a3po.config import load_recipe, resolve_recipe_path
+    from megatron_a3po.config import load_recipe
 
     args = build_parser().parse_args(argv)
     layers = []
@@ -350,29 +346,33 @@ def prepare(argv):
     if flags:
         layers.append({"cluster": flags})
     recipe = load_recipe(args.recipe, args.overrides, layers=layers)
-    ref = recipe_ref(resolve_recipe_path(args.recipe), args.executor)
     layout = plan_layout(recipe, args.executor)
-    # the trainer reloads the recipe by name: it gets the cluster file's non-cluster settings as overrides
-    args.overrides = [*layer_overrides(layers), *args.overrides]
-    return args, recipe, layout, ref
+    if args.executor == "slurm":  # the job runs elsewhere: its run dir must be the same for a resubmission
+        recipe.trainer.log_dir = slurm_run_dir(recipe)
+    return args, recipe, layout
 
 
-def layer_overrides(layers: list[dict]) -> list[str]:
-    """Dotted overrides of every non-``cluster`` setting in ``layers`` (the trainer ignores ``cluster``)."""
-    out = []
+def write_recipe_into_job_dir(job, recipe, argv: list[str]) -> None:
+    """The merged, validated recipe the trainer reads, written once into ``job``'s directory.
 
-    def walk(prefix, v):
-        if isinstance(v, dict):
-            for k, x in v.items():
-                walk(f"{prefix}.{k}" if prefix else str(k), x)
-        elif isinstance(v, list):
-            out.append(f"{prefix}=[{','.join(str(x) for x in v)}]")
-        else:
-            out.append(f"{prefix}={'null' if v is None else v}")
+    nemo-run makes that directory when the experiment runs (``Experiment.run`` refuses one that exists),
+    then packages the job, copies the directory to the cluster (SSH tunnel) and submits it: the file is
+    written right after the directory is made, from the job's ``create_job_dir``. That is done on the
+    executor object the job prepares with (nemo-run's own clones are rebuilt from their config and would
+    drop it)."""
+    from megatron_a3po.config import recipe_yaml
+    from megatron_a3po.io import atomic_write_text
 
-    for layer in layers:
-        walk("", {k: v for k, v in layer.items() if k != "cluster"})
-    return out
+    text = recipe_yaml(recipe, header="written by launch.run: recipe, cluster file, flags and overrides, merged "
+                                      "and validated\nlaunch.run " + shlex.join(argv))
+    ex = job.executor
+    make_dir = ex.create_job_dir
+
+    def create_job_dir():
+        make_dir()
+        atomic_write_text(Path(ex.job_dir) / RECIPE_FILE_NAME, text)
+
+    ex.create_job_dir = create_job_dir
 
 
 def main(argv=None) -> int:
@@ -381,7 +381,7 @@ def main(argv=None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        args, recipe, layout, ref = prepare(argv)
+        args, recipe, layout = prepare(argv)
     except (RecipeError, LayoutError, LaunchError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -397,12 +397,13 @@ def main(argv=None) -> int:
         print(f"[launch] trainer memory estimate: {layout.memory}")
     with run.Experiment(title, base_dir=experiment_base(recipe, args)) as exp:
         if args.executor == "slurm":
-            tasks, executors = build_slurm(run, recipe, layout, args, ref, args.overrides)
+            tasks, executors = build_slurm(run, recipe, layout, args)
             exp.add(tasks, executor=executors, name=recipe.name)
         else:
-            tasks, executors = build_local(run, recipe, layout, ref, args.overrides, exp._exp_dir)
-            for name, t, ex in zip(["trainer", "fleet"], tasks, executors):
+            tasks, executors = build_local(run, recipe, layout, exp._exp_dir)
+            for name, t, ex in zip([LOCAL_TRAINER_TASK, "fleet"], tasks, executors):
                 exp.add(t, executor=ex, name=name)
+        write_recipe_into_job_dir(exp.jobs[0], recipe, argv)  # the trainer's job (the het job on Slurm)
         if args.dryrun:
             exp.dryrun(log=False, delete_exp_dir=False)
             if args.executor == "slurm":

@@ -8,6 +8,7 @@ validates here is the one that runs.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -197,6 +198,10 @@ class RolloutCfg(_Strict):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(-1, ge=-1)  # -1 = all tokens
     request_timeout_s: float = Field(600.0, gt=0)
+    # how long trainer rank 0 waits for its fleet at once: a batch, the end of an evaluation, a weight
+    # update (None: max(600, 4 x request_timeout_s)); the trainer's process groups time out later
+    # (see ``timeouts`` below), so this wait's clear error comes first
+    wait_timeout_s: float | None = Field(None, gt=0)
     # an engine that does not answer GET /model_info within this many seconds is hung: it leaves the fleet
     # (its requests go elsewhere, it is removed from the router) and rejoins once synced to the current
     # weights; with no engine left for this long the run stops with a clear error
@@ -361,6 +366,33 @@ class Recipe(_Strict):
         return self
 
 
+
+# ---------------------------------------------------------------------------------------------
+# Timeouts that must be ordered (docs/rollout.md, "Bounds"). While trainer rank 0 waits on its fleet, the
+# other ranks wait in a collective for it. Each wait of rank 0 ends, with a clear error that rank 0 then
+# hands to the other ranks in that collective (trainer/loop.py _on_rank0), before the collective's own
+# timeout could fire (on NCCL the watchdog kills the process: SIGABRT, no message).
+
+# rank 0 starting the fleet before the first step: CPU engines up (engine/launch.py, 300 s), their router
+# (rollout/router.py, 60 s), every server's /health (RolloutManager.start, 120 s), the weight-update group
+# (NcclTransport, 300 s)
+FLEET_START_S = 900.0
+# what rank 0 does between two collectives besides one wait (rollout stats, logging, a checkpoint's state)
+PG_MARGIN_S = 300.0
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    rollout_wait_s: float  # each wait of rank 0 for its fleet (trainer/fleet.py RolloutSide)
+    pg_timeout_s: float  # every torch.distributed group of the trainer (platform.init_distributed)
+
+
+def timeouts(rollout: RolloutCfg) -> Timeouts:
+    """The trainer's two ordered bounds: rank 0's fleet waits, and the process groups' timeout after them."""
+    wait = rollout.wait_timeout_s if rollout.wait_timeout_s is not None else max(600.0, 4 * rollout.request_timeout_s)
+    return Timeouts(rollout_wait_s=wait, pg_timeout_s=max(wait, FLEET_START_S) + PG_MARGIN_S)
+
+
 class RecipeError(ValueError):
     pass
 
@@ -407,3 +439,15 @@ def load_recipe(name_or_path: str, overrides: list[str] | tuple[str, ...] = (), 
             key = ".".join(str(x) for x in err["loc"]) or "<root>"
             lines.append(f"  {key}: {err['msg']}")
         raise RecipeError(f"{path}: invalid recipe\n" + "\n".join(lines)) from None
+
+
+
+def recipe_yaml(recipe: Recipe, header: str = "") -> str:
+    """A validated recipe as YAML text that ``load_recipe`` reads back as the same recipe: the one encoder
+    from a Recipe to what a trainer started elsewhere reads (the launcher's job directory, a sweep's run
+    directory; they write it with io.atomic_write_text). Values keep their types (no dotted overrides)."""
+    from omegaconf import OmegaConf
+
+    # OmegaConf's dumper quotes every string its own loader (load_recipe) would read as another type
+    comment = "".join(f"# {ln}\n" for ln in header.splitlines())
+    return comment + OmegaConf.to_yaml(OmegaConf.create(recipe.model_dump(mode="json")))

@@ -39,10 +39,22 @@ def toy_prompts(n: int):
     return [Prompt(i, tok(f"{i % 50}+{i % 7}=")["input_ids"], {"sum": str(i % 50 + i % 7)}) for i in range(n)]
 
 
+def toy_reward(text: str, rec: dict) -> float:
+    return float(rec["sum"] in text)
+
+
+def picky_reward(text: str, rec: dict) -> float:
+    """1.0, except for the text "boom", on which it raises (a reward bug)."""
+    if text == "boom":
+        raise ValueError("boom")
+    return 1.0
+
+
 def toy_task():
     from megatron_a3po.rollout.tasks import Task
 
-    return Task("toy", ("sum",), None, lambda text, rec: float(rec["sum"] in text))
+    # module-level reward: rewards run in worker processes (rollout/rewards.py), so it must pickle
+    return Task("toy", ("sum",), None, toy_reward)
 
 
 def read_version_logs(paths) -> dict[str, dict]:

@@ -66,6 +66,16 @@ def _sbatch_text(argv, capsys):
     return path.read_text()
 
 
+def _job_recipe(text: str) -> dict:
+    """The recipe file in the job directory of an sbatch script (srun's --chdir DIR/code without a
+    container, its DIR:/nemo_run mount with one), as plain YAML data."""
+    import yaml
+
+    dirs = set(re.findall(r"--chdir (\S+)/code", text)) | set(re.findall(r"[ ,]([^ ,:]+):/nemo_run\b", text))
+    assert len(dirs) == 1, dirs
+    return yaml.safe_load((Path(dirs.pop()) / "a3po_recipe.yaml").read_text())
+
+
 def _srun_lines(text):
     return [ln for ln in text.splitlines() if ln.startswith("srun --het-group=")]
 
@@ -85,7 +95,7 @@ def _group_headers(text):
 
 def _argv_after(line, marker):
     """Shell-split the part of an srun line after ``marker`` (variables stay unexpanded)."""
-    return shlex.split(line.split(marker, 1)[1].replace(" & pids", " ").split(" pids[")[0])
+    return shlex.split(line.split(marker, 1)[1].split(" & pids[")[0])
 
 
 @pytest.mark.parametrize("recipe", sorted(EXPECTED))
@@ -155,7 +165,9 @@ def test_slurm_dryrun_sbatch(recipe, home, capsys):
     assert "--rdzv-endpoint=$a3po_trainer_head:29500" in cmd and "--node-rank=$SLURM_NODEID" in cmd
     assert "'--node-rank=$SLURM_NODEID'" in sruns[0] and "--expand-env" in tr[:dash]
     assert cmd[cmd.index("-m") + 1] == "megatron_a3po.trainer"
-    assert cmd[cmd.index("--recipe") + 1] == recipe
+    # the trainer reads the launcher's merged recipe from the job directory (its cwd is the job's code/)
+    assert cmd[cmd.index("--recipe") + 1] == "../a3po_recipe.yaml"
+    assert _job_recipe(text)["name"] == recipe
     urls_arg = [a for a in cmd if a.startswith("rollout.engine_urls=")]
     assert len(urls_arg) == 1
     listed = urls_arg[0][len("rollout.engine_urls=["):-1].split(",")
@@ -169,7 +181,9 @@ def test_overrides_reach_trainer_and_layout(home, capsys):
     g0, _ = _group_headers(text)
     assert "nodes=4" in g0
     tr = _argv_after(_srun_lines(text)[0], "python -m launch.health ")
-    assert "--nnodes=4" in tr and "trainer.steps=7" in tr and "cluster.trainer_nodes=4" in tr
+    assert "--nnodes=4" in tr and not any(a.startswith(("trainer.", "cluster.")) for a in tr)
+    job = _job_recipe(text)
+    assert job["trainer"]["steps"] == 7 and job["cluster"]["trainer_nodes"] == 4
 
 
 def test_cluster_file(home, tmp_path, capsys):
@@ -261,9 +275,45 @@ def test_slurm_dryrun_cpu_cluster(home, tmp_path, capsys):
     tr = _argv_after(sruns[0], "python -m launch.health ")
     cmd = tr[tr.index("--") + 1:]
     assert "--nnodes=2" in cmd and "--nproc-per-node=1" in cmd
-    # the cluster file's non-cluster settings reach the trainer, which reloads the recipe by name
-    assert "parallel.dp=2" in cmd and "rollout.num_engines=2" in cmd and f"trainer.log_dir={run_dir}" in cmd
+    # the cluster file's non-cluster settings reach the trainer through the job's recipe file
+    job = _job_recipe(text)
+    assert job["parallel"]["dp"] == 2 and job["rollout"]["num_engines"] == 2
+    assert job["trainer"]["log_dir"] == str(run_dir)
     assert not run_dir.exists()  # a dry run prepares no weights
+
+
+def test_cluster_file_sections_reach_the_trainer_typed(home, tmp_path, capsys, monkeypatch):
+    """The trainer command of the sbatch script, read as the trainer reads it (in the job's code/ directory,
+    the node's variables expanded), gives the recipe the launcher validated: a cluster file's
+    ``rollout.engine_args`` (strings, one numeric) stays a list of strings (issue 24)."""
+    import yaml
+
+    from megatron_a3po.config import load_recipe
+
+    raw = yaml.safe_load(Path("recipes/clusters/local_cpu.yaml").read_text())
+    raw["rollout"]["engine_args"] = ["--chunked-prefill-size", "4096"]
+    cf = tmp_path / "cluster.yaml"
+    cf.write_text(yaml.safe_dump(raw))
+    text = _sbatch_text(["--recipe", "demo_cpu", "--executor", "slurm", "--dryrun", "--cluster", str(cf),
+                         "--packager", "none", "--job-dir", str(tmp_path / "jobs"), f"trainer.log_dir={tmp_path / 'run'}",
+                         "trainer.steps=3"], capsys)
+    sruns = _srun_lines(text)
+    fleet = _argv_after(sruns[1], "python -m launch.fleet ")
+    assert fleet[fleet.index("--") + 1:][:2] == ["--chunked-prefill-size", "4096"]  # every engine's extra flags
+    code_dir = Path(shlex.split(sruns[0])[shlex.split(sruns[0]).index("--chdir") + 1])  # srun's working dir
+    code_dir.mkdir(parents=True, exist_ok=True)
+    monkeypatch.chdir(code_dir)
+    for k in range(2):
+        monkeypatch.setenv(f"a3po_rollout_host_{k}", "127.0.0.1")
+    tr = _argv_after(sruns[0], "python -m launch.health ")
+    cmd = [os.path.expandvars(a) for a in tr[tr.index("--") + 1:]]  # launch.health --expand-env
+    trainer = cmd[cmd.index("megatron_a3po.trainer") + 1:]
+    assert trainer[0] == "--recipe"
+    recipe = load_recipe(trainer[1], trainer[2:])
+    assert recipe.rollout.engine_args == ["--chunked-prefill-size", "4096"]
+    assert recipe.parallel.dp == 2 and recipe.rollout.num_engines == 2 and recipe.trainer.steps == 3
+    assert recipe.trainer.log_dir == str(tmp_path / "run")
+    assert len(recipe.rollout.engine_urls) == 2 and recipe.rollout.router_url.startswith("http://127.0.0.1:")
 
 
 def test_slurm_cpu_nodes_need_cpu_engines(home, capsys):

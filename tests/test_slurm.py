@@ -82,9 +82,9 @@ def work(slurm, request):
     return d
 
 
-def _launch(env, *overrides, detach=False, timeout=1500):
+def _launch(env, *overrides, detach=False, timeout=1500, cluster=CLUSTER_FILE):
     argv = [sys.executable, "-m", "launch.run", "--recipe", "demo_cpu", "--executor", "slurm",
-            "--cluster", CLUSTER_FILE, *(["--detach"] if detach else []), *overrides]
+            "--cluster", str(cluster), *(["--detach"] if detach else []), *overrides]
     return subprocess.run(argv, cwd=REPO, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
                           timeout=timeout)
 
@@ -233,3 +233,31 @@ def test_trainer_failure_fails_the_launch(slurm, work):
     job = _job_id(r.stdout)
     assert not _queued(env, job)
     assert _wait_gone(env, job, timeout=30) == []
+
+
+@pytest.mark.slow
+def test_cluster_file_sections_reach_the_trainer_typed(slurm, work):
+    """A cluster file's recipe sections reach the trainer as the launcher validated them (issue 24): a list
+    of strings, one of them numeric (``rollout.engine_args``, passed verbatim to every engine), made the
+    trainer's recipe invalid once the launcher had re-encoded it as dotted overrides. The job runs to its
+    end, and the engines got the flags."""
+    import yaml
+
+    env = slurm
+    raw = yaml.safe_load((REPO / CLUSTER_FILE).read_text())
+    # a flag the CPU engine has (SGLang's own, e.g. --chunked-prefill-size 4096, it would refuse); the
+    # default value, so the run is the recipe's
+    raw["rollout"]["engine_args"] = ["--max-n", "64"]
+    cf = work / "cluster.yaml"
+    cf.write_text(yaml.safe_dump(raw))
+    run_dir = work / "run"
+    r = _launch(env, f"trainer.log_dir={run_dir}", "trainer.steps=2", "trainer.warm_start_steps=0",
+                cluster=cf, timeout=900)
+    assert "[launch] submitted Slurm job" in r.stdout, (r.stdout + r.stderr)[-3000:]
+    job = _job_id(r.stdout)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:] + "\n" + _both_logs(env, job)
+    assert [x["step"] for x in _steps(run_dir)] == [1, 2]
+    flog = _logs(_record(env, job), 1)
+    engines = re.findall(r"\[launch\.fleet\] node \d \(n\d\): engine \d: (.*)", flog)
+    assert len(engines) == 2 and all(cmd.endswith(" --max-n 64") for cmd in engines), flog[-3000:]
+    assert _wait_gone(env, job, timeout=60) == []

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from megatron_a3po.platform.procs import die_with_parent, free_port, stop_process
+from megatron_a3po.platform.procs import die_with_parent, listening_socket, stop_process
 
 
 @dataclass
@@ -63,10 +63,14 @@ def launch_engine(model_path, *, port: int | None = None, host: str = "127.0.0.1
                   weights_root=None) -> EngineProcess:
     """Start one engine. ``api_key`` reaches it in its environment ($A3PO_API_KEY), not its command
     line; ``weights_root``: the directory below which it may load weights (default: the model's
-    parent directory). ``timeout``: a loaded 2-core machine needs about a minute to start one."""
-    port = port or free_port()
+    parent directory). ``timeout``: a loaded 2-core machine needs about a minute to start one.
+    The listening socket is bound here (a free port unless ``port``) and handed to the engine
+    (``--listen-fd``), so no other process can take the port before the engine serves it."""
+    sock = listening_socket(host, port or 0)
+    port = sock.getsockname()[1]
     cmd = [sys.executable, "-m", "megatron_a3po.engine", "--model-path", str(model_path), "--host", host,
-           "--port", str(port), "--weight-version", str(version), "--threads", str(threads)]
+           "--port", str(port), "--listen-fd", str(sock.fileno()), "--weight-version", str(version),
+           "--threads", str(threads)]
     if version_log:  # "{port}" in the path is replaced by the port (one file per engine)
         version_log = str(version_log).replace("{port}", str(port))
         cmd += ["--version-log", version_log]
@@ -89,7 +93,11 @@ def launch_engine(model_path, *, port: int | None = None, host: str = "127.0.0.1
         out = open(log_path, "w")
     else:
         out = subprocess.DEVNULL
-    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent)
+    try:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent,
+                                pass_fds=(sock.fileno(),))
+    finally:
+        sock.close()  # the engine holds its own copy
     ep = EngineProcess(proc=proc, url=f"http://{host}:{port}", port=port, log_path=log_path,
                        version_log=str(version_log) if version_log else None)
     if wait:

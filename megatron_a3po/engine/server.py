@@ -606,6 +606,9 @@ def parse_args(argv=None):
     p.add_argument("--tokenizer-path", default=None)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=30000)
+    p.add_argument("--listen-fd", type=int, default=None,
+                   help="serve on this inherited listening socket (bound to --host:--port by the launcher, "
+                        "engine/launch.py) instead of binding one; ignored unless it is a socket on --port")
     p.add_argument("--weight-version", default="default")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--context-length", type=int, default=None)
@@ -661,8 +664,30 @@ def serve(app, engine: Engine, args) -> None:
 
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False,
                             timeout_graceful_shutdown=args.shutdown_timeout)
-    _Server(config).run()
+    sock = inherited_socket(args.listen_fd, args.port)
+    _Server(config).run(sockets=None if sock is None else [sock])
     engine.sched.stop()
+
+
+def inherited_socket(fd: int | None, port: int):
+    """The listening socket the launcher handed down (``--listen-fd``), if ``fd`` is one on ``port``; else
+    None and the server binds ``--host:--port`` itself (the same command line run again, e.g. to restart
+    an engine on its port, has no such descriptor)."""
+    import socket
+
+    if fd is None:
+        return None
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        return None
+    try:
+        if sock.type == socket.SOCK_STREAM and sock.getsockname()[1] == port:
+            return sock
+    except OSError:
+        pass
+    sock.detach()  # not ours to close
+    return None
 
 
 if __name__ == "__main__":

@@ -40,8 +40,11 @@ def seed_everything(seed: int) -> None:
 
 
 def init_distributed(tp: int = 1, pp: int = 1, seed: int = 0, *, timeout_s: float = 1800) -> None:
-    """Initialise torch.distributed (if needed) and megatron's parallel state for TP x PP (x DP)."""
+    """Initialise torch.distributed (if needed) and megatron's parallel state for TP x PP (x DP).
+    ``timeout_s``: every group's collective timeout (the default group, when made here, and megatron's
+    groups); the trainer passes config.timeouts' ``pg_timeout_s``."""
     import datetime
+    import math
 
     from megatron.core import parallel_state as ps
 
@@ -63,7 +66,8 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = 0, *, timeout_s: floa
         if ps.get_tensor_model_parallel_world_size() != tp or ps.get_pipeline_model_parallel_world_size() != pp:
             ps.destroy_model_parallel()
     if not ps.model_parallel_is_initialized():
-        ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+        ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                     distributed_timeout_minutes=math.ceil(timeout_s / 60))
     seed_everything(seed + 100 * ps.get_pipeline_model_parallel_rank())
 
 

@@ -15,9 +15,28 @@ from typing import Any, Callable
 
 
 def free_port() -> int:
+    """A port that was free a moment ago. Another process can take it before the caller's server binds it:
+    servers started here bind first instead (``listening_socket``, ``stores.tcp_store`` with port 0), and
+    one that binds itself retries on EADDRINUSE (rollout/router.py)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def listening_socket(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
+    """A TCP socket listening on ``host:port`` (0: a free port), inheritable by a child server
+    (``subprocess.Popen(pass_fds=...)``): the port is held from now on, so no other process can take it
+    between choosing it and the server's start. Raises OSError (EADDRINUSE) if ``port`` is taken."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+        sock.set_inheritable(True)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def die_with_parent():
@@ -49,7 +68,7 @@ class WorkerError(RuntimeError):
     pass
 
 
-def _entry(rank, world_size, port, backend, fn, args, kwargs, queue, env):
+def _entry(rank, world_size, port, backend, fn, args, kwargs, queue, env, pg_timeout_s):
     os.environ.update(env)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
@@ -62,7 +81,7 @@ def _entry(rank, world_size, port, backend, fn, args, kwargs, queue, env):
 
     torch.set_num_threads(int(env.get("A3PO_THREADS_PER_RANK", "1")))
     try:
-        init_default_group(backend, timeout=datetime.timedelta(minutes=30))
+        init_default_group(backend, timeout=datetime.timedelta(seconds=pg_timeout_s))
         out = fn(rank, world_size, *args, **kwargs)
         queue.put((rank, True, out))
     except BaseException:  # noqa: BLE001 - forwarded to the parent
@@ -79,8 +98,10 @@ def _entry(rank, world_size, port, backend, fn, args, kwargs, queue, env):
 
 
 def run_distributed(fn: Callable[..., Any], world_size: int, *args, backend: str | None = None,
-                    timeout: float = 600.0, env: dict | None = None, **kwargs) -> list[Any]:
-    """Run ``fn(rank, world_size, *args, **kwargs)`` in ``world_size`` spawned processes."""
+                    timeout: float = 600.0, env: dict | None = None, pg_timeout_s: float = 1800.0,
+                    **kwargs) -> list[Any]:
+    """Run ``fn(rank, world_size, *args, **kwargs)`` in ``world_size`` spawned processes; ``pg_timeout_s``
+    is their default group's collective timeout (the trainer passes config.timeouts')."""
     import queue as _q
 
     import torch
@@ -92,14 +113,15 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args, backend: str
     q = ctx.Queue()
     port = free_port()
     child_env = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
-    procs = [ctx.Process(target=_entry, args=(r, world_size, port, backend, fn, args, kwargs, q, child_env),
+    procs = [ctx.Process(target=_entry, args=(r, world_size, port, backend, fn, args, kwargs, q, child_env,
+                                              pg_timeout_s),
                          daemon=False) for r in range(world_size)]
     for p in procs:
         p.start()
     results: dict[int, Any] = {}
-    try:
-        import time
+    import time
 
+    try:
         deadline = time.monotonic() + timeout
         while len(results) < world_size:
             remaining = deadline - time.monotonic()
@@ -116,8 +138,11 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args, backend: str
                 raise WorkerError(f"rank {rank} failed:\n{payload}")
             results[rank] = payload
     finally:
+        # after a failure, the other ranks get a few seconds to stop on their own (a rank that waited in a
+        # collective for the failed one may be reporting that failure, see trainer/loop.py _on_rank0)
+        until = time.monotonic() + 5
         for p in procs:
-            p.join(timeout=5 if len(results) == world_size else 0.1)
+            p.join(timeout=max(0.1, until - time.monotonic()))
         for p in procs:
             if p.is_alive():
                 p.terminate()

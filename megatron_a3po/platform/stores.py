@@ -119,10 +119,12 @@ def init_default_group(backend: str, *, timeout: timedelta, bind: str | None = N
 
 
 def init_update_group(master_address: str, master_port: int, rank: int, world_size: int, group_name: str,
-                      backend: str = "nccl", timeout_s: float = 300.0):
+                      backend: str = "nccl", timeout_s: float = 300.0, *, store=None):
     """Create an extra torch.distributed process group outside the default one (a store at
     ``master_address:master_port`` hosted by rank 0 and listening on that address only, keys under
     ``group_name``), as an SGLang server does on ``/init_weights_update_group``; returns the group.
+    Rank 0 may pass the ``store`` it made beforehand (``tcp_store(..., port=0)``: bound before any member
+    is told the port, so no other process can take it in between).
 
     Here, below both the trainer's transport (rollout.weights) and the CPU engine, since both join such
     groups."""
@@ -131,7 +133,9 @@ def init_update_group(master_address: str, master_port: int, rank: int, world_si
     timeout = timedelta(seconds=timeout_s)
     if backend == "gloo":
         loopback_gloo(master_address)
-    store = tcp_store(master_address, master_port, world_size=world_size, is_master=rank == 0, timeout=timeout)
+    if store is None:
+        store = tcp_store(master_address, master_port, world_size=world_size, is_master=rank == 0,
+                          timeout=timeout)
     store = c10d.PrefixStore(group_name, store)
     pg, _ = c10d._new_process_group_helper(world_size, rank, [], c10d.Backend(backend), store,
                                            group_name=group_name, timeout=timeout)

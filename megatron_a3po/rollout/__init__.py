@@ -2,10 +2,17 @@
 prompt data and rewards. The trainer uses ``RolloutManager`` (manager.py) only.
 """
 
-from megatron_a3po.rollout.controller import ControllerConfig, RolloutError, WeightUpdateError
-from megatron_a3po.rollout.manager import RolloutManager
-from megatron_a3po.rollout.types import Batch, Sample, group_advantages
-from megatron_a3po.rollout.weights import DiskTransport, NcclTransport
+import importlib
 
-__all__ = ["RolloutManager", "ControllerConfig", "Batch", "Sample", "group_advantages", "DiskTransport",
-           "NcclTransport", "RolloutError", "WeightUpdateError"]
+# name -> module; imported on first use, so that importing one submodule (a task's reward module in a
+# reward worker process, rewards.py) does not import the whole rollout stack (httpx, torch)
+_EXPORTS = {"RolloutManager": "manager", "ControllerConfig": "controller", "RolloutError": "controller",
+            "WeightUpdateError": "controller", "Batch": "types", "Sample": "types", "group_advantages": "types",
+            "DiskTransport": "weights", "NcclTransport": "weights"}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -21,6 +21,7 @@ import statistics
 from collections import Counter
 from dataclasses import dataclass, field
 
+from megatron_a3po.rollout.rewards import REWARD_TIMEOUT_S
 from megatron_a3po.rollout.types import ADV_EPS
 from megatron_a3po.rollout.workflow import GroupWorkflow
 
@@ -34,7 +35,7 @@ class EvalConfig:
     max_new_tokens: int = 1024
     extra_sampling: dict = field(default_factory=dict)
     concurrency: int = 64  # prompts in flight at once
-    reward_timeout_s: float = 300.0
+    reward_timeout_s: float = REWARD_TIMEOUT_S  # per response (rewards.py), when evaluate() gets no scorer
 
 
 @dataclass
@@ -61,10 +62,12 @@ def _no_wait():
     return asyncio.sleep(0)
 
 
-async def evaluate(fleet, prompts: list, task, tokenizer, cfg: EvalConfig, version: int) -> EvalResult:
+async def evaluate(fleet, prompts: list, task, tokenizer, cfg: EvalConfig, version: int, *,
+                   scorer=None) -> EvalResult:
     """Generate ``cfg.n_samples`` answers per prompt with the fleet's current weights and score them: the
     training rollout's per-group workflow (workflow.py), with no staleness rule (nothing is trained on
-    these samples) and no sampling seed (greedy by default)."""
+    these samples) and no sampling seed (greedy by default). ``scorer``: the rollout's reward workers
+    (rewards.py; default: a pool of this evaluation's own)."""
     loop = asyncio.get_running_loop()
     t0 = loop.time()
     counters: Counter = Counter()
@@ -73,14 +76,18 @@ async def evaluate(fleet, prompts: list, task, tokenizer, cfg: EvalConfig, versi
                                  **cfg.extra_sampling},
                        sampling_seed=None, reward_timeout_s=cfg.reward_timeout_s, adv_norm="mean", adv_eps=ADV_EPS,
                        counters=counters, gate=_no_wait, too_stale=lambda versions: False,
-                       rid=lambda p, j, seg: f"eval-v{version}-p{p}" + (f"-s{j}-c{seg}" if j >= 0 else ""))
+                       rid=lambda p, j, seg: f"eval-v{version}-p{p}" + (f"-s{j}-c{seg}" if j >= 0 else ""),
+                       scorer=scorer)
     sem = asyncio.Semaphore(max(1, cfg.concurrency))
 
     async def one(p):
         async with sem:
             return await wf.run(p.index, p)
 
-    groups = await asyncio.gather(*(one(p) for p in prompts))
+    try:
+        groups = await asyncio.gather(*(one(p) for p in prompts))
+    finally:
+        wf.close()
     samples = [{"prompt_index": s.prompt_index, "sample_index": s.sample_index, "response_ids": s.response_ids,
                 "versions": s.versions, "record": p.record, "text": s.text, "reward": s.reward}
                for p, g in zip(prompts, groups) for s in g]

@@ -97,6 +97,8 @@ class RolloutManager:
         """Start the loop thread, health-check every server (up to ``wait_s``), start admitting work."""
         if self._started:
             return
+        # the reward workers, from this (long-lived) thread: they die with it (rollout/rewards.py)
+        self.controller.workflow.scorer.start()
         self._thread.start()
         self._started = True
         self._call(self.fleet.start(wait_s))
@@ -107,15 +109,17 @@ class RolloutManager:
         ``current_version`` are ready; raises TimeoutError, WeightUpdateError or RolloutError."""
         return self._call(self.controller.get_batch(num_groups, current_version, timeout))
 
-    def update_weights(self, new_version: int, hf_dir: str | None = None, named_tensors=None):
+    def update_weights(self, new_version: int, hf_dir: str | None = None, named_tensors=None,
+                       timeout: float | None = None):
         """Push new weights to every server (disk: ``hf_dir``; NCCL: ``named_tensors`` iterator) and
-        tag generation from now on with ``new_version``. Blocks until every server serves them."""
+        tag generation from now on with ``new_version``. Blocks until every server serves them, or raises
+        TimeoutError after ``timeout`` seconds (the update may still be running then)."""
         payload: dict[str, Any] = {}
         if hf_dir is not None:
             payload["hf_dir"] = str(hf_dir)
         if named_tensors is not None:
             payload["named_tensors"] = named_tensors
-        return self._call(self.controller.update_weights(int(new_version), **payload))
+        return self._call(self.controller.update_weights(int(new_version), **payload), timeout)
 
     def start_eval(self, prompts: list, config, version: int) -> Future:
         """Start evaluating ``prompts`` with the servers' current weights (``version``) in the background
@@ -126,7 +130,8 @@ class RolloutManager:
         if self._closed or not self._started:
             raise RuntimeError("RolloutManager is not running")
         return asyncio.run_coroutine_threadsafe(
-            evaluate(self.fleet, prompts, self.controller.task, self.controller.tokenizer, config, int(version)),
+            evaluate(self.fleet, prompts, self.controller.task, self.controller.tokenizer, config, int(version),
+                     scorer=self.controller.workflow.scorer),
             self._loop)
 
     def init_weight_transport(self):
@@ -174,6 +179,7 @@ class RolloutManager:
                 self._closed = True
                 self._loop.call_soon_threadsafe(self._loop.stop)
                 self._thread.join(timeout=30)
+        self.controller.workflow.close()
         self._closed = True
 
     def __enter__(self):

@@ -14,6 +14,8 @@ answers 200 even with no live worker: use ``/readiness`` and ``/workers``, never
 from __future__ import annotations
 
 import json
+import logging
+import os
 import subprocess
 import sys
 import time
@@ -23,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_a3po.platform.procs import die_with_parent, free_port, stop_process
+
+log = logging.getLogger("megatron_a3po.rollout.router")
 
 
 def router_command(worker_urls: list[str], *, port: int, prometheus_port: int, host: str = "127.0.0.1",
@@ -99,31 +103,59 @@ def start_router(worker_urls: list[str], *, port: int | None = None, prometheus_
                  host: str = "127.0.0.1", policy: str = "round_robin", log_path=None,
                  extra: list[str] = (), wait: bool = True, timeout: float = 60.0) -> RouterProcess:
     """Start an sglang-router in front of ``worker_urls`` on free ports (unless given); with ``wait``
-    return once it is ready with every worker healthy. Raises ImportError if sglang-router is missing."""
+    return once it is ready with every worker healthy. Raises ImportError if sglang-router is missing.
+
+    The router binds its ports itself, so a free port chosen here can be taken by another process before
+    it does: it then exits at once with "Address already in use"; with ports chosen here (and ``wait``)
+    it is started again on new ones, up to ``PORT_ATTEMPTS`` times."""
     import importlib.util
 
     if importlib.util.find_spec("sglang_router") is None:
         raise ImportError("sglang-router is not installed: pip install 'sglang-router==0.3.2'")
-    port = port or free_port()
-    prometheus_port = prometheus_port or free_port()
-    cmd = router_command(worker_urls, port=port, prometheus_port=prometheus_port, host=host, policy=policy,
-                         extra=list(extra))
-    if log_path is not None:
-        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-        out = open(log_path, "w")
-    else:
-        out = subprocess.DEVNULL
-    try:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
-    finally:
-        if out is not subprocess.DEVNULL:
-            out.close()
-    rp = RouterProcess(proc=proc, url=f"http://{host}:{port}", port=port, prometheus_port=prometheus_port,
-                       worker_urls=list(worker_urls), log_path=str(log_path) if log_path else None)
-    if wait:
+    chosen = port is None or prometheus_port is None
+    for attempt in range(1, PORT_ATTEMPTS + 1):
+        rp, temp_log = _start_router_once(worker_urls, port or free_port(), prometheus_port or free_port(),
+                                          host=host, policy=policy, log_path=log_path, extra=extra)
+        if not wait:
+            return rp
         try:
             rp.wait_ready(timeout)
+            if temp_log:  # the router keeps its open file; nothing reads it any more
+                os.unlink(rp.log_path)
+                rp.log_path = None
+            return rp
+        except RuntimeError:  # it exited during startup (the error holds its log's tail)
+            rp.stop()
+            retry = (chosen and attempt < PORT_ATTEMPTS
+                     and _PORT_TAKEN in Path(rp.log_path).read_text(errors="replace"))
+            if temp_log:
+                os.unlink(rp.log_path)
+            if not retry:
+                raise
+            log.warning("sglang-router: a port was taken before it could bind it (%s:%d/%d); starting it on "
+                        "other ports", host, rp.port, rp.prometheus_port)
         except BaseException:
             rp.stop()
             raise
-    return rp
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+PORT_ATTEMPTS = 3
+_PORT_TAKEN = "Address already in use"
+
+
+def _start_router_once(worker_urls, port: int, prometheus_port: int, *, host, policy, log_path, extra):
+    """One router process; returns it and whether its log is a temporary file made here."""
+    cmd = router_command(worker_urls, port=port, prometheus_port=prometheus_port, host=host, policy=policy,
+                         extra=list(extra))
+    temp = log_path is None
+    if temp:  # its output is read if it exits during startup (a port taken, see start_router)
+        import tempfile
+
+        fd, log_path = tempfile.mkstemp(prefix="sglang-router-", suffix=".log")
+        os.close(fd)
+    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+    return RouterProcess(proc=proc, url=f"http://{host}:{port}", port=port, prometheus_port=prometheus_port,
+                         worker_urls=list(worker_urls), log_path=str(log_path)), temp

@@ -32,8 +32,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-from megatron_a3po.platform.procs import free_port
-from megatron_a3po.platform.stores import init_update_group
+from megatron_a3po.platform.stores import init_update_group, tcp_store
 from megatron_a3po.rollout.fleet import Fleet, FleetError, ServerCallError
 
 log = logging.getLogger("megatron_a3po.rollout.weights")
@@ -104,7 +103,7 @@ def _with_last(it):
 
 
 class NcclTransport:
-    def __init__(self, master_address: str, master_port: int, *, group_name: str = "a3po_weights",
+    def __init__(self, master_address: str, master_port: int | None = None, *, group_name: str = "a3po_weights",
                  bucket_bytes: int = 512 << 20, backend: str = "nccl", server_tp: int | list[int] = 1,
                  device: str | torch.device | None = None, timeout_s: float = 300.0):
         self.master_address, self.master_port = master_address, master_port
@@ -162,19 +161,27 @@ class NcclTransport:
             # pending collective (a push that failed mid-broadcast already failed the update)
             dist.destroy_process_group(self.group)
             self.group = None
-        self.master_port = free_port()
+        self.master_port = None  # a new store on a free port (a store of the old group may linger on its port)
         self.regroups += 1
         await self.init(fleet, servers)
 
     async def init(self, fleet: Fleet, servers=None):
+        """Create the update group with ``servers``: this process's store listens first (on
+        ``master_port``, or a free port when None), then the servers are told its port and join."""
+        from datetime import timedelta
+
         servers = fleet.live() if servers is None else list(servers)
         self.urls = [s.url for s in servers]
+        store = await asyncio.to_thread(tcp_store, self.master_address, self.master_port or 0, world_size=None,
+                                        is_master=True, timeout=timedelta(seconds=self.timeout_s),
+                                        wait_for_workers=False)
+        self.master_port = store.port
         bodies = self.init_bodies(self.urls)
         world = next(iter(bodies.values()))["world_size"]
         http = asyncio.gather(*(fleet.call_one(s, "/init_weights_update_group", bodies[s.url], retries=0,
                                                timeout=self.timeout_s) for s in servers), return_exceptions=True)
         join = asyncio.to_thread(init_update_group, self.master_address, self.master_port, 0, world,
-                                 self.group_name, self.backend, self.timeout_s)
+                                 self.group_name, self.backend, self.timeout_s, store=store)
         res = await asyncio.gather(http, join, return_exceptions=True)
         errs = [r for r in (res[0] if isinstance(res[0], list) else [res[0]]) if isinstance(r, BaseException)]
         if isinstance(res[1], BaseException):

@@ -7,8 +7,8 @@ for every group it admits.
    update aborted comes back with its partial output and is resubmitted alone as prompt + partial, with
    ``max_new_tokens`` reduced; its new tokens carry the new version. Where the controller's staleness
    rule says a partial sample can no longer be used, it starts over.
-3. Score: rewards off the event loop (a failing or slow reward is 0 and counted), then the group's
-   advantages (``adv_norm``, ``adv_eps``; see types.group_advantages).
+3. Score: rewards in worker processes, each response killed at ``reward_timeout_s`` (rewards.py; a
+   failing or timed-out reward is 0 and counted), then the group's advantages (``adv_norm``, ``adv_eps``; see types.group_advantages).
 
 The workflow decides nothing about admission or staleness: ``gate`` (wait until requests may be sent)
 and ``too_stale`` (may a partial with these token versions still be delivered?) are the controller's.
@@ -23,6 +23,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 
 from megatron_a3po.rollout.fleet import Fleet
+from megatron_a3po.rollout.rewards import RewardScorer
 from megatron_a3po.rollout.types import Sample, group_advantages
 
 log = logging.getLogger("megatron_a3po.rollout.workflow")
@@ -70,7 +71,8 @@ class GroupWorkflow:
                  sampling_seed: int | None, reward_timeout_s: float, adv_norm: str, adv_eps: float,
                  counters: Counter, gate: Callable[[], Awaitable[None]], too_stale: Callable[[list[int]], bool],
                  rid: Callable[[int, int, int], str] | None = None,
-                 reward_shaping: Callable[[list[Sample], list[float]], list[float]] | None = None):
+                 reward_shaping: Callable[[list[Sample], list[float]], list[float]] | None = None,
+                 scorer: RewardScorer | None = None):
         self.fleet, self.task, self.tokenizer = fleet, task, tokenizer
         self.n, self.max_new_tokens = n_samples, max_new_tokens
         self.sampling = sampling  # temperature, top_p, top_k and any extra sampling keys
@@ -80,6 +82,11 @@ class GroupWorkflow:
         self.rid = rid or train_rid  # the request id base of (group, sample or -1 for the group, segment)
         self.reward_shaping = reward_shaping  # e.g. the overlong penalty (filters.py), before the advantages
         self.gen_tokens = 0
+        # rewards run in worker processes killed at reward_timeout_s (rewards.py); shared when given
+        self._own_scorer = scorer is None
+        self.scorer = scorer or RewardScorer(task, timeout_s=reward_timeout_s)
+        for k in ("reward_timeouts", "reward_errors"):  # reported from the first step on, 0 or not
+            self.counters[k] += 0
 
     async def run(self, gid: int, prompt) -> list[Sample]:
         first = await self.group_request(gid, prompt)
@@ -161,25 +168,15 @@ class GroupWorkflow:
 
     # ---- 3. score
     async def score(self, samples: list[Sample], prompt) -> None:
-        def score_all():
-            rs = []
-            for s in samples:
-                s.text = self.tokenizer.decode(s.response_ids, skip_special_tokens=True) if self.tokenizer else ""
-                try:
-                    rs.append(float(self.task.reward(s.text, prompt.record)))
-                except Exception:  # noqa: BLE001 - a reward bug must not stall the run: 0 and counted
-                    log.exception("reward of task %s failed on prompt %d", getattr(self.task, "name", "?"),
-                                  prompt.index)
-                    self.counters["reward_errors"] += 1
-                    rs.append(0.0)
-            return rs
-
-        try:
-            rewards = await asyncio.wait_for(asyncio.to_thread(score_all), self.reward_timeout_s)
-        except asyncio.TimeoutError:
-            self.counters["reward_timeouts"] += 1
-            rewards = [0.0] * len(samples)
+        for s in samples:
+            s.text = self.tokenizer.decode(s.response_ids, skip_special_tokens=True) if self.tokenizer else ""
+        rewards = await self.scorer.score([s.text for s in samples], prompt.record, self.counters)
         if self.reward_shaping is not None:
             rewards = self.reward_shaping(samples, rewards)
         for s, r, a in zip(samples, rewards, group_advantages(rewards, self.adv_norm, self.adv_eps)):
             s.reward, s.advantage = r, a
+
+    def close(self) -> None:
+        """Stop the reward workers if this workflow started them (not a scorer it was given)."""
+        if self._own_scorer:
+            self.scorer.close()

@@ -151,7 +151,10 @@ def _train(recipe, args) -> int:
         from megatron_a3po.platform.procs import run_distributed
         from megatron_a3po.trainer.loop import run_worker
 
-        summary = run_distributed(run_worker, world, recipe.model_dump(), run_dir, timeout=24 * 3600)[0]
+        from megatron_a3po.config import timeouts
+
+        summary = run_distributed(run_worker, world, recipe.model_dump(), run_dir, timeout=24 * 3600,
+                                  pg_timeout_s=timeouts(recipe.rollout).pg_timeout_s)[0]
     if summary:
         print_summary(summary, run_dir)
     return 0

@@ -15,7 +15,7 @@ import statistics
 from pathlib import Path
 
 from megatron_a3po import metrics as M
-from megatron_a3po.config import DataCfg, EvalCfg, RolloutCfg
+from megatron_a3po.config import DataCfg, EvalCfg, RolloutCfg, timeouts
 from megatron_a3po.rollout.controller import ControllerConfig
 
 
@@ -49,6 +49,9 @@ class RolloutSide:
         from megatron_a3po.rollout.tasks import get_task
 
         self.rc, self.data, self.eval_cfg, self.controller_cfg, self.seed = rollout, data, eval_cfg, controller, seed
+        # each wait for the fleet (a batch, an evaluation's end, a weight update) ends within this, before
+        # the other trainer ranks' collective times out (config.timeouts)
+        self.wait_s = timeouts(rollout).rollout_wait_s
         self.run_dir = Path(run_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
         self.task = get_task(data.task)
@@ -121,7 +124,6 @@ class RolloutSide:
         import socket
 
         from megatron_a3po.platform import is_cpu
-        from megatron_a3po.platform.procs import free_port
         from megatron_a3po.rollout import DiskTransport, NcclTransport
 
         rc = self.rc
@@ -130,7 +132,8 @@ class RolloutSide:
         addr = rc.weight_sync_master_addr or (
             "127.0.0.1" if not rc.engine_urls and rc.router_url is None
             else os.environ.get("MASTER_ADDR") or socket.gethostname())
-        return NcclTransport(addr, free_port(), backend="gloo" if is_cpu() else "nccl",
+        # the update group's store listens on a free port before the engines are told it (weights.py)
+        return NcclTransport(addr, backend="gloo" if is_cpu() else "nccl",
                              bucket_bytes=rc.weight_sync_bucket_mb << 20, server_tp=rc.engine_tp)
 
     def close(self):
@@ -146,13 +149,23 @@ class RolloutSide:
                 e.stop()
 
     # ------------------------------------------------------------------ per step
+    def _waited_too_long(self, what: str, e: BaseException):
+        from megatron_a3po.rollout import RolloutError
+
+        return RolloutError(f"{what} not done within {self.wait_s:.0f} s (rollout.wait_timeout_s; see "
+                            f"docs/rollout.md, Bounds): {e or type(e).__name__}")
+
     def get_batch(self, current_version: int) -> list[list[dict]]:
         """The next batch's groups, as the trainer's samples; with ``rollout.mask_truncated`` without the
         samples cut at max_new_tokens (rollout/filters.py; their rewards still count in the logged mean)."""
         from megatron_a3po.rollout.filters import drop_truncated
 
         rc = self.rc
-        batch = self.rm.get_batch(rc.batch_prompts, current_version, timeout=max(600.0, rc.request_timeout_s * 4))
+        try:
+            batch = self.rm.get_batch(rc.batch_prompts, current_version, timeout=self.wait_s)
+        except TimeoutError as e:
+            raise self._waited_too_long(f"a batch of {rc.batch_prompts} groups for version {current_version}",
+                                        e) from None
         groups = batch.groups
         self._batch_rewards = [s.reward for s in batch.samples]
         self._truncated = [0, len(self._batch_rewards)]
@@ -195,7 +208,7 @@ class RolloutSide:
         ec, rc = self.eval_cfg, self.rc
         cfg = EvalConfig(n_samples=ec.n_samples, temperature=ec.temperature, top_p=ec.top_p, top_k=ec.top_k,
                          max_new_tokens=ec.max_new_tokens or rc.max_new_tokens,
-                         reward_timeout_s=max(300.0, rc.request_timeout_s))
+                         reward_timeout_s=self.controller_cfg.reward_timeout_s)
         self._eval_future = self.rm.start_eval(self.eval_prompts, cfg, version)
 
     def wait_eval(self) -> None:
@@ -206,7 +219,11 @@ class RolloutSide:
             return
         t0 = time.perf_counter()
         fut, self._eval_future = self._eval_future, None
-        self._eval_done.append(fut.result(timeout=max(600.0, self.rc.request_timeout_s * 4)))
+        try:
+            self._eval_done.append(fut.result(timeout=self.wait_s))
+        except TimeoutError as e:
+            fut.cancel()
+            raise self._waited_too_long("the running evaluation", e) from None
         self.eval_wait_s += time.perf_counter() - t0
 
     def take_eval_results(self) -> list:
@@ -220,10 +237,13 @@ class RolloutSide:
         """Push ``version`` to every engine: from ``weights_dir`` (disk) or ``named_tensors`` (nccl).
         A running evaluation finishes first, so every eval token comes from the version it evaluates."""
         self.wait_eval()
-        if self.streams_weights:
-            self.rm.update_weights(version, named_tensors=named_tensors)
-            return
-        self.rm.update_weights(version, hf_dir=str(weights_dir))
+        try:
+            if self.streams_weights:
+                self.rm.update_weights(version, named_tensors=named_tensors, timeout=self.wait_s)
+                return
+            self.rm.update_weights(version, hf_dir=str(weights_dir), timeout=self.wait_s)
+        except TimeoutError as e:
+            raise self._waited_too_long(f"the weight update to version {version}", e) from None
         self._weight_dirs.append(Path(weights_dir))
         while len(self._weight_dirs) > 2:  # engines now serve the newest; keep one older for debugging
             shutil.rmtree(self._weight_dirs.pop(0), ignore_errors=True)

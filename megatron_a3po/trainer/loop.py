@@ -40,6 +40,38 @@ def _barrier():
         dist.barrier()
 
 
+def _on_rank0(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` on global rank 0 only; collective: every rank calls it (the others pass what
+    they like as ``fn``). An exception there is raised on EVERY rank: the other ranks, which wait here for
+    rank 0 (its fleet waits: a batch, an evaluation, a weight update), exit with rank 0's error instead of
+    sitting in a collective until its timeout (config.timeouts orders the two). Returns fn's result on
+    rank 0, None elsewhere."""
+    if _rank() != 0:
+        failure = _bcast(None)
+        if failure is not None:
+            log.error("rank %d: stopping, rank 0 failed: %s: %s", _rank(), type(failure).__name__, failure)
+            raise failure
+        return None
+    try:
+        out = fn(*args, **kwargs)
+    except Exception as e:
+        _bcast(_portable(e))
+        raise
+    _bcast(None)
+    return out
+
+
+def _portable(e: Exception) -> Exception:
+    """``e`` if it pickles (to reach the other ranks as it is), else a RuntimeError with its text."""
+    import pickle
+
+    try:
+        pickle.loads(pickle.dumps(e))
+        return e
+    except Exception:  # noqa: BLE001 - any exception object
+        return RuntimeError(f"{type(e).__name__}: {e}")
+
+
 def prepare_initial_model(recipe, run_dir: Path):
     """Returns (hf_config, hf_dir or None, mcore_dir or None, tokenizer_dir). Rank 0 builds tiny models."""
     from transformers import AutoConfig
@@ -103,6 +135,7 @@ def build_rollout_side(recipe, *, run_dir: Path, tokenizer_dir: str):
 
 def run(recipe, *, run_dir: str | Path | None = None) -> dict:
     """Train per ``recipe`` in this (already spawned) process; returns the summary on rank 0."""
+    from megatron_a3po.config import timeouts
     from megatron_a3po.loss import finalize_bucket_means
     from megatron_a3po.platform import init_distributed, is_cpu
     from megatron_a3po.trainer.batch import TrainSample
@@ -118,7 +151,8 @@ def run(recipe, *, run_dir: str | Path | None = None) -> dict:
         # one intra-op thread per rank: the CPU engines need the other cores, and OpenMP threads that
         # spin on an oversubscribed machine make every step several times slower
         torch.set_num_threads(int(os.environ.get("A3PO_THREADS_PER_RANK", "1")))
-    init_distributed(tp=recipe.parallel.tp, pp=recipe.parallel.pp, seed=tc.seed)
+    init_distributed(tp=recipe.parallel.tp, pp=recipe.parallel.pp, seed=tc.seed,
+                     timeout_s=timeouts(rc).pg_timeout_s)  # after rank 0's fleet waits (config.timeouts)
     _check_dp(recipe.parallel)
     torch.manual_seed(tc.seed)
     rank = _rank()
@@ -156,8 +190,7 @@ def run(recipe, *, run_dir: str | Path | None = None) -> dict:
         if not external:
             wdir = run_dir / "weights" / f"v{version}"
             actor.save_hf(wdir, tokenizer_dir=tok_dir)
-        if rank == 0:
-            side.start(weights_dir=wdir, version=version, state=rollout_state)
+        _on_rank0(lambda: side.start(weights_dir=wdir, version=version, state=rollout_state))
         if external:
             _push_weights(actor, side, recipe, version, run_dir, tok_dir)
         writer = _writer(run_dir, purge_step=start_step) if rank == 0 else None
@@ -172,13 +205,13 @@ def run(recipe, *, run_dir: str | Path | None = None) -> dict:
         for step in range(start_step, tc.steps):
             t0 = time.perf_counter()
             V = version  # read once per step; constant across this step's minibatches
-            groups = side.get_batch(V) if rank == 0 else None
-            rollout_stats = side.stats(V, groups) if rank == 0 else None
+            groups, rollout_stats = _on_rank0(_batch_and_stats, side, V) or (None, None)
             share = _scatter_shares(groups, tc.ppo_n_minibatches, dp_of)  # this rank's groups, per minibatch
             t_wait = time.perf_counter() - t0
             stats = actor.train_share([[TrainSample(**s) for g in mb for s in g] for mb in share], V)
             version += 1
             t1 = time.perf_counter()
+            _on_rank0(lambda: side.wait_eval())  # its own wait: the running evaluation ends before the push
             _push_weights(actor, side, recipe, version, run_dir, tok_dir)
             t_sync = time.perf_counter() - t1
             record = {"step": step + 1, "version_trained": V, "version_after": version,
@@ -226,6 +259,11 @@ def run(recipe, *, run_dir: str | Path | None = None) -> dict:
     finally:
         if side is not None:
             side.close()
+
+
+def _batch_and_stats(side, version: int):
+    groups = side.get_batch(version)
+    return groups, side.stats(version, groups)
 
 
 def _check_dp(pc) -> None:
@@ -278,16 +316,22 @@ def _push_weights(actor, side, recipe, version: int, run_dir: Path, tok_dir) -> 
     """
     if recipe.rollout.weight_sync == "nccl":
         named = (nt for bucket in actor.export_hf_weights(recipe.rollout.weight_sync_bucket_mb << 20) for nt in bucket)
-        if side is not None:
-            side.update_weights(version, named_tensors=named)
-        else:
+
+        def push():
+            try:
+                side.update_weights(version, named_tensors=named)
+            finally:  # after a failed push: the rest of the export's collectives, with the other ranks
+                for _ in named:
+                    pass
+
+        if side is None:
             for _ in named:  # the other ranks' half of the export's collectives
                 pass
+        _on_rank0(push)
         return
     wdir = run_dir / "weights" / f"v{version}"
     actor.save_hf(wdir, tokenizer_dir=tok_dir, fsync=False)  # read at once by the engines, deleted soon
-    if side is not None:
-        side.update_weights(version, wdir)
+    _on_rank0(lambda: side.update_weights(version, wdir))
 
 
 def _append_jsonl(path: Path, obj) -> None:

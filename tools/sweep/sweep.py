@@ -15,6 +15,10 @@ Grid file (YAML; every key is checked, errors name the file and the key)::
             - {rollout.max_staleness: 1, rollout.max_inflight_groups: 64}
         seeds: 1                      # optional: only the first N of --seeds for this block
 
+Each run's recipe (the grid's recipe with the grid-wide overrides, the point's and the seed, values as
+typed in the grid file) is validated when the grid is read and written into the run directory
+(``recipe.yaml``, ``config.recipe_yaml``, as the launcher does); the trainer reads that file.
+
 A grid point is a *group*: its runs differ only in ``trainer.seed`` (the run's one seed: model init,
 data and data order, engine sampling; see megatron_a3po/config.py). Runs go to ``OUT/<group>/seed<k>/``, where
 ``<group>`` is the point's ``key=value`` pairs (last key component, the full key if that is ambiguous)
@@ -57,15 +61,18 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from megatron_a3po import metrics as M
+from megatron_a3po.config import recipe_yaml
 from megatron_a3po.io import atomic_write_text, write_json_atomic
 from tools.report import COMPARISONS, HEADLINES, SUMMARY_FILE, SUMMARY_SCHEMA, RunData
 
 ROOT = Path(__file__).resolve().parents[2]
+RECIPE_FILE = "recipe.yaml"  # the run's validated recipe in its directory: the trainer's --recipe
 DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 # resolved recipe values recorded in each summary (tools/report reads mode, eps_clip, max_staleness)
 CONFIG_KEYS = {"mode": "trainer.mode", "eps_clip": "loss.eps_clip", "max_staleness": "rollout.max_staleness",
@@ -97,22 +104,22 @@ class RunSpec:
     group: str
     seed: int
     recipe: str
-    overrides: dict[str, str]  # every override passed to the trainer (grid-wide + point + trainer.seed)
+    overrides: dict[str, str]  # every override of the run (grid-wide + point + trainer.seed), as text
     point: dict[str, str]  # the grid point's own overrides (what names the group)
     config: dict = field(default_factory=dict)
-    recipe_arg: str | None = None  # what the trainer's --recipe gets (a recipe path made absolute)
+    recipe_obj: Any = None  # the run's validated Recipe, written into its directory for the trainer
 
     @property
     def rel(self) -> str:
         return f"{self.group}/seed{self.seed}"
 
     def argv(self, run_dir: Path) -> list[str]:
-        return [sys.executable, "-m", "megatron_a3po.trainer", "--recipe", self.recipe_arg or self.recipe,
-                "--run-dir", str(run_dir),
-                *(f"{k}={v}" for k, v in self.overrides.items())]
+        return [sys.executable, "-m", "megatron_a3po.trainer", "--recipe", str(run_dir / RECIPE_FILE),
+                "--run-dir", str(run_dir)]
 
 
-def _cli_value(v) -> str:
+def _text(v) -> str:
+    """How an override value is shown (group names, the run summary); the trainer gets the typed value."""
     if isinstance(v, bool):
         return "true" if v else "false"
     if v is None:
@@ -122,8 +129,8 @@ def _cli_value(v) -> str:
     return str(v)
 
 
-def _points(block: _Block, where: str) -> list[dict[str, str]]:
-    """The block's grid points: dicts of dotted key -> CLI value."""
+def _points(block: _Block, where: str) -> list[dict[str, Any]]:
+    """The block's grid points: dicts of dotted key -> value (as typed in the grid file)."""
     choices = []
     for name, values in block.axes.items():
         if not values:
@@ -133,16 +140,16 @@ def _points(block: _Block, where: str) -> list[dict[str, str]]:
             if isinstance(v, dict):  # a bundle: several keys at once
                 if not v or not all(isinstance(k, str) and "." in k for k in v):
                     raise SweepError(f"{where}.axes.{name}: a mapping value needs dotted keys, got {v!r}")
-                opts.append({k: _cli_value(x) for k, x in v.items()})
+                opts.append(dict(v))
             else:
                 if "." not in name:
                     raise SweepError(f"{where}.axes.{name}: not a dotted recipe key (a.b), and its value "
                                      f"{v!r} is not a mapping of dotted keys")
-                opts.append({name: _cli_value(v)})
+                opts.append({name: v})
         choices.append(opts)
     out = []
     for combo in itertools.product(*choices):
-        pt: dict[str, str] = {}
+        pt: dict[str, Any] = {}
         for part in combo:
             for k in part:
                 if k in pt:
@@ -162,6 +169,20 @@ def _group_name(point: dict[str, str], ambiguous: set[str]) -> str:
     if bad:
         raise SweepError(f"group name {name!r} has characters not allowed in a directory name: {bad}")
     return name
+
+
+def _nested(dotted: dict[str, Any]) -> dict:
+    """``{"a.b": v}`` -> ``{"a": {"b": v}}``: overrides as a recipe layer (typed values, no text encoding)."""
+    out: dict = {}
+    for k, v in dotted.items():
+        *parents, last = k.split(".")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise SweepError(f"override {k}: {p} is set to a value and used as a section")
+        node[last] = v
+    return out
 
 
 def load_grid(path, seeds: list[int]) -> list[RunSpec]:
@@ -190,7 +211,7 @@ def load_grid(path, seeds: list[int]) -> list[RunSpec]:
         if not rp.is_absolute() and not rp.exists() and (path.parent / rp).exists():
             rp = path.parent / rp
         recipe = str(rp.resolve())  # the trainer runs in the repository root
-    common = {k: _cli_value(v) for k, v in grid.overrides.items()}
+    common = dict(grid.overrides)
     if "trainer.seed" in common:
         raise SweepError(f"{path}: overrides.trainer.seed: seeds come from --seeds")
     blocks = []
@@ -206,16 +227,17 @@ def load_grid(path, seeds: list[int]) -> list[RunSpec]:
     runs, seen = [], {}
     for i, (b, pts) in enumerate(blocks):
         for pt in pts:
-            group = _group_name(pt, ambiguous)
-            if group in seen and seen[group] != pt:
+            shown = {k: _text(v) for k, v in pt.items()}
+            group = _group_name(shown, ambiguous)
+            if group in seen and seen[group] != shown:
                 raise SweepError(f"{path}: two grid points are both named {group!r}")
-            seen[group] = pt
+            seen[group] = shown
             for seed in seeds[: b.seeds or len(seeds)]:
-                ov = {**common, **pt, "trainer.seed": str(seed)}
+                ov = {**common, **pt, "trainer.seed": seed}
                 if any(r.group == group and r.seed == seed for r in runs):
                     continue  # the same point in two blocks: one run
                 try:
-                    rec = load_recipe(recipe, [f"{k}={v}" for k, v in ov.items()])
+                    rec = load_recipe(recipe, layers=[_nested(ov)])
                 except RecipeError as e:
                     raise SweepError(f"{path}: run {group}/seed{seed}: {e}") from None
                 d = rec.model_dump()
@@ -225,7 +247,8 @@ def load_grid(path, seeds: list[int]) -> list[RunSpec]:
                     for part in dotted.split("."):
                         x = x[part]
                     cfg[name] = x
-                runs.append(RunSpec(group, seed, grid.recipe, ov, pt, cfg, recipe_arg=recipe))
+                runs.append(RunSpec(group, seed, grid.recipe, {k: _text(v) for k, v in ov.items()}, shown, cfg,
+                                    recipe_obj=rec))
     return runs
 
 
@@ -348,6 +371,7 @@ class Sweep:
         if d.exists():
             shutil.rmtree(d)  # an unfinished run (finished ones never get here): start it over
         d.mkdir(parents=True)
+        atomic_write_text(d / RECIPE_FILE, recipe_yaml(spec.recipe_obj, f"tools.sweep: run {spec.rel} of {spec.recipe}"))
         t0 = time.perf_counter()
         with open(d / "train.log", "w") as logf:
             with self._lock:

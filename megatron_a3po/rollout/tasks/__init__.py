@@ -5,7 +5,9 @@ A task is a module ``megatron_a3po/rollout/tasks/<name>.py`` that defines ``TASK
 
     Task.fields                    record keys the task needs (checked when the data is loaded)
     Task.build_prompt(rec, tok)    -> list[int] prompt token ids
-    Task.reward(text, rec)         -> float, the reward of a decoded response for that record
+    Task.reward(text, rec)         -> float, the reward of a decoded response for that record; it runs in a
+                                   worker process killed at the rollout's reward timeout (rollout/rewards.py),
+                                   so it must be a module-level (picklable) function
 
 Optional hooks, declared here (None: the task does not offer it):
 

@@ -6,22 +6,20 @@ the tokenizer's chat template when it has one.
 Reward: 1.0 if the response's final answer equals the reference, else 0.0. The response's answer is the
 content of its last ``\\boxed{...}``, else the text after its last ``####``; the reference is the text
 after ``####`` in the dataset's ``answer`` field. Both are normalised (``,``/``$``/spaces removed); equal
-numbers match at once, anything else is checked by math-verify (parse + verify) with a timeout
-(``VERIFY_TIMEOUT_S``, run in a worker thread since math-verify's own timeout needs the main thread);
-a timeout or a parse failure scores 0.
+numbers match at once, anything else is checked by math-verify (parse + verify); a parse failure scores 0.
+math-verify can run for ever on some answers (``\\boxed{9^{9^{9^{9}}}}``: a big-integer power in C that
+holds the GIL, so no timeout inside this process can fire); the bound is the rollout's reward worker,
+killed at ``reward_timeout_s`` (rollout/rewards.py), where that answer scores 0.
 """
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import re
 from fractions import Fraction
 
 from megatron_a3po.rollout.tasks import Task, chat_prompt_ids
 
 PROMPT_SUFFIX = "\nPlease put your final answer within \\boxed{}."
-VERIFY_TIMEOUT_S = 5.0
-_POOL = cf.ThreadPoolExecutor(max_workers=2, thread_name_prefix="math-verify")
 
 
 def build_prompt(rec: dict, tokenizer) -> list[int]:
@@ -92,13 +90,13 @@ def _math_verify(pred: str, gold: str) -> bool:
     return bool(verify(g, p, timeout_seconds=None))
 
 
-def answers_match(pred: str, gold: str, timeout: float = VERIFY_TIMEOUT_S) -> bool:
+def answers_match(pred: str, gold: str) -> bool:
     a, b = _as_number(pred), _as_number(gold)
     if a is not None and b is not None:
         return a == b
     try:
-        return _POOL.submit(_math_verify, _normalise(pred), _normalise(gold)).result(timeout=timeout)
-    except Exception:  # noqa: BLE001 - timeout or parser failure scores 0
+        return _math_verify(_normalise(pred), _normalise(gold))
+    except Exception:  # noqa: BLE001 - a parser failure scores 0
         return False
 
 
