@@ -33,11 +33,14 @@ log = logging.getLogger("megatron_a3po.rollout.rewards")
 REWARD_TIMEOUT_S = 30.0
 
 
-def _worker_init() -> None:
+def _worker_init(reward) -> None:
     """In each worker: SIGTERM kills at once (pebble's own handler is Python code, which cannot run while a
     C call holds the GIL), and the worker gets SIGKILL when the process that started the pool dies (Linux
     PR_SET_PDEATHSIG; not platform.procs.die_with_parent, whose package imports torch: a worker imports
-    only the task's module)."""
+    only the task's module). ``reward`` arrives here, before any task's clock starts, so unpickling it
+    imports the task's module (and what that imports) outside the bound: a worker that replaces a killed one
+    on a loaded machine does not spend a reward's seconds on imports."""
+    del reward
     import ctypes
 
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -86,7 +89,7 @@ class RewardScorer:
             return
         from pebble import ProcessPool
 
-        self._pool = ProcessPool(max_workers=self.workers, initializer=_worker_init,
+        self._pool = ProcessPool(max_workers=self.workers, initializer=_worker_init, initargs=(self.task.reward,),
                                  context=multiprocessing.get_context("spawn"))
         for _ in range(self.workers):
             self._pool.schedule(_ready)

@@ -17,6 +17,8 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
+from math_verify import parse, verify  # at import: a reward worker pays it before its first bounded reward
+
 from megatron_a3po.rollout.tasks import Task, chat_prompt_ids
 
 PROMPT_SUFFIX = "\nPlease put your final answer within \\boxed{}."
@@ -81,8 +83,6 @@ def _as_number(s: str) -> Fraction | None:
 
 
 def _math_verify(pred: str, gold: str) -> bool:
-    from math_verify import parse, verify
-
     g = parse(f"${gold}$", parsing_timeout=None)
     p = parse(f"${pred}$", parsing_timeout=None)
     if not g or not p:
