@@ -139,10 +139,17 @@ def test_client_requests_and_aborted_responses_validate(api, engine):
     finally:
         rm.close()
     assert sent and received
-    assert all(isinstance(p["sampling_params"].get("sampling_seed"), int) for p in sent)
+    sps = [sp for p in sent for sp in (p["sampling_params"] if isinstance(p["sampling_params"], list)
+                                        else [p["sampling_params"]])]
+    assert all(isinstance(sp.get("sampling_seed"), int) for sp in sps)
+    # a group request is a batch of the prompt n times, one seed per sample: they differ
+    groups = [p for p in sent if isinstance(p["input_ids"][0], list)]
+    assert groups and all(len({sp["sampling_seed"] for sp in p["sampling_params"]}) == len(p["input_ids"])
+                          for p in groups)
     for p in sent:
         api.GenerateRequest.from_json_value(dict(p, rid="x"))
-        api.SamplingParams.from_json_value(p["sampling_params"])
+    for sp in sps:
+        api.SamplingParams.from_json_value(sp)
     kinds = set()
     for o in received:  # a group request (sampling_params.n > 1) returns a list of GenerateResponse
         for item in (o if isinstance(o, list) else [o]):

@@ -161,8 +161,10 @@ def launch_engine(model_path, *, port: int | None = None, host: str = "127.0.0.1
         python = sglang_python()
         if python is None:
             raise RuntimeError("no SGLang environment: run scripts/sglang_env.sh (or set $A3PO_SGLANG_PYTHON)")
+        # the CPU engine's default precision (SGLang's "auto" serves a float32 checkpoint in float16)
+        extra = list(extra_args) if "--dtype" in extra_args else ["--dtype", "float32", *extra_args]
         cmd = sglang_command(model_path, port=port, host=host, weight_version=None if version is None else str(version),
-                             cpu=True, python=python, extra=extra_args)
+                             cpu=True, python=python, extra=extra)
         env.update(sglang_env(cpu=True))
     elif backend == "cpu":
         cmd = [sys.executable, "-m", "megatron_a3po.engine", "--model-path", str(model_path), "--host", host,

@@ -72,9 +72,9 @@ class ControllerConfig:
     shuffle: bool = True
     seed: int = 0
     # not None: every request carries a ``sampling_seed`` derived from (this, group id, sample, segment),
-    # so what a sample draws does not depend on which other requests the engine batches it with. The CPU
-    # engine gives sample j of an ``n`` request the seed ``s * 1000003 + j``; SGLang would give all n the
-    # same seed (identical samples), so trainer/fleet.py:controller_config sets this for the CPU backend only.
+    # so what a sample draws does not depend on which other requests the engine batches it with (a group
+    # request is a batch of n prompts, each with its own seed). trainer/fleet.py:controller_config sets it
+    # for the CPU backend.
     sampling_seed: int | None = None
     epochs: int | None = None  # None: cycle over the data forever
     reward_timeout_s: float = 30.0

@@ -1,8 +1,10 @@
 """One prompt group's work, from request to scored samples: the per-group workflow the controller runs
 for every group it admits.
 
-1. Request: ONE ``/generate`` with SGLang's ``n`` for the whole group (n times fewer requests, which is
-   what bounds throughput when responses are short); every sample has its own rid (``meta_info.id``).
+1. Request: ONE ``/generate`` for the whole group (n times fewer requests, which is what bounds throughput
+   when responses are short): a batch of the prompt n times with one rid, so SGLang names the samples
+   ``<rid>_<i>`` (``meta_info.id``) and each can be aborted by its rid (SGLang's ``n > 1`` gives them
+   fresh uuids that no abort can name), each with its own ``sampling_seed`` when seeded.
 2. Collect: each sample's tokens, behaviour log-probs and per-token versions. A sample that a weight
    update aborted comes back with its partial output and is resubmitted alone as prompt + partial, with
    ``max_new_tokens`` reduced; its new tokens carry the new version. Where the controller's staleness
@@ -87,14 +89,21 @@ class GroupWorkflow:
 
     # ---- 1. request
     def request(self, gid: int, prompt, partial: list[int], j: int, seg: int, n: int = 1) -> dict:
-        """The /generate body for sample ``j`` (``j = -1``: the whole group, ``n`` samples) at segment
-        ``seg``, continuing ``partial``."""
-        sp = {"max_new_tokens": self.max_new_tokens - len(partial), **self.sampling}
-        if n > 1:
-            sp["n"] = n
-        if self.sampling_seed is not None:
-            sp["sampling_seed"] = self.request_seed(gid, j + 1, seg)
-        return {"input_ids": list(prompt.prompt_ids) + partial, "sampling_params": sp, "return_logprob": True}
+        """The /generate body for sample ``j`` at segment ``seg``, continuing ``partial``; ``j = -1``: the
+        whole group, a batch of ``n`` copies of the prompt (sample i seeded as sample i's first segment)."""
+        def sp(j: int, left: int) -> dict:
+            out = {"max_new_tokens": left, **self.sampling}
+            if self.sampling_seed is not None:
+                out["sampling_seed"] = self.request_seed(gid, j + 1, seg)
+            return out
+
+        if j < 0:
+            ids = list(prompt.prompt_ids)
+            sps = [sp(i, self.max_new_tokens) for i in range(n)]
+            return {"input_ids": [ids] * n, "sampling_params": sps if self.sampling_seed is not None else sps[0],
+                    "return_logprob": True}
+        return {"input_ids": list(prompt.prompt_ids) + partial,
+                "sampling_params": sp(j, self.max_new_tokens - len(partial)), "return_logprob": True}
 
     def request_seed(self, gid: int, j: int, seg: int) -> int:
         """The sampling_seed of a request: a 31-bit hash of (run seed, group id, sample j + 1 or 0 for the
@@ -102,14 +111,14 @@ class GroupWorkflow:
         return zlib.crc32(f"{self.sampling_seed}/{gid}/{j}/{seg}".encode()) & 0x7FFFFFFF
 
     async def group_request(self, gid: int, prompt) -> list[tuple[dict, str]]:
-        """All n samples of a group in one /generate. Returns (response, engine rid) per sample."""
+        """All n samples of a group in one /generate (a batch). Returns (response, engine rid) per sample."""
         await self.gate()
         resp, rid, _url = await self.fleet.generate(self.request(gid, prompt, [], -1, 0, n=self.n),
                                                     rid_base=self.rid(gid, -1, 0))
         resps = resp if isinstance(resp, list) else [resp]
         if len(resps) != self.n:
             raise RolloutError(f"request {rid}: asked for n={self.n} samples, got {len(resps)}")
-        # each sample has its own rid (meta_info.id): SGLang gives every one of the n a uuid4
+        # each sample has its own rid (meta_info.id): <rid>_<i>
         return [(r, str((r.get("meta_info") or {}).get("id") or rid)) for r in resps]
 
     # ---- 2. collect

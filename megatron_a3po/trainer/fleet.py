@@ -28,7 +28,8 @@ def controller_config(rollout: RolloutCfg, *, seed: int, shuffle: bool, adv_norm
                             batch_groups=r.batch_prompts, max_staleness=r.max_staleness,
                             max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
                             top_k=r.top_k, shuffle=shuffle, seed=seed,
-                            # SGLang would give all n samples of a request one seed (identical samples)
+                            # seeded requests on the CPU engine (reproducible demo runs); SGLang samples
+                            # with its own generator, as a GPU deployment does
                             sampling_seed=seed if r.backend == "cpu" else None,
                             pause_mode=r.pause_mode, adv_norm=adv_norm, adv_eps=adv_eps,
                             adv_batch_norm=adv_batch_norm)
