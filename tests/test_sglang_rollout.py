@@ -142,8 +142,7 @@ def test_served_logprobs_after_a_push_equal_hf_forward_on_the_pushed_weights(sgl
         b = rm.get_batch(1, 1, timeout=120)
         assert all(v >= 0 for s in b.samples for v in s.versions)
     finally:
-        if kind == "distributed" and transport.group is not None:
-            rm._call(transport.destroy(rm.fleet))
+        rm.close_transport()
         rm.close()
     err = _served_vs_hf(ep.url, ref)
     print(f"{kind}: max |served - HF| = {err:.2e}")

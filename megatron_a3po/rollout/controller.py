@@ -94,7 +94,7 @@ class ControllerConfig:
 
 class Controller:
     def __init__(self, fleet: Fleet, prompts: list, task, tokenizer, cfg: ControllerConfig,
-                 transport=None, initial_version: int = 0):
+                 transport=None, initial_version: int = 0, fleet_synced: bool = True):
         if not prompts:
             raise ValueError("no prompts to roll out")
         self.fleet, self.prompts, self.task, self.tokenizer, self.cfg = fleet, prompts, task, tokenizer, cfg
@@ -104,6 +104,12 @@ class Controller:
         self.last_consumed_version = initial_version - 1
         self.counters: Counter = Counter()
         self.initial_version = initial_version
+        # the versions this trainer produced: the fleet's initial weights (when it was started from them,
+        # ``fleet_synced``) and every successful push. Tokens of any other version (a fleet the user
+        # started: "default"; a reused one: an earlier run's) are never used. Without ``fleet_synced``
+        # nothing is generated until the first push has brought every server to the trainer's weights.
+        self.fleet_synced = fleet_synced
+        self._produced: set[int] = {initial_version} if fleet_synced else set()
         self._last_payload: dict = {}  # the last successful push (hf_dir): resent to a server that rejoins
         # servers back with older weights that a streaming transport (NCCL) cannot resend: they join the
         # next weight update (a new update group with them), held out of the fleet until then
@@ -119,7 +125,8 @@ class Controller:
             fleet, task, tokenizer, n_samples=cfg.n_samples, max_new_tokens=cfg.max_new_tokens,
             sampling={"temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k, **cfg.extra_sampling},
             sampling_seed=cfg.sampling_seed, reward_timeout_s=cfg.reward_timeout_s, adv_norm=cfg.adv_norm,
-            adv_eps=cfg.adv_eps, counters=self.counters, gate=self._gate, too_stale=self._too_stale)
+            adv_eps=cfg.adv_eps, counters=self.counters, gate=self._gate, too_stale=self._too_stale,
+            known_version=self._produced.__contains__)
         self._broken: WeightUpdateError | None = None
         self._fatal: BaseException | None = None
         self._stopping = False
@@ -148,7 +155,8 @@ class Controller:
     async def start(self):
         self._tick_ev = asyncio.Event()
         self._open = asyncio.Event()
-        self._open.set()
+        if self.fleet_synced:
+            self._open.set()  # else the first successful update_weights opens it
         self._update_lock = asyncio.Lock()
         self._admit_task = asyncio.create_task(self._admit_loop())
 
@@ -333,6 +341,7 @@ class Controller:
                 wrong = {u: i.get("weight_version") for u, i in infos.items() if str(i.get("weight_version")) != str(version)}
                 if wrong:
                     raise FleetError(f"servers report other weight versions than {version}: {wrong}")
+                self._produced.add(version)  # before continuing: tokens of it may arrive at once
                 await self.fleet.call_all("/continue_generation", {}, servers=servers,
                                           retries=self.cfg.update_retries)
             except NoServersError as e:  # e.g. the last engines died during this update
@@ -405,17 +414,23 @@ class Controller:
         False: it stays out (retried at its next liveness check)."""
         if self._stopping or self._broken is not None or self._fatal is not None or s.url in self._joiners:
             return False
+        if not self._produced:  # nothing pushed yet: the first update brings every server to the weights
+            return False
         async with self._update_lock:
             try:
                 resend = bool(self._last_payload.get("hf_dir"))
-                if not resend and self.served_version != self.initial_version:
+                # a version number tells the weights only for versions this run pushed (a server the trainer
+                # did not start may report the initial version with other weights): without weights to
+                # resend, such a server joins the next update
+                if not resend and (self.served_version != self.initial_version or not self.fleet_synced):
                     # nothing to resend: only a server that missed no update (a short hang) rejoins now
                     # (the next update regroups with it); it is not paused otherwise (it serves nothing
                     # while out, and /health, a generation, would wait out a pause)
                     info = await self.fleet.call_one(s, "/model_info", None, method="GET", retries=0)
                     if info is None:
                         return False
-                    if str(info.get("weight_version")) != str(self.served_version):
+                    if str(info.get("weight_version")) != str(self.served_version) or (
+                            not self.fleet_synced and self.served_version == self.initial_version):
                         if hasattr(self.transport, "regroup"):
                             self._joiners.add(s.url)
                             log.warning("server %s is back with older weights: it joins the next weight update",

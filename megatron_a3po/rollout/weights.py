@@ -229,21 +229,28 @@ class NcclTransport:
         await self.init(fleet, servers)
 
     async def init(self, fleet: Fleet, servers=None):
+        """Make the update group with ``servers`` (default: the fleet). A group of this name that a server
+        still holds (a crashed or resumed run of the same name, on a fleet the trainer did not start) is
+        destroyed first, best effort; if a server refuses to join, this fails at once (not after the
+        group's timeout)."""
         servers = fleet.live() if servers is None else list(servers)
         self.urls = [s.url for s in servers]
         bodies = self.init_bodies(self.urls)
         world = next(iter(bodies.values()))["world_size"]
-        http = asyncio.gather(*(fleet.call_one(s, "/init_weights_update_group", bodies[s.url], retries=0,
-                                               timeout=self.timeout_s) for s in servers), return_exceptions=True)
-        join = asyncio.to_thread(init_update_group, self.master_address, self.master_port, 0, world,
-                                 self.group_name, self.backend, self.timeout_s)
-        res = await asyncio.gather(http, join, return_exceptions=True)
-        errs = [r for r in (res[0] if isinstance(res[0], list) else [res[0]]) if isinstance(r, BaseException)]
-        if isinstance(res[1], BaseException):
-            errs.append(res[1])
-        if errs:
+        await asyncio.gather(*(fleet.call_one(s, "/destroy_weights_update_group", {"group_name": self.group_name},
+                                              retries=0, timeout=30.0) for s in servers), return_exceptions=True)
+        join = asyncio.ensure_future(asyncio.to_thread(init_update_group, self.master_address, self.master_port, 0,
+                                                       world, self.group_name, self.backend, self.timeout_s))
+        res = await asyncio.gather(*(fleet.call_one(s, "/init_weights_update_group", bodies[s.url], retries=0,
+                                                    timeout=self.timeout_s) for s in servers), return_exceptions=True)
+        errs = [r for r in res if isinstance(r, BaseException)]
+        if errs:  # the join waits for ranks that will never come: leave it to its timeout, fail now
+            join.add_done_callback(lambda f: f.cancelled() or f.exception())
             raise FleetError(f"init_weights_update_group failed: {errs[0]}")
-        self.group = res[1]
+        try:
+            self.group = await join
+        except Exception as e:  # noqa: BLE001
+            raise FleetError(f"init_weights_update_group failed: {e}") from e
 
     def _broadcast(self, bucket: list):
         import torch.distributed as dist
@@ -283,9 +290,11 @@ class NcclTransport:
             await _end_sessions(fleet, servers, retries)
 
     async def destroy(self, fleet: Fleet):
-        await fleet.call_all("/destroy_weights_update_group", {"group_name": self.group_name}, retries=0)
-        if self.group is not None:
-            import torch.distributed as dist
+        try:
+            await fleet.call_all("/destroy_weights_update_group", {"group_name": self.group_name}, retries=0)
+        finally:
+            if self.group is not None:
+                import torch.distributed as dist
 
-            dist.destroy_process_group(self.group)
-            self.group = None
+                dist.destroy_process_group(self.group)
+                self.group = None

@@ -34,6 +34,11 @@ class RolloutError(RuntimeError):
     pass
 
 
+class ForeignVersion(RolloutError):
+    """A response carries a weight version that is not an integer (a server never pushed to reports
+    "default"): weights this trainer did not produce."""
+
+
 def token_versions(meta: dict, n: int) -> list[int]:
     """Per-output-token integer versions from a /generate meta_info (spans, else weight_version)."""
     spans = meta.get("weight_versions") or []
@@ -58,8 +63,8 @@ def _int_version(v) -> int:
     try:
         return int(v)
     except (TypeError, ValueError):
-        raise RolloutError(f"weight version {v!r} is not an integer: start engines with --weight-version N "
-                           "and update them with integer versions") from None
+        raise ForeignVersion(f"weight version {v!r} is not an integer: start engines with --weight-version N "
+                             "and update them with integer versions") from None
 
 
 def train_rid(gid: int, j: int, seg: int) -> str:
@@ -71,7 +76,7 @@ class GroupWorkflow:
     def __init__(self, fleet: Fleet, task, tokenizer, *, n_samples: int, max_new_tokens: int, sampling: dict,
                  sampling_seed: int | None, reward_timeout_s: float, adv_norm: str, adv_eps: float,
                  counters: Counter, gate: Callable[[], Awaitable[None]], too_stale: Callable[[list[int]], bool],
-                 rid: Callable[[int, int, int], str] | None = None):
+                 rid: Callable[[int, int, int], str] | None = None, known_version: Callable[[int], bool] | None = None):
         self.fleet, self.task, self.tokenizer = fleet, task, tokenizer
         self.n, self.max_new_tokens = n_samples, max_new_tokens
         self.sampling = sampling  # temperature, top_p, top_k and any extra sampling keys
@@ -79,6 +84,9 @@ class GroupWorkflow:
         self.reward_timeout_s, self.adv_norm, self.adv_eps = reward_timeout_s, adv_norm, adv_eps
         self.counters, self.gate, self.too_stale = counters, gate, too_stale
         self.rid = rid or train_rid  # the request id base of (group, sample or -1 for the group, segment)
+        # whether a weight version is one the trainer produced (pushed, or the fleet started with): tokens
+        # of any other version are never used (the sample starts over)
+        self.known_version = known_version or (lambda v: True)
         self.gen_tokens = 0
 
     async def run(self, gid: int, prompt) -> list[Sample]:
@@ -129,7 +137,7 @@ class GroupWorkflow:
         lps: list[float] = []
         vers: list[int] = []
         rids: list[str] = []
-        seg = idle_aborts = 0
+        seg = idle_aborts = foreign = 0
         while True:
             if first is not None:
                 (resp, rid), first = first, None
@@ -143,9 +151,27 @@ class GroupWorkflow:
             lp_entries = meta.get("output_token_logprobs") or []
             if len(lp_entries) != len(toks) or any(int(e[1]) != t for e, t in zip(lp_entries, toks)):
                 raise RolloutError(f"request {rid}: output_token_logprobs do not match output_ids")
+            try:
+                new_vers = token_versions(meta, len(toks))
+            except ForeignVersion:
+                new_vers = None
+            if new_vers is None or not all(self.known_version(v) for v in new_vers):
+                # weights this trainer did not produce (a server it has not synced, another run's version):
+                # never trained on; the sample starts over
+                self.counters["samples_dropped_foreign_version"] += 1
+                foreign += 1
+                log.warning("request %s: weight versions %s were not produced by this trainer; sample %d of "
+                            "group %d starts over", rid, meta.get("weight_versions") or meta.get("weight_version"),
+                            j, gid)
+                if foreign > 20:
+                    raise RuntimeError(f"request {rid}: the fleet keeps answering with weight versions this "
+                                       f"trainer did not produce ({meta.get('weight_version')!r})")
+                out, lps, vers, rids = [], [], [], []
+                await asyncio.sleep(min(0.1 * foreign, 2.0))
+                continue
             out += toks
             lps += [float(e[0]) for e in lp_entries]
-            vers += token_versions(meta, len(toks))
+            vers += new_vers
             rids.append(rid)
             self.gen_tokens += len(toks)
             fr = (meta.get("finish_reason") or {}).get("type")

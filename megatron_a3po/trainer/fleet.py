@@ -102,7 +102,10 @@ class RolloutSide:
                                  transport=self._transport(), initial_version=version,
                                  request_timeout=rc.request_timeout_s, api_key=self.api_key,
                                  hang_timeout_s=rc.hang_timeout_s,
-                                 log_hints={e.url: e.log_path for e in self.engines if e.log_path})
+                                 log_hints={e.url: e.log_path for e in self.engines if e.log_path},
+                                 # a fleet this run did not start serves someone else's weights and version
+                                 # (SGLang's "default", an earlier run's): nothing until the first push
+                                 fleet_synced=bool(self.engines))
         if state:
             self.rm.load_state_dict(state)
         self.rm.start()
@@ -127,7 +130,12 @@ class RolloutSide:
         addr = rc.weight_sync_master_addr or (
             "127.0.0.1" if not rc.engine_urls and rc.router_url is None
             else os.environ.get("MASTER_ADDR") or socket.gethostname())
-        return NcclTransport(addr, free_port(), backend="gloo" if is_cpu() else "nccl",
+        # one group name per run directory: a resumed run destroys its own stale group on the servers, and
+        # runs sharing a fleet never collide
+        import hashlib
+
+        name = "a3po_weights_" + hashlib.sha1(str(self.run_dir.resolve()).encode()).hexdigest()[:12]
+        return NcclTransport(addr, free_port(), backend="gloo" if is_cpu() else "nccl", group_name=name,
                              bucket_bytes=rc.weight_sync_bucket_mb << 20, server_tp=rc.engine_tp)
 
     def close(self):
@@ -135,6 +143,7 @@ class RolloutSide:
             if self._eval_future is not None:
                 self._eval_future.cancel()
             if self.rm is not None:
+                self.rm.close_transport()  # the servers drop this run's update group (an external fleet lives on)
                 self.rm.close()
         finally:
             if self.router is not None:
