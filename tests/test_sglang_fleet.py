@@ -112,3 +112,22 @@ def test_a_reused_fleet_with_disk_sync(user_fleet, tmp_path):
     r = _train(tmp_path / "run", url, "trainer.steps=2")
     _check(r, tmp_path / "run", 2)
     assert _version(url) == "2"
+
+
+def test_the_trainer_starts_real_sglang_itself(tmp_path):
+    """``rollout.backend=sglang`` with no engine URLs on a CPU machine: the trainer starts SGLang's own
+    server (the command line launch/ writes for GPU nodes, plus the CPU flags), trains a few steps of the
+    demo against it (disk sync) and stops it."""
+    from real_sglang import require_sglang
+
+    require_sglang()
+    run = tmp_path / "run"
+    env = subprocess_env(A3PO_NO_PROGRESS="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "megatron_a3po.trainer", "--recipe", "demo_cpu", "--run-dir", str(run), *SHORT,
+           "trainer.steps=3"]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    _check(r, run, 3)
+    logs = list((run / "engines").glob("engine-*.log"))
+    assert len(logs) == 1 and "sglang" in logs[0].read_text(errors="replace").lower()
+    recs = _steps(run)
+    assert max(x["stats"]["staleness/max"] for x in recs) <= 2

@@ -6,6 +6,7 @@ serves, checked against HF transformers' forward on the pushed weights."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 
 import httpx
@@ -147,3 +148,36 @@ def test_served_logprobs_after_a_push_equal_hf_forward_on_the_pushed_weights(sgl
     err = _served_vs_hf(ep.url, ref)
     print(f"{kind}: max |served - HF| = {err:.2e}")
     assert err < 1e-4
+
+
+def test_samples_of_versions_this_trainer_did_not_produce_are_dropped_and_counted(sglang):
+    """Someone else changes the server's version mid-run ("default", then "99"): the samples it then
+    generates are dropped, counted, and regenerated; no delivered token has a version this trainer did not
+    push, and the run goes on (the next push sets the version again)."""
+    from megatron_a3po.rollout import ControllerConfig, RolloutManager
+
+    ep, dirs = sglang
+    url = ep.url
+    cfg = ControllerConfig(n_samples=2, max_inflight_groups=4, batch_groups=2, max_staleness=2, max_new_tokens=6)
+    rm = RolloutManager([url], toy_prompts(200), toy_task(), tokenizer(), cfg)
+    delivered = []
+    try:
+        rm.start()
+        delivered += rm.get_batch(2, 0, timeout=120).samples
+        for foreign in ("default", "99"):
+            before = rm.metrics().get("rollout/samples_dropped_foreign_version", 0)
+            r = httpx.post(f"{url}/update_weight_version", json={"new_version": foreign, "abort_all_requests": False},
+                           timeout=30)
+            assert r.status_code == 200, r.text
+            deadline = time.monotonic() + 120
+            while rm.metrics().get("rollout/samples_dropped_foreign_version", 0) == before:
+                assert time.monotonic() < deadline, "no sample of the foreign version was seen"
+                time.sleep(0.1)
+        rm.update_weights(1, hf_dir=dirs[1])
+        delivered += rm.get_batch(2, 1, timeout=120).samples
+        delivered += rm.get_batch(2, 2, timeout=120).samples
+        m = rm.metrics()
+    finally:
+        rm.close()
+    assert m["rollout/samples_dropped_foreign_version"] >= 2
+    assert {v for s in delivered for v in s.versions} <= {0, 1}

@@ -1,8 +1,10 @@
 """Rank 0's side of the rollout fleet: engines, prompts, the staleness-bounded controller, rollout stats.
 
 With ``rollout.engine_urls`` (or a router) set, the fleet is external (SGLang on GPU nodes, started by
-launch/). Otherwise ``rollout.num_engines`` CPU engines (megatron_a3po.engine) are started here from
-the trainer's version-0 weights and stopped at the end; they die with the trainer.
+launch/). Otherwise ``rollout.num_engines`` engines are started here from the trainer's version-0 weights
+and stopped at the end (they die with the trainer): CPU engines (megatron_a3po.engine), or with
+``rollout.backend=sglang`` on a CPU machine the real SGLang server (``engine.launch.sglang_command`` with
+the CPU flags, from the environment ``scripts/sglang_env.sh`` builds).
 
 Weights reach the engines per ``rollout.weight_sync``: ``disk`` (an HF dir the trainer wrote) or
 ``nccl`` (this rank broadcasts the streamed HF tensors into every engine: NCCL on GPU, gloo on CPU).
@@ -78,18 +80,25 @@ class RolloutSide:
         rc = self.rc
         urls = list(rc.engine_urls)
         if not urls and rc.router_url is None:
-            if rc.backend != "cpu":
-                raise ValueError("rollout.backend=sglang needs rollout.engine_urls or rollout.router_url "
-                                 "(launch/ starts the SGLang fleet)")
             from megatron_a3po.engine.launch import launch_engines
+            from megatron_a3po.platform import is_cpu
             from megatron_a3po.platform.keys import new_key
 
-            # --random-seed: the draws of requests without a sampling_seed (the controller seeds its own)
-            self.api_key = new_key()  # a key per run for the engines started here (in their environment)
+            if rc.backend == "sglang":
+                if not is_cpu():
+                    raise ValueError("rollout.backend=sglang on GPUs needs rollout.engine_urls or rollout.router_url "
+                                     "(launch/ starts the SGLang fleet)")
+                # SGLang's own server on this CPU (its environment: scripts/sglang_env.sh), started with the
+                # command line launch/ writes for GPU nodes plus the CPU flags; bound to 127.0.0.1, no key
+                # (SGLang takes one only as a flag, which ps would show)
+                kw = {"backend": "sglang", "extra_args": ["--random-seed", str(self.seed), *rc.engine_args]}
+            else:
+                # --random-seed: the draws of requests without a sampling_seed (the controller seeds its own)
+                self.api_key = new_key()  # a key per run for the engines started here (in their environment)
+                kw = {"api_key": self.api_key, "weights_root": self.run_dir,
+                      "extra_args": ["--random-seed", str(self.seed)]}
             self.engines = launch_engines(weights_dir, n=rc.num_engines, version=str(version),
-                                          log_dir=self.run_dir / "engines", api_key=self.api_key,
-                                          weights_root=self.run_dir,
-                                          extra_args=["--random-seed", str(self.seed)])
+                                          log_dir=self.run_dir / "engines", **kw)
             urls = [e.url for e in self.engines]
             if rc.start_router:
                 from megatron_a3po.rollout.router import start_router
