@@ -76,3 +76,37 @@ def reset(url: str, model_dir, version: str = "0"):
     while loads(url)["running"] or loads(url)["waiting"]:
         assert time.monotonic() < deadline, f"{url}: requests still running after a reset"
         time.sleep(0.05)
+
+
+# fixed prompts of the toy vocabulary: the served weights are checked by greedy log-probs on them
+PROMPTS = [[5, 6, 7, 8], [9, 10, 11, 12, 13, 14, 15], [20, 3, 3]]
+
+
+def hf_model_with(d, weights: dict):
+    """HF transformers' model of ``d``'s architecture holding ``weights`` (fp32)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    missing, unexpected = m.load_state_dict(weights, strict=False)
+    assert not unexpected and all(k == "lm_head.weight" for k in missing), (missing, unexpected)
+    return m
+
+
+def served_vs_hf(url, model) -> float:
+    """Greedy generations of the server on fixed prompts: max |served log-prob - HF forward's| (fp64)."""
+    import torch
+
+    worst = 0.0
+    for p in PROMPTS:
+        o = httpx.post(f"{url}/generate", timeout=120, json={
+            "input_ids": p, "return_logprob": True,
+            "sampling_params": {"max_new_tokens": 16, "temperature": 0.0, "ignore_eos": True}}).json()
+        toks = o["output_ids"]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([p + toks])).logits[0].double(), -1)
+        ref = [float(logp[len(p) - 1 + i, t]) for i, t in enumerate(toks)]
+        assert toks == [int(logp[len(p) - 1 + i].argmax()) for i in range(len(toks))]  # greedy under HF too
+        got = [e[0] for e in o["meta_info"]["output_token_logprobs"]]
+        worst = max(worst, max(abs(a - b) for a, b in zip(got, ref)))
+    return worst

@@ -15,7 +15,7 @@ import torch
 
 from megatron_a3po.rollout.fleet import Fleet
 from megatron_a3po.rollout.workflow import GroupWorkflow
-from real_sglang import loads, reset
+from real_sglang import hf_model_with, loads, reset, served_vs_hf
 from rollout_util import toy_prompts, toy_task, tokenizer
 
 pytestmark = pytest.mark.slow
@@ -74,42 +74,12 @@ async def _open_gate():
     return None
 
 
-PROMPTS = [[5, 6, 7, 8], [9, 10, 11, 12, 13, 14, 15], [20, 3, 3]]
-
-
 def _pushed_weights(d, seed: int) -> dict:
     """Weights the trainer would push: model ``d``'s tensors, perturbed (so they are no file's)."""
     from rollout_util import hf_tensors
 
     g = torch.Generator().manual_seed(seed)
     return {k: (v.float() + 0.05 * torch.randn(v.shape, generator=g)).contiguous() for k, v in hf_tensors(d).items()}
-
-
-def _hf_reference(d, weights: dict):
-    """HF transformers' model of ``d``'s architecture holding ``weights`` (fp32)."""
-    from transformers import AutoModelForCausalLM
-
-    m = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
-    missing, unexpected = m.load_state_dict(weights, strict=False)
-    assert not unexpected and all(k == "lm_head.weight" for k in missing), (missing, unexpected)
-    return m
-
-
-def _served_vs_hf(url, model) -> float:
-    """Greedy generations of the server on fixed prompts: max |served log-prob - HF forward's| (fp64)."""
-    worst = 0.0
-    for p in PROMPTS:
-        o = httpx.post(f"{url}/generate", timeout=120, json={
-            "input_ids": p, "return_logprob": True,
-            "sampling_params": {"max_new_tokens": 16, "temperature": 0.0, "ignore_eos": True}}).json()
-        toks = o["output_ids"]
-        with torch.no_grad():
-            logp = torch.log_softmax(model(torch.tensor([p + toks])).logits[0].double(), -1)
-        ref = [float(logp[len(p) - 1 + i, t]) for i, t in enumerate(toks)]
-        assert toks == [int(logp[len(p) - 1 + i].argmax()) for i in range(len(toks))]  # greedy under HF too
-        got = [e[0] for e in o["meta_info"]["output_token_logprobs"]]
-        worst = max(worst, max(abs(a - b) for a, b in zip(got, ref)))
-    return worst
 
 
 @pytest.mark.parametrize("kind", ["disk", "tensor", "distributed"])
@@ -123,7 +93,7 @@ def test_served_logprobs_after_a_push_equal_hf_forward_on_the_pushed_weights(sgl
 
     ep, dirs = sglang
     weights = _pushed_weights(dirs[1], seed={"disk": 1, "tensor": 2, "distributed": 3}[kind])
-    ref = _hf_reference(dirs[1], weights)
+    ref = hf_model_with(dirs[1], weights)
     if kind == "disk":
         ref.save_pretrained(tmp_path / "pushed")
         payload = {"hf_dir": str(tmp_path / "pushed")}
@@ -145,7 +115,7 @@ def test_served_logprobs_after_a_push_equal_hf_forward_on_the_pushed_weights(sgl
     finally:
         rm.close_transport()
         rm.close()
-    err = _served_vs_hf(ep.url, ref)
+    err = served_vs_hf(ep.url, ref)
     print(f"{kind}: max |served - HF| = {err:.2e}")
     assert err < 1e-4
 

@@ -6,8 +6,9 @@ and stopped at the end (they die with the trainer): CPU engines (megatron_a3po.e
 ``rollout.backend=sglang`` on a CPU machine the real SGLang server (``engine.launch.sglang_command`` with
 the CPU flags, from the environment ``scripts/sglang_env.sh`` builds).
 
-Weights reach the engines per ``rollout.weight_sync``: ``disk`` (an HF dir the trainer wrote) or
-``nccl`` (this rank broadcasts the streamed HF tensors into every engine: NCCL on GPU, gloo on CPU).
+Weights reach the engines per ``rollout.weight_sync``: ``disk`` (an HF dir the trainer wrote), ``nccl``
+(this rank broadcasts the streamed HF tensors into every engine: NCCL on GPU, gloo on CPU) or ``tensor``
+(colocated SGLang servers get shared-memory handles of the streamed tensors).
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ class RolloutSide:
     @property
     def streams_weights(self) -> bool:
         """True when pushes take streamed (name, tensor) pairs rather than an HF dir on disk."""
-        return self.rc.weight_sync == "nccl"
+        return self.rc.weight_sync in ("nccl", "tensor")
 
     def _transport(self):
         import os
@@ -131,11 +132,13 @@ class RolloutSide:
 
         from megatron_a3po.platform import is_cpu
         from megatron_a3po.platform.procs import free_port
-        from megatron_a3po.rollout import DiskTransport, NcclTransport
+        from megatron_a3po.rollout import DiskTransport, NcclTransport, TensorTransport
 
         rc = self.rc
         if rc.weight_sync == "disk":
             return DiskTransport()
+        if rc.weight_sync == "tensor":
+            return TensorTransport(bucket_bytes=rc.weight_sync_bucket_mb << 20, server_tp=rc.engine_tp)
         addr = rc.weight_sync_master_addr or (
             "127.0.0.1" if not rc.engine_urls and rc.router_url is None
             else os.environ.get("MASTER_ADDR") or socket.gethostname())
