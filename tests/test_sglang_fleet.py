@@ -3,9 +3,10 @@ server it did not start (``rollout.engine_urls``), as a GPU cluster's user would
 
 One server, started the way SGLang's docs start one (no ``--weight-version``: it reports "default"), is
 used in turn by: a run with disk sync (the first push sets the version); a run with distributed sync over
-gloo, killed mid-run (the server then serves a higher version than a new run's and still holds that run's
-weight-update group); its resume (``trainer.resume=true``); a new run with distributed sync; a new run
-with disk sync. Each trains without error, and the server ends at the version of the run's last push.
+gloo, SIGKILLed mid-run (the server then serves a higher version than its checkpoint's and still holds the
+run's weight-update group); its resume (``trainer.resume=true``, same group name: the stale group is
+destroyed first); a new run with disk sync (a reused fleet at a higher version, a group of another run
+left). Each trains without error, and the server ends at the version of the run's last push.
 Skipped with the reason where SGLang's environment is missing."""
 
 from __future__ import annotations
@@ -80,8 +81,9 @@ def test_a_fleet_started_without_weight_version_gets_its_version_from_the_first_
 
 
 def test_a_reused_fleet_with_a_stale_update_group_then_resume(user_fleet, tmp_path):
-    """Distributed sync: a run killed after its first checkpoint leaves the server at its version with its
-    weight-update group; the resumed run (same run dir) and a new run both start within seconds."""
+    """Distributed sync: a run killed after its first checkpoint leaves the server at a higher version with
+    its weight-update group; the resumed run (same run dir, same group name) and a new run (disk sync) both
+    train."""
     url = user_fleet.url
     run = tmp_path / "crashed"
     env = subprocess_env(A3PO_NO_PROGRESS="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
@@ -101,16 +103,9 @@ def test_a_reused_fleet_with_a_stale_update_group_then_resume(user_fleet, tmp_pa
     recs = _check(r, run, 4)
     assert [x["step"] for x in recs] == [1, 2, 3, 4]  # resumed after step 2: steps 3 and 4 replaced
     assert _version(url) == "4"
-    r = _train(tmp_path / "new-nccl", url, "rollout.weight_sync=nccl", "trainer.steps=2")
-    _check(r, tmp_path / "new-nccl", 2)
-    assert _version(url) == "2"
-
-
-def test_a_reused_fleet_with_disk_sync(user_fleet, tmp_path):
-    url = user_fleet.url
-    httpx.post(f"{url}/update_weight_version", json={"new_version": "12"}, timeout=30).raise_for_status()
-    r = _train(tmp_path / "run", url, "trainer.steps=2")
-    _check(r, tmp_path / "run", 2)
+    # a new run with disk sync on the reused fleet (version 4, higher than its 0)
+    r = _train(tmp_path / "new-disk", url, "trainer.steps=2")
+    _check(r, tmp_path / "new-disk", 2)
     assert _version(url) == "2"
 
 
