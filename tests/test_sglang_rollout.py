@@ -151,3 +151,38 @@ def test_samples_of_versions_this_trainer_did_not_produce_are_dropped_and_counte
         rm.close()
     assert m["rollout/samples_dropped_foreign_version"] >= 2
     assert {v for s in delivered for v in s.versions} <= {0, 1}
+
+
+def test_a_stale_update_group_of_the_same_name_is_replaced_at_once(sglang):
+    """A trainer that died holding an update group leaves it on the server; the next one with the same
+    group name (a resumed run) destroys it and makes its own, at once, and pushes through it. (Before, the
+    server refused the name and the new trainer waited out the store timeout, then failed.)"""
+    from megatron_a3po.platform.procs import free_port
+    from megatron_a3po.rollout import NcclTransport
+    from rollout_util import hf_tensors
+
+    ep, dirs = sglang
+    name = f"stale-{free_port()}"
+
+    async def run():
+        fleet = Fleet([ep.url], health_interval_s=0.5)
+        await fleet.start(30)
+        try:
+            dead = NcclTransport("127.0.0.1", free_port(), backend="gloo", group_name=name, timeout_s=20)
+            await dead.init(fleet)
+            import torch.distributed as dist
+
+            dist.destroy_process_group(dead.group)  # the trainer "dies": the server keeps the group
+            t = NcclTransport("127.0.0.1", free_port(), backend="gloo", group_name=name, timeout_s=20,
+                              bucket_bytes=64 << 10)
+            await t.init(fleet)
+            await fleet.call_all("/pause_generation", {"mode": "abort"})
+            await t.push(fleet, 7, named_tensors=iter(hf_tensors(dirs[1]).items()))
+            await fleet.call_all("/continue_generation", {})
+            await t.destroy(fleet)
+        finally:
+            await fleet.close()
+
+    asyncio.run(run())
+    assert httpx.get(f"{ep.url}/model_info", timeout=30).json()["weight_version"] == "7"
+    assert served_vs_hf(ep.url, hf_model_with(dirs[1], hf_tensors(dirs[1]))) < 1e-4

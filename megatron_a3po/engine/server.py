@@ -148,6 +148,7 @@ class Engine:
             await asyncio.sleep(max(0.0, self.fault["hang"] - time.time()))
 
         loop = asyncio.get_running_loop()
+        per_item_sp = isinstance(body.get("sampling_params"), list)
         futs, seqs, meta = [], [], []
         for i, (p, (sp, n)) in enumerate(zip(prompts, parsed)):
             for j in range(n):
@@ -158,7 +159,11 @@ class Engine:
 
                 gen = None
                 if sp.seed is not None:
-                    gen = torch.Generator().manual_seed((sp.seed * 1000003 + j) % (1 << 63))
+                    # sample j of an n > 1 request, or item i of a batch that shares one sampling_params
+                    # object, gets its own seed (SGLang would give them all the same: identical samples;
+                    # the rollout seeds only the CPU engine)
+                    k = j if per_item_sp else i * n + j
+                    gen = torch.Generator().manual_seed((sp.seed * 1000003 + k) % (1 << 63))
                 # n > 1: every sample gets its own uuid4 rid (meta_info.id), as in SGLang
                 seq = Seq(rid=rids[i] if n == 1 else uuid.uuid4().hex, prompt=list(p), sp=sp, on_done=done,
                           gen=gen)

@@ -4,7 +4,8 @@ for every group it admits.
 1. Request: ONE ``/generate`` for the whole group (n times fewer requests, which is what bounds throughput
    when responses are short): a batch of the prompt n times with one rid, so SGLang names the samples
    ``<rid>_<i>`` (``meta_info.id``) and each can be aborted by its rid (SGLang's ``n > 1`` gives them
-   fresh uuids that no abort can name), each with its own ``sampling_seed`` when seeded.
+   fresh uuids that no abort can name). One ``sampling_params`` object for the batch (sglang-router 0.3.2
+   rejects a list with 422); seeded, the CPU engine gives item i the seed ``s * 1000003 + i``.
 2. Collect: each sample's tokens, behaviour log-probs and per-token versions. A sample that a weight
    update aborted comes back with its partial output and is resubmitted alone as prompt + partial, with
    ``max_new_tokens`` reduced; its new tokens carry the new version. Where the controller's staleness
@@ -98,20 +99,13 @@ class GroupWorkflow:
     # ---- 1. request
     def request(self, gid: int, prompt, partial: list[int], j: int, seg: int, n: int = 1) -> dict:
         """The /generate body for sample ``j`` at segment ``seg``, continuing ``partial``; ``j = -1``: the
-        whole group, a batch of ``n`` copies of the prompt (sample i seeded as sample i's first segment)."""
-        def sp(j: int, left: int) -> dict:
-            out = {"max_new_tokens": left, **self.sampling}
-            if self.sampling_seed is not None:
-                out["sampling_seed"] = self.request_seed(gid, j + 1, seg)
-            return out
-
+        whole group, a batch of ``n`` copies of the prompt with one sampling_params object."""
+        sp = {"max_new_tokens": self.max_new_tokens - len(partial), **self.sampling}
+        if self.sampling_seed is not None:
+            sp["sampling_seed"] = self.request_seed(gid, j + 1, seg)
         if j < 0:
-            ids = list(prompt.prompt_ids)
-            sps = [sp(i, self.max_new_tokens) for i in range(n)]
-            return {"input_ids": [ids] * n, "sampling_params": sps if self.sampling_seed is not None else sps[0],
-                    "return_logprob": True}
-        return {"input_ids": list(prompt.prompt_ids) + partial,
-                "sampling_params": sp(j, self.max_new_tokens - len(partial)), "return_logprob": True}
+            return {"input_ids": [list(prompt.prompt_ids)] * n, "sampling_params": sp, "return_logprob": True}
+        return {"input_ids": list(prompt.prompt_ids) + partial, "sampling_params": sp, "return_logprob": True}
 
     def request_seed(self, gid: int, j: int, seg: int) -> int:
         """The sampling_seed of a request: a 31-bit hash of (run seed, group id, sample j + 1 or 0 for the
