@@ -128,7 +128,8 @@ def test_samples_of_versions_this_trainer_did_not_produce_are_dropped_and_counte
 
     ep, dirs = sglang
     url = ep.url
-    cfg = ControllerConfig(n_samples=2, max_inflight_groups=4, batch_groups=2, max_staleness=2, max_new_tokens=6)
+    # a loose bound keeps groups admitted (so requests keep going) while the test waits without consuming
+    cfg = ControllerConfig(n_samples=2, max_inflight_groups=4, batch_groups=2, max_staleness=50, max_new_tokens=6)
     rm = RolloutManager([url], toy_prompts(200), toy_task(), tokenizer(), cfg)
     delivered = []
     try:
