@@ -30,6 +30,7 @@ from pathlib import Path
 from launch.health import healthy, split_command
 from megatron_a3po.platform.procs import free_port
 from launch.keyed import keyed_command
+from megatron_a3po.engine.launch import sglang_command
 from megatron_a3po.rollout.router import router_command
 
 
@@ -64,12 +65,10 @@ def server_command(backend: str, model_path: str, engine: Engine, *, engine_tp: 
         log = ["--version-log", os.path.join(log_dir, f"engine-{engine.index}.jsonl")] if log_dir else []
         return [python, "-m", "megatron_a3po.engine", "--model-path", model_path, "--port", str(engine.port),
                 "--host", bind_host, "--weight-version", INITIAL_VERSION, *log, *extra]
-    cmd = [python, "-m", "sglang.launch_server", "--model-path", model_path, "--tp-size", str(engine_tp),
-           "--host", bind_host, "--port", str(engine.port), "--base-gpu-id", str(engine.base_gpu),
-           "--weight-version", INITIAL_VERSION]
-    if mem_fraction_static is not None:
-        cmd += ["--mem-fraction-static", str(mem_fraction_static)]
-    return cmd + list(extra)
+    # the one builder of SGLang's command line (the trainer uses it too, with the CPU flags, on a CPU)
+    return sglang_command(model_path, port=engine.port, host=bind_host, weight_version=INITIAL_VERSION, tp=engine_tp,
+                          base_gpu=engine.base_gpu, mem_fraction_static=mem_fraction_static, python=python,
+                          extra=extra)
 
 
 def my_node_index(hosts: list[str], explicit: int | None) -> int:

@@ -88,7 +88,7 @@ def read_cluster_file(path) -> list[dict]:
     return [layer]
 
 
-_FLAG_KEYS = ("account", "partition", "time", "qos", "container_image", "job_dir")
+_FLAG_KEYS = ("account", "partition", "time", "qos", "container_image", "rollout_container_image", "job_dir")
 
 
 def flag_layer(args) -> dict:
@@ -246,7 +246,9 @@ def build_slurm(run, recipe, layout, args):
                   wait_time_for_group_job=c.group_start_gap_s)
     ex_trainer = run.SlurmExecutor(nodes=layout.trainer_nodes, setup_lines=slurm_setup_lines(layout.rollout_nodes),
                                    **common)
-    ex_fleet = run.SlurmExecutor(nodes=layout.rollout_nodes, **common)
+    # each group its own image: the trainer's (NGC PyTorch + megatron-core), SGLang's own for the fleet
+    ex_fleet = run.SlurmExecutor(nodes=layout.rollout_nodes,
+                                 **dict(common, container_image=c.rollout_container_image or c.container_image))
     for ex in (ex_trainer, ex_fleet):
         ex.launcher = None  # torchrun is in the trainer's command; the fleet is one process per node
     return [trainer, fleet], [ex_trainer, ex_fleet]
@@ -318,7 +320,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--partition")
     ap.add_argument("--time")
     ap.add_argument("--qos")
-    ap.add_argument("--container-image", dest="container_image")
+    ap.add_argument("--container-image", dest="container_image", help="the trainer group's image (and the fleet's, "
+                                                                       "unless --rollout-container-image)")
+    ap.add_argument("--rollout-container-image", dest="rollout_container_image",
+                    help="the rollout group's image: SGLang's own, with this package installed --no-deps")
     ap.add_argument("--mount", action="append", default=[], help="SRC:DST container mount (repeatable; "
                                                                   "replaces cluster.container_mounts)")
     ap.add_argument("--job-dir", dest="job_dir", help="nemo-run job directory on the cluster's shared filesystem "

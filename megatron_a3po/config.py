@@ -209,7 +209,9 @@ class RolloutCfg(_Strict):
     # disk: the trainer writes an HF dir each step, engines load it (/update_weights_from_disk).
     # nccl: trainer rank 0 broadcasts the streamed HF tensors into every engine
     # (/update_weights_from_distributed); NCCL on GPU, the same code over gloo with the CPU engine.
-    weight_sync: Literal["disk", "nccl"] = "disk"
+    # tensor: colocated SGLang servers (same machine) get shared-memory handles of the streamed HF tensors
+    # (/update_weights_from_tensor); SGLang only (the CPU engine refuses it).
+    weight_sync: Literal["disk", "nccl", "tensor"] = "disk"
     # address at which the engines reach trainer rank 0 for the weight-update group (None: 127.0.0.1
     # for the bundled CPU engines, else $MASTER_ADDR or this host's name)
     weight_sync_master_addr: str | None = None
@@ -245,6 +247,9 @@ class RolloutCfg(_Strict):
         if self.dynamic_sampling_min_groups > self.batch_prompts:
             raise ValueError(f"rollout.dynamic_sampling_min_groups={self.dynamic_sampling_min_groups} exceeds "
                              f"rollout.batch_prompts={self.batch_prompts}")
+        if self.weight_sync == "tensor" and self.backend != "sglang":
+            raise ValueError("rollout.weight_sync=tensor needs rollout.backend=sglang (the CPU engine has no "
+                             "/update_weights_from_tensor)")
         return self
 
 
@@ -302,7 +307,13 @@ class ClusterCfg(_Strict):
     gpus_per_node: int = Field(8, ge=0)
     # Largest job the partition accepts (trainer_nodes + rollout_nodes); None = not checked.
     max_nodes: int | None = Field(None, ge=1)
+    # The trainer group's image: NGC PyTorch (Transformer Engine, apex) with megatron-core and this package
+    # (`pip install ".[gpu]"`). The rollout group runs SGLang's own image (`rollout_container_image`, e.g.
+    # SGLang 0.5.23's release image; None = the trainer's): its torch is SGLang's pin, so this package
+    # goes into it without dependencies (`pip install --no-deps .`; the fleet's code needs only the
+    # standard library and torch) or runs from the code the job ships.
     container_image: str | None = None
+    rollout_container_image: str | None = None
     container_mounts: list[str] = []  # "SRC:DST" pairs, as srun --container-mounts takes them
     account: str | None = None
     partition: str | None = None

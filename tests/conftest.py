@@ -14,3 +14,26 @@ def subprocess_env(**extra) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
     env.update(extra)
     return env
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def sglang_models(tmp_path_factory):
+    """Two tiny Qwen2 models (seeds 0 and 1; context 1024 tokens) shared by the tests of the session."""
+    from rollout_util import model_dirs
+
+    return model_dirs(tmp_path_factory.mktemp("sglang-models"), 2, max_position_embeddings=1024)
+
+
+@pytest.fixture(scope="session")
+def sglang_server(sglang_models, tmp_path_factory):
+    """One real SGLang 0.5.23 server for the session (started on first use; skipped with the reason when
+    its environment is missing): ``(EngineProcess, model dirs)``. A test that changes its state puts it
+    back (``real_sglang.reset``); tests that kill or restart servers start their own."""
+    from real_sglang import start_sglang
+
+    ep = start_sglang(sglang_models[0], version="0", log_dir=tmp_path_factory.mktemp("sglang-session"))
+    yield ep, sglang_models
+    ep.stop()

@@ -14,12 +14,14 @@ def tokenizer():
     return build_char_tokenizer(CHARS)
 
 
-def model_dirs(root: Path, n: int = 2, family: str = "qwen2") -> list[str]:
-    """``n`` tiny models of one architecture with different random weights (seed i)."""
+def model_dirs(root: Path, n: int = 2, family: str = "qwen2", **config) -> list[str]:
+    """``n`` tiny models of one architecture with different random weights (seed i); ``config``
+    overrides fields of the HF config (e.g. max_position_embeddings)."""
     from megatron_a3po.models.tiny import save_tiny_hf_model
 
     tok = tokenizer()
-    return [str(save_tiny_hf_model(root / f"{family}-w{i}", family, seed=i, tokenizer=tok)) for i in range(n)]
+    return [str(save_tiny_hf_model(root / f"{family}-w{i}", family, seed=i, tokenizer=tok, **config))
+            for i in range(n)]
 
 
 def hf_tensors(d) -> dict:

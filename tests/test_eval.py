@@ -20,9 +20,11 @@ class _FakeFleet:
     async def generate(self, payload, rid_base):
         self.calls.append(rid_base)
         p = int(rid_base.split("-p")[1].split("-")[0])
-        n = payload["sampling_params"].get("n", 1)
-        self.prompt_len.setdefault(p, len(payload["input_ids"]))
-        done = len(payload["input_ids"]) - self.prompt_len[p]  # tokens already generated (a continuation)
+        batch = isinstance(payload["input_ids"][0], list)  # a group request: the prompt n times
+        n = len(payload["input_ids"]) if batch else 1
+        ids_in = payload["input_ids"][0] if batch else payload["input_ids"]
+        self.prompt_len.setdefault(p, len(ids_in))
+        done = len(ids_in) - self.prompt_len[p]  # tokens already generated (a continuation)
         j0 = int(rid_base.split("-s")[1].split("-")[0]) if "-s" in rid_base else 0
         out = []
         for j in range(j0, j0 + n):
@@ -34,7 +36,7 @@ class _FakeFleet:
                                                         "finish_reason": {"type": fr},
                                                         "output_token_logprobs": [[0.0, t] for t in ids]}})
         await asyncio.sleep(0)
-        return (out if n > 1 else out[0]), rid_base + ".0", "http://fake"
+        return (out if batch else out[0]), rid_base + ".0", "http://fake"
 
 
 def test_eval_metrics_accuracy_and_pass_at_k():

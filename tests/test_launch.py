@@ -566,3 +566,23 @@ def test_keyed_wrapper_passes_the_key_in_argv_not_the_command_line(tmp_path):
     out = json.loads(subprocess.run(wrapped, env=env, capture_output=True, text=True, check=True).stdout)
     assert out["argv"] == ["--port", "1", "--api-key", "s3cret"]
     assert not any("s3cret" in a for a in out["cmdline"])
+
+
+def test_each_het_group_runs_its_own_image(home, capsys):
+    """The trainer group runs the NGC PyTorch image (megatron-core), the rollout group SGLang's own image
+    (this package in it without dependencies): one container_image per executor."""
+    text = _dryrun(home, "qwen2_5_1_5b_gsm8k", "--rollout-container-image", "lmsysorg/sglang:v0.5.23", capsys=capsys)
+    sruns = _srun_lines(text)
+    assert f"--container-image {IMAGE}" in sruns[0] and "lmsysorg/sglang" not in sruns[0]
+    assert "--container-image lmsysorg/sglang:v0.5.23" in sruns[1] and f"--container-image {IMAGE} " not in sruns[1]
+
+
+def test_the_gpu_extra_does_not_pull_sglang():
+    """`pip install ".[gpu]"` into the NGC image must not bring sglang (its torch pin would replace the
+    image's torch): sglang and its router are in the `rollout` extra, for SGLang's own image."""
+    import tomllib
+
+    extras = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    assert not [d for d in extras["gpu"] if d.lower().startswith(("sglang", "torch"))], extras["gpu"]
+    assert "sglang==0.5.23" in extras["rollout"]

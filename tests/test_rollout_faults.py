@@ -399,3 +399,95 @@ def test_trainer_behind_the_real_router_kill_restart_stop_then_lose_all_engines(
     gids = [g for r in recs for g in r["group_ids"]]
     assert len(gids) == len(set(gids)), "a prompt group was trained on twice"
     assert all(r["stats"]["staleness/max"] <= 2 for r in recs)
+
+
+def test_real_sglang_servers_behind_the_real_router_kill_restart_stop(sglang_models, tmp_path):
+    """Two real SGLang 0.5.23 servers behind sglang-router 0.3.2 (disk sync, hang timeout 3 s): SIGKILL one
+    mid-run (generation goes on; it leaves the router), restart it on its port (it serves again only once
+    synced: its version and its greedy log-probs equal HF's forward on the served weights), SIGSTOP the
+    other past the hang timeout (dropped; updates go on with the healthy one, which is never marked
+    unavailable), SIGCONT it (synced before it serves). No group lost or delivered twice, the staleness
+    bound held on every delivered token."""
+    import os
+    import signal
+
+    pytest.importorskip("sglang_router")
+    from megatron_a3po.rollout.router import router_workers, start_router
+    from real_sglang import hf_model_with, served_vs_hf, start_sglang
+
+    HANG = 3.0
+    logs = tmp_path / "logs"
+    dirs = sglang_models
+    a, b = (start_sglang(dirs[0], log_dir=logs, wait=False) for _ in range(2))
+    restarted = rp = None
+    try:
+        from megatron_a3po.engine.launch import wait_healthy
+
+        for e in (a, b):
+            wait_healthy(e.url, 300, e.proc, e.log_path)
+        rp = start_router([a.url, b.url], log_path=logs / "router.log")
+        prompts = toy_prompts(300)
+        cfg = ControllerConfig(n_samples=2, max_inflight_groups=6, batch_groups=GROUPS, max_staleness=2,
+                               max_new_tokens=16, seed=1)
+        rm = RolloutManager([a.url, b.url], prompts, toy_task(), tokenizer(), cfg, router_url=rp.url,
+                            request_timeout=60.0, health_interval_s=0.3, hang_timeout_s=HANG,
+                            log_hints={e.url: e.log_path for e in (a, b)})
+        delivered, served, v = [], {0: dirs[0]}, 0
+
+        def step():
+            nonlocal v
+            batch = rm.get_batch(GROUPS, v, timeout=180)
+            delivered.extend(batch.samples)
+            assert all(v - min(s.versions) <= cfg.max_staleness for s in batch.samples)
+            served[v + 1] = dirs[(v + 1) % 2]
+            rm.update_weights(v + 1, hf_dir=served[v + 1])
+            v += 1
+
+        def synced(url):
+            assert httpx.get(f"{url}/model_info", timeout=30).json()["weight_version"] == str(v)
+            assert served_vs_hf(url, hf_model_with(served[v], hf_tensors(served[v]))) < 1e-4
+
+        try:
+            rm.start()
+            step()
+            threading.Timer(0.3, a.kill).start()  # SIGKILL server a (all its processes) mid-batch
+            step()
+            deadline = time.time() + 30
+            while a.url in {w["url"] for w in router_workers(rp.url)}:
+                assert time.time() < deadline, "the killed worker is still registered with the router after 30 s"
+                time.sleep(0.2)
+            step()
+            restarted = start_sglang(dirs[0], port=a.port, log_dir=logs)  # version 0, dirs[0]'s weights
+            _wait_event(rm, a.url, "rejoined", 180)
+            synced(a.url)
+            assert a.url in {w["url"] for w in router_workers(rp.url)}
+            step()
+            b.signal(signal.SIGSTOP)  # past the hang timeout: dropped; generation and updates go on with a
+            try:
+                step()
+                _wait_event(rm, b.url, "hung", 3 * HANG + 10)
+                step()
+            finally:
+                b.signal(signal.SIGCONT)
+            _wait_event(rm, b.url, "rejoined", 180)
+            synced(b.url)
+            step()
+            m, sd, events = rm.metrics(), rm.state_dict(), [(u, x) for _, u, x in rm.fleet.events]
+        finally:
+            rm.close()
+    finally:
+        if rp is not None:
+            rp.stop()
+        for e in (a, b, restarted):
+            if e is not None:
+                e.stop()
+    assert m["rollout/servers_dropped"] >= 1 and m["rollout/servers_hung"] >= 1 and m["rollout/servers_rejoined"] >= 2
+    after_restart = [x for u, x in events if u == a.url]
+    after_restart = after_restart[after_restart.index("rejoined (synced to the current weights)") + 1:]
+    assert not [x for x in after_restart if x.startswith(("unavailable", "hung", "dropped"))], events
+    got = [s.group_id for s in delivered if s.sample_index == 0]
+    assert len(got) == len(set(got)) == v * GROUPS  # none twice
+    idx = [s.prompt_index for s in delivered if s.sample_index == 0]
+    assert not set(idx) & set(sd["pending"])  # none lost: delivered once, or pending (regenerated on resume)
+    order = PromptCursor(len(prompts), seed=1)._epoch_order(0)
+    assert set(idx) | set(sd["pending"]) == set(order[:sd["pos"]])

@@ -18,6 +18,7 @@ ADMIN_OPTIONAL_ROUTES = {
     "/update_weights_from_disk", "/init_weights_update_group", "/update_weights_from_distributed",
     "/update_weights_from_tensor", "/destroy_weights_update_group", "/begin_weight_update", "/end_weight_update",
     "/update_weight_version", "/pause_generation", "/continue_generation", "/flush_cache", "/abort_request",
+    "/slow_down",
 }
 
 

@@ -105,6 +105,7 @@ class Engine:
                                version_log=args.version_log, seed=args.random_seed)
         self.update_lock = threading.Lock()
         self.fault: dict[str, Any] = {}
+        self.unhealthy = False  # the last /health failed: /ready answers 503 until one passes (as SGLang)
         self.groups: dict[str, Any] = {}  # weight-update process groups by name
         self.session_lock = threading.Lock()
         self.session_open = False  # between /begin_weight_update and /end_weight_update
@@ -147,6 +148,7 @@ class Engine:
             await asyncio.sleep(max(0.0, self.fault["hang"] - time.time()))
 
         loop = asyncio.get_running_loop()
+        per_item_sp = isinstance(body.get("sampling_params"), list)
         futs, seqs, meta = [], [], []
         for i, (p, (sp, n)) in enumerate(zip(prompts, parsed)):
             for j in range(n):
@@ -157,7 +159,11 @@ class Engine:
 
                 gen = None
                 if sp.seed is not None:
-                    gen = torch.Generator().manual_seed((sp.seed * 1000003 + j) % (1 << 63))
+                    # sample j of an n > 1 request, or item i of a batch that shares one sampling_params
+                    # object, gets its own seed (SGLang would give them all the same: identical samples;
+                    # the rollout seeds only the CPU engine)
+                    k = j if per_item_sp else i * n + j
+                    gen = torch.Generator().manual_seed((sp.seed * 1000003 + k) % (1 << 63))
                 # n > 1: every sample gets its own uuid4 rid (meta_info.id), as in SGLang
                 seq = Seq(rid=rids[i] if n == 1 else uuid.uuid4().hex, prompt=list(p), sp=sp, on_done=done,
                           gen=gen)
@@ -199,6 +205,8 @@ class Engine:
                 spans[-1]["end"] = k + 1
             else:
                 spans.append({"version": v, "start": k, "end": k + 1})
+        if not spans:  # no token: one empty span of the version served when it finished, as SGLang
+            spans = [{"version": self.sched.weight_version, "start": 0, "end": 0}]
         meta = {
             "id": s.rid,
             "finish_reason": s.finish,
@@ -449,14 +457,18 @@ def build_app(engine: Engine):
                 "max_new_tokens": 1, "ignore_eos": True}}), engine.args.health_check_timeout)
         except asyncio.TimeoutError:
             await asyncio.to_thread(engine.sched.command, "abort", rid)
+            engine.unhealthy = True  # as SGLang: /ready answers 503 until a health check passes again
             return JSONResponse({"error": {"message": f"health check generation did not finish within "
                                            f"{engine.args.health_check_timeout:g}s", "code": 503}}, status_code=503)
+        engine.unhealthy = False
         return PlainTextResponse("")
 
     @app.get("/ready")
     async def ready():
         if engine.sched.paused:
             return JSONResponse({"error": {"message": "generation is paused", "code": 503}}, status_code=503)
+        if engine.unhealthy:
+            return JSONResponse({"error": {"message": "the last health check failed", "code": 503}}, status_code=503)
         return PlainTextResponse("")
 
     def model_info():
@@ -478,6 +490,26 @@ def build_app(engine: Engine):
                                      "tokens_generated": engine.sched.tokens_generated,
                                      "num_running": len(engine.sched.running),
                                      "num_waiting": len(engine.sched.waiting)}]}
+
+    @app.get("/v1/loads")
+    async def loads():
+        """SGLang's load report (the fields a client or test reads; one data-parallel rank)."""
+        return {"version": "megatron-a3po-cpu-engine", "loads": [{
+            "dp_rank": 0, "num_running_reqs": len(engine.sched.running), "num_waiting_reqs": len(engine.sched.waiting),
+            "max_running_requests": engine.sched.max_running,
+            "queues": {"waiting": len(engine.sched.waiting), "paused": len(engine.sched.running) if engine.sched.paused
+                       else 0}}]}
+
+    @app.api_route("/slow_down", methods=["GET", "POST"],
+                   openapi_extra=openapi_body(CONTROL_SCHEMAS["/slow_down"]))
+    async def slow_down(request: Request):
+        """As SGLang's (for tests): every forward step sleeps ``forward_sleep_time`` seconds (null: no sleep)."""
+        body = await body_of(request)
+        t = body.get("forward_sleep_time")
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t <= 10):
+            raise BadRequest(f"forward_sleep_time {t!r:.40}: expected seconds in [0, 10] or null")
+        engine.sched.step_delay_s = float(t or 0.0)
+        return PlainTextResponse("")
 
     @app.api_route("/flush_cache", methods=["GET", "POST"])
     async def flush_cache():

@@ -208,8 +208,8 @@ def check_generate(body, vocab: int, limits: Limits):
     rid = body.get("rid")
     if rid is None:
         rids = [None] * B
-    elif isinstance(rid, str):
-        rids = [rid] if B == 1 else None
+    elif isinstance(rid, str):  # a batch with one rid: SGLang names its samples <rid>_<i>
+        rids = [rid] if single else [f"{rid}_{i}" for i in range(B)]
     elif isinstance(rid, list) and all(isinstance(r, str) or r is None for r in rid):
         rids = rid
     else:
@@ -313,6 +313,7 @@ CONTROL_SCHEMAS = {
                                         load_format=_STR, flush_cache=_BOOL, weight_version=_STR),
     "/begin_weight_update": _obj(selector={"type": "string", "enum": ["target", "draft", "all"]}),
     "/end_weight_update": _obj(),
+    "/slow_down": _obj(forward_sleep_time={"type": ["number", "null"], "minimum": 0, "maximum": 10}),
 }
 
 

@@ -8,7 +8,7 @@ import importlib
 # reward worker process, rewards.py) does not import the whole rollout stack (httpx, torch)
 _EXPORTS = {"RolloutManager": "manager", "ControllerConfig": "controller", "RolloutError": "controller",
             "WeightUpdateError": "controller", "Batch": "types", "Sample": "types", "group_advantages": "types",
-            "DiskTransport": "weights", "NcclTransport": "weights"}
+            "DiskTransport": "weights", "NcclTransport": "weights", "TensorTransport": "weights"}
 __all__ = list(_EXPORTS)
 
 

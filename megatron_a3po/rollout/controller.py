@@ -74,9 +74,9 @@ class ControllerConfig:
     shuffle: bool = True
     seed: int = 0
     # not None: every request carries a ``sampling_seed`` derived from (this, group id, sample, segment),
-    # so what a sample draws does not depend on which other requests the engine batches it with. The CPU
-    # engine gives sample j of an ``n`` request the seed ``s * 1000003 + j``; SGLang would give all n the
-    # same seed (identical samples), so trainer/fleet.py:controller_config sets this for the CPU backend only.
+    # so what a sample draws does not depend on which other requests the engine batches it with (a group
+    # request is a batch of n prompts, each with its own seed). trainer/fleet.py:controller_config sets it
+    # for the CPU backend.
     sampling_seed: int | None = None
     epochs: int | None = None  # None: cycle over the data forever
     reward_timeout_s: float = 30.0
@@ -103,7 +103,7 @@ class ControllerConfig:
 
 class Controller:
     def __init__(self, fleet: Fleet, prompts: list, task, tokenizer, cfg: ControllerConfig,
-                 transport=None, initial_version: int = 0):
+                 transport=None, initial_version: int = 0, fleet_synced: bool = True):
         if not prompts:
             raise ValueError("no prompts to roll out")
         self.fleet, self.prompts, self.task, self.tokenizer, self.cfg = fleet, prompts, task, tokenizer, cfg
@@ -113,6 +113,12 @@ class Controller:
         self.last_consumed_version = initial_version - 1
         self.counters: Counter = Counter()
         self.initial_version = initial_version
+        # the versions this trainer produced: the fleet's initial weights (when it was started from them,
+        # ``fleet_synced``) and every successful push. Tokens of any other version (a fleet the user
+        # started: "default"; a reused one: an earlier run's) are never used. Without ``fleet_synced``
+        # nothing is generated until the first push has brought every server to the trainer's weights.
+        self.fleet_synced = fleet_synced
+        self._produced: set[int] = {initial_version} if fleet_synced else set()
         self._last_payload: dict = {}  # the last successful push (hf_dir): resent to a server that rejoins
         # servers back with older weights that a streaming transport (NCCL) cannot resend: they join the
         # next weight update (a new update group with them), held out of the fleet until then
@@ -129,7 +135,7 @@ class Controller:
             sampling={"temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k, **cfg.extra_sampling},
             sampling_seed=cfg.sampling_seed, reward_timeout_s=cfg.reward_timeout_s, adv_norm=cfg.adv_norm,
             adv_eps=cfg.adv_eps, counters=self.counters, gate=self._gate, too_stale=self._too_stale,
-            reward_shaping=self._reward_shaping())
+            reward_shaping=self._reward_shaping(), known_version=self._produced.__contains__)
         self.sampler = None if cfg.dynamic_sampling == "off" else DynamicSampler(
             cfg.dynamic_sampling, cfg.batch_groups, max_drops=cfg.ds_max_drops, min_groups=cfg.ds_min_groups,
             counters=self.counters)
@@ -169,7 +175,8 @@ class Controller:
     async def start(self):
         self._tick_ev = asyncio.Event()
         self._open = asyncio.Event()
-        self._open.set()
+        if self.fleet_synced:
+            self._open.set()  # else the first successful update_weights opens it
         self._update_lock = asyncio.Lock()
         self._admit_task = asyncio.create_task(self._admit_loop())
 
@@ -359,6 +366,7 @@ class Controller:
                 wrong = {u: i.get("weight_version") for u, i in infos.items() if str(i.get("weight_version")) != str(version)}
                 if wrong:
                     raise FleetError(f"servers report other weight versions than {version}: {wrong}")
+                self._produced.add(version)  # before continuing: tokens of it may arrive at once
                 await self.fleet.call_all("/continue_generation", {}, servers=servers,
                                           retries=self.cfg.update_retries)
             except NoServersError as e:  # e.g. the last engines died during this update
@@ -431,17 +439,23 @@ class Controller:
         False: it stays out (retried at its next liveness check)."""
         if self._stopping or self._broken is not None or self._fatal is not None or s.url in self._joiners:
             return False
+        if not self._produced:  # nothing pushed yet: the first update brings every server to the weights
+            return False
         async with self._update_lock:
             try:
                 resend = bool(self._last_payload.get("hf_dir"))
-                if not resend and self.served_version != self.initial_version:
+                # a version number tells the weights only for versions this run pushed (a server the trainer
+                # did not start may report the initial version with other weights): without weights to
+                # resend, such a server joins the next update
+                if not resend and (self.served_version != self.initial_version or not self.fleet_synced):
                     # nothing to resend: only a server that missed no update (a short hang) rejoins now
                     # (the next update regroups with it); it is not paused otherwise (it serves nothing
                     # while out, and /health, a generation, would wait out a pause)
                     info = await self.fleet.call_one(s, "/model_info", None, method="GET", retries=0)
                     if info is None:
                         return False
-                    if str(info.get("weight_version")) != str(self.served_version):
+                    if str(info.get("weight_version")) != str(self.served_version) or (
+                            not self.fleet_synced and self.served_version == self.initial_version):
                         if hasattr(self.transport, "regroup"):
                             self._joiners.add(s.url)
                             log.warning("server %s is back with older weights: it joins the next weight update",

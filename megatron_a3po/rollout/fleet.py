@@ -75,6 +75,20 @@ _CONN_ERRORS = (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, 
                 httpx.CloseError)
 
 
+def sample_rids(body: dict) -> list[str]:
+    """The rids SGLang gives the sequences of a /generate request: ``rid``, or for a batch of prompts with
+    one string rid ``<rid>_<i>`` per prompt. (With ``n > 1`` SGLang gives each sample a fresh uuid, which no
+    abort can name: the rollout sends a group as a batch instead.)"""
+    rid, ids = body.get("rid"), body.get("input_ids", body.get("text"))
+    if isinstance(rid, list):
+        return [r for r in rid if r]
+    if not rid:
+        return []
+    if isinstance(ids, list) and ids and isinstance(ids[0], (list, str)):
+        return [f"{rid}_{i}" for i in range(len(ids))]
+    return [rid]
+
+
 class _Lost(Exception):
     """The server of a pending call went out of the fleet."""
 
@@ -374,7 +388,7 @@ class Fleet:
         rid = body.get("rid") if isinstance(body, dict) else None
         if rid:  # a healthy worker answers an abort at once with the partial output: keep that
             targets = self.live() if s is self.router else [s]
-            await asyncio.gather(*(self._abort_quietly(t, rid) for t in targets))
+            await asyncio.gather(*(self.abort(t, body) for t in targets))
             done, _ = await asyncio.wait({task}, timeout=self.lost_grace_s)
             if done:
                 return task.result()
@@ -397,7 +411,7 @@ class Fleet:
                 self.counters["timeouts"] += 1
                 if s is not self.router:  # behind a router the slow worker is unknown: just re-issue
                     self._mark_unavailable(s, f"/generate timed out ({type(e).__name__})")
-                asyncio.create_task(self._abort_quietly(s, rid))
+                asyncio.create_task(self.abort(s, body))
             except _CONN_ERRORS as e:
                 self.counters["connection_errors"] += 1
                 if s is self.router:
@@ -424,11 +438,17 @@ class Fleet:
             self.counters["retries"] += 1
         raise FleetError(f"request {rid_base} failed on {self.max_attempts} attempts")
 
-    async def _abort_quietly(self, s: Server, rid: str):
-        try:
-            await self._client.post(f"{s.url}/abort_request", json={"rid": rid}, timeout=2.0)
-        except httpx.HTTPError:
-            pass
+    async def abort(self, s: Server, body: dict):
+        """Abort (best effort) every sequence of the /generate request ``body`` on ``s`` (behind a router:
+        on the workers): each sample of a batch by its own rid (``sample_rids``); the request comes back
+        with the partial output."""
+        async def one(rid):
+            try:
+                await self._client.post(f"{s.url}/abort_request", json={"rid": rid}, timeout=2.0)
+            except httpx.HTTPError:
+                pass
+
+        await asyncio.gather(*(one(r) for r in sample_rids(body)))
 
     # ---- control calls (every server)
     async def call_one(self, s: Server, path: str, body: dict | None, *, retries: int = 2,

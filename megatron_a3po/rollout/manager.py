@@ -19,7 +19,8 @@ Typical trainer loop (disk weight sync)::
         saved["rollout"] = rm.state_dict()
     rm.close()
 
-Versions are integers; the servers must start with ``--weight-version <initial_version>``.
+Versions are integers: servers the trainer starts get ``--weight-version <initial_version>``; a fleet it did
+not start (``fleet_synced=False``) gets its version from the first push.
 ``get_batch(n, k)`` returns ``n`` complete groups (``n_samples`` samples each, rewards and GRPO
 advantages filled) in which no token is more than ``max_staleness`` versions older than ``k``.
 ``update_weights`` raises ``WeightUpdateError`` if a server cannot be updated after retries; the fleet
@@ -61,12 +62,18 @@ class RolloutManager:
             the fleet (its requests are re-issued) and is synced to the current weights when it answers
             again; with no server for this long, the rollout fails with ``RolloutError``.
         log_hints: ``{url: log file}`` named in that error.
+        fleet_synced: the servers were started from the trainer's ``initial_version`` weights (the trainer
+            started them). False for a fleet the trainer did not start (it may serve "default", or an earlier
+            run's version and weights): nothing is generated until the first ``update_weights`` has
+            brought every server to the trainer's weights and version. Either way, tokens of a version
+            this trainer did not produce are never used (``rollout/samples_dropped_foreign_version``).
     """
 
     def __init__(self, engine_urls: list[str], prompts: list, task, tokenizer, config: ControllerConfig,
                  *, router_url: str | None = None, transport=None, initial_version: int = 0,
                  request_timeout: float = 600.0, connect_timeout: float = 5.0, health_interval_s: float = 0.5,
-                 api_key: str | None = None, hang_timeout_s: float = 30.0, log_hints: dict[str, str] | None = None):
+                 api_key: str | None = None, hang_timeout_s: float = 30.0, log_hints: dict[str, str] | None = None,
+                 fleet_synced: bool = True):
         if isinstance(task, str):
             from megatron_a3po.rollout.tasks import get_task
 
@@ -75,7 +82,8 @@ class RolloutManager:
                            connect_timeout=connect_timeout, health_interval_s=health_interval_s, api_key=api_key,
                            hang_timeout_s=hang_timeout_s, log_hints=log_hints)
         self.controller = Controller(self.fleet, prompts, task, tokenizer, config,
-                                     transport=transport or DiskTransport(), initial_version=initial_version)
+                                     transport=transport or DiskTransport(), initial_version=initial_version,
+                                     fleet_synced=fleet_synced)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="rollout-loop", daemon=True)
         self._started = False
@@ -139,6 +147,15 @@ class RolloutManager:
         t = self.controller.transport
         if hasattr(t, "init"):
             self._call(t.init(self.fleet))
+
+    def close_transport(self, timeout: float = 30.0):
+        """NCCL transport only: destroy the update group on the trainer and, best effort, on every server."""
+        t = self.controller.transport
+        if self._started and not self._closed and getattr(t, "group", None) is not None:
+            try:
+                self._call(t.destroy(self.fleet), timeout=timeout)
+            except Exception as e:  # noqa: BLE001 - shutting down: the servers drop it with their process
+                log.warning("destroying the weight-update group failed: %s", e)
 
     def set_version(self, version: int):
         """Tell the controller the trainer's version (admission uses it); get_batch also does this."""

@@ -22,6 +22,14 @@ controller.py); a transport only moves the weights.
   comes back with older weights than the fleet's joins at the next push, which brings it to the new
   version with the others (the controller holds it out until then).
   ``backend="gloo"`` runs the same code on CPU (tests); GPU deployments use ``"nccl"``.
+* ``TensorTransport`` (colocated: trainer and servers on one machine): per update ``/begin_weight_update``,
+  per bucket ``/update_weights_from_tensor {"serialized_named_tensors", "flush_cache", "weight_version"}``
+  (only the last bucket carries the version and the flush), ``/end_weight_update`` (also after a
+  failure). The tensors travel as shared-memory handles: a list of ``(name, tensor)`` pickled by
+  ``multiprocessing``'s ForkingPickler with torch's reductions, base64 (what SGLang's
+  ``MultiprocessingSerializer`` reads), one copy per TP rank of the server. torch's sharing strategy must be
+  ``file_system`` in this process (with the default, SGLang's scheduler dies with ``AuthenticationError``):
+  the transport sets it.
 """
 
 from __future__ import annotations
@@ -102,6 +110,60 @@ def _with_last(it):
     yield prev, True
 
 
+def _end_sessions(fleet: Fleet, servers, retries: int):
+    return asyncio.gather(*(fleet.call_one(s, "/end_weight_update", {}, retries=retries) for s in servers),
+                          return_exceptions=True)
+
+
+class TensorTransport:
+    def __init__(self, *, bucket_bytes: int = 512 << 20, server_tp: int = 1):
+        import torch.multiprocessing as tmp
+
+        self.bucket_bytes, self.server_tp = bucket_bytes, server_tp
+        tmp.set_sharing_strategy("file_system")
+
+    @staticmethod
+    def serialize(bucket: list) -> str:
+        """``[(name, tensor)]`` as SGLang's ``MultiprocessingSerializer.serialize(..., output_str=True)``
+        writes it: shared-memory handles of copies (the trainer's own storage is never moved to shared
+        memory)."""
+        import base64
+        import io
+        from multiprocessing.reduction import ForkingPickler
+
+        import torch.multiprocessing  # noqa: F401 - registers torch's reductions with ForkingPickler
+
+        buf = io.BytesIO()
+        ForkingPickler(buf).dump([(n, t.detach().to("cpu", copy=True).contiguous()) for n, t in bucket])
+        return base64.b64encode(buf.getvalue()).decode()
+
+    def update_body(self, bucket: list, version: int | None, last: bool, flush_cache: bool = True) -> dict:
+        ser = self.serialize(bucket)
+        b = {"serialized_named_tensors": [ser] * self.server_tp, "flush_cache": bool(last and flush_cache)}
+        if last and version is not None:
+            b["weight_version"] = str(version)
+        return b
+
+    async def push(self, fleet: Fleet, version: int, *, named_tensors=None, retries: int = 0, flush_cache: bool = True,
+                   servers=None, **_):
+        """Each server gets its own handles (a server that loads one releases it), so a call is not
+        retried: a failure raises and the controller leaves every server paused."""
+        if named_tensors is None:
+            raise ValueError("TensorTransport.push needs named_tensors (an iterable of (name, tensor))")
+        servers = fleet.live() if servers is None else list(servers)
+        try:
+            await asyncio.gather(*(_begin_session(fleet, s) for s in servers))
+            for bucket, last in _with_last(buckets(named_tensors, self.bucket_bytes)):
+                res = await asyncio.gather(*(fleet.call_one(s, "/update_weights_from_tensor", self.update_body(
+                    bucket, version, last, flush_cache), retries=0, timeout=600.0) for s in servers),
+                    return_exceptions=True)
+                for r in res:
+                    if isinstance(r, BaseException):
+                        raise r if isinstance(r, ServerCallError) else FleetError(str(r))
+        finally:
+            await _end_sessions(fleet, servers, retries)
+
+
 class NcclTransport:
     def __init__(self, master_address: str, master_port: int | None = None, *, group_name: str = "a3po_weights",
                  bucket_bytes: int = 512 << 20, backend: str = "nccl", server_tp: int | list[int] = 1,
@@ -166,8 +228,11 @@ class NcclTransport:
         await self.init(fleet, servers)
 
     async def init(self, fleet: Fleet, servers=None):
-        """Create the update group with ``servers``: this process's store listens first (on
-        ``master_port``, or a free port when None), then the servers are told its port and join."""
+        """Make the update group with ``servers`` (default: the fleet): this process's store listens first
+        (on ``master_port``, or a free port when None), then the servers are told its port and join. A
+        group of this name that a server still holds (a crashed or resumed run of the same name, on a fleet
+        the trainer did not start) is destroyed first, best effort; if a server refuses to join, this fails
+        at once (not after the group's timeout)."""
         from datetime import timedelta
 
         servers = fleet.live() if servers is None else list(servers)
@@ -178,17 +243,21 @@ class NcclTransport:
         self.master_port = store.port
         bodies = self.init_bodies(self.urls)
         world = next(iter(bodies.values()))["world_size"]
-        http = asyncio.gather(*(fleet.call_one(s, "/init_weights_update_group", bodies[s.url], retries=0,
-                                               timeout=self.timeout_s) for s in servers), return_exceptions=True)
-        join = asyncio.to_thread(init_update_group, self.master_address, self.master_port, 0, world,
-                                 self.group_name, self.backend, self.timeout_s, store=store)
-        res = await asyncio.gather(http, join, return_exceptions=True)
-        errs = [r for r in (res[0] if isinstance(res[0], list) else [res[0]]) if isinstance(r, BaseException)]
-        if isinstance(res[1], BaseException):
-            errs.append(res[1])
-        if errs:
+        await asyncio.gather(*(fleet.call_one(s, "/destroy_weights_update_group", {"group_name": self.group_name},
+                                              retries=0, timeout=30.0) for s in servers), return_exceptions=True)
+        join = asyncio.ensure_future(asyncio.to_thread(init_update_group, self.master_address, self.master_port, 0,
+                                                       world, self.group_name, self.backend, self.timeout_s,
+                                                       store=store))
+        res = await asyncio.gather(*(fleet.call_one(s, "/init_weights_update_group", bodies[s.url], retries=0,
+                                                    timeout=self.timeout_s) for s in servers), return_exceptions=True)
+        errs = [r for r in res if isinstance(r, BaseException)]
+        if errs:  # the join waits for ranks that will never come: leave it to its timeout, fail now
+            join.add_done_callback(lambda f: f.cancelled() or f.exception())
             raise FleetError(f"init_weights_update_group failed: {errs[0]}")
-        self.group = res[1]
+        try:
+            self.group = await join
+        except Exception as e:  # noqa: BLE001
+            raise FleetError(f"init_weights_update_group failed: {e}") from e
 
     def _broadcast(self, bucket: list):
         import torch.distributed as dist
@@ -225,13 +294,14 @@ class NcclTransport:
                     if isinstance(r, BaseException):
                         raise r if isinstance(r, ServerCallError) else FleetError(str(r))
         finally:
-            await asyncio.gather(*(fleet.call_one(s, "/end_weight_update", {}, retries=retries) for s in servers),
-                                 return_exceptions=True)
+            await _end_sessions(fleet, servers, retries)
 
     async def destroy(self, fleet: Fleet):
-        await fleet.call_all("/destroy_weights_update_group", {"group_name": self.group_name}, retries=0)
-        if self.group is not None:
-            import torch.distributed as dist
+        try:
+            await fleet.call_all("/destroy_weights_update_group", {"group_name": self.group_name}, retries=0)
+        finally:
+            if self.group is not None:
+                import torch.distributed as dist
 
-            dist.destroy_process_group(self.group)
-            self.group = None
+                dist.destroy_process_group(self.group)
+                self.group = None

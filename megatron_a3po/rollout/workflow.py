@@ -1,8 +1,11 @@
 """One prompt group's work, from request to scored samples: the per-group workflow the controller runs
 for every group it admits.
 
-1. Request: ONE ``/generate`` with SGLang's ``n`` for the whole group (n times fewer requests, which is
-   what bounds throughput when responses are short); every sample has its own rid (``meta_info.id``).
+1. Request: ONE ``/generate`` for the whole group (n times fewer requests, which is what bounds throughput
+   when responses are short): a batch of the prompt n times with one rid, so SGLang names the samples
+   ``<rid>_<i>`` (``meta_info.id``) and each can be aborted by its rid (SGLang's ``n > 1`` gives them
+   fresh uuids that no abort can name). One ``sampling_params`` object for the batch (sglang-router 0.3.2
+   rejects a list with 422); seeded, the CPU engine gives item i the seed ``s * 1000003 + i``.
 2. Collect: each sample's tokens, behaviour log-probs and per-token versions. A sample that a weight
    update aborted comes back with its partial output and is resubmitted alone as prompt + partial, with
    ``max_new_tokens`` reduced; its new tokens carry the new version. Where the controller's staleness
@@ -33,6 +36,11 @@ class RolloutError(RuntimeError):
     pass
 
 
+class ForeignVersion(RolloutError):
+    """A response carries a weight version that is not an integer (a server never pushed to reports
+    "default"): weights this trainer did not produce."""
+
+
 def token_versions(meta: dict, n: int) -> list[int]:
     """Per-output-token integer versions from a /generate meta_info (spans, else weight_version)."""
     spans = meta.get("weight_versions") or []
@@ -57,8 +65,8 @@ def _int_version(v) -> int:
     try:
         return int(v)
     except (TypeError, ValueError):
-        raise RolloutError(f"weight version {v!r} is not an integer: start engines with --weight-version N "
-                           "and update them with integer versions") from None
+        raise ForeignVersion(f"weight version {v!r} is not an integer: start engines with --weight-version N "
+                             "and update them with integer versions") from None
 
 
 def train_rid(gid: int, j: int, seg: int) -> str:
@@ -72,7 +80,7 @@ class GroupWorkflow:
                  counters: Counter, gate: Callable[[], Awaitable[None]], too_stale: Callable[[list[int]], bool],
                  rid: Callable[[int, int, int], str] | None = None,
                  reward_shaping: Callable[[list[Sample], list[float]], list[float]] | None = None,
-                 scorer: RewardScorer | None = None):
+                 scorer: RewardScorer | None = None, known_version: Callable[[int], bool] | None = None):
         self.fleet, self.task, self.tokenizer = fleet, task, tokenizer
         self.n, self.max_new_tokens = n_samples, max_new_tokens
         self.sampling = sampling  # temperature, top_p, top_k and any extra sampling keys
@@ -81,6 +89,9 @@ class GroupWorkflow:
         self.counters, self.gate, self.too_stale = counters, gate, too_stale
         self.rid = rid or train_rid  # the request id base of (group, sample or -1 for the group, segment)
         self.reward_shaping = reward_shaping  # e.g. the overlong penalty (filters.py), before the advantages
+        # whether a weight version is one the trainer produced (pushed, or the fleet started with): tokens
+        # of any other version are never used (the sample starts over)
+        self.known_version = known_version or (lambda v: True)
         self.gen_tokens = 0
         # rewards run in worker processes killed at reward_timeout_s (rewards.py); shared when given
         self._own_scorer = scorer is None
@@ -96,13 +107,13 @@ class GroupWorkflow:
 
     # ---- 1. request
     def request(self, gid: int, prompt, partial: list[int], j: int, seg: int, n: int = 1) -> dict:
-        """The /generate body for sample ``j`` (``j = -1``: the whole group, ``n`` samples) at segment
-        ``seg``, continuing ``partial``."""
+        """The /generate body for sample ``j`` at segment ``seg``, continuing ``partial``; ``j = -1``: the
+        whole group, a batch of ``n`` copies of the prompt with one sampling_params object."""
         sp = {"max_new_tokens": self.max_new_tokens - len(partial), **self.sampling}
-        if n > 1:
-            sp["n"] = n
         if self.sampling_seed is not None:
             sp["sampling_seed"] = self.request_seed(gid, j + 1, seg)
+        if j < 0:
+            return {"input_ids": [list(prompt.prompt_ids)] * n, "sampling_params": sp, "return_logprob": True}
         return {"input_ids": list(prompt.prompt_ids) + partial, "sampling_params": sp, "return_logprob": True}
 
     def request_seed(self, gid: int, j: int, seg: int) -> int:
@@ -111,14 +122,14 @@ class GroupWorkflow:
         return zlib.crc32(f"{self.sampling_seed}/{gid}/{j}/{seg}".encode()) & 0x7FFFFFFF
 
     async def group_request(self, gid: int, prompt) -> list[tuple[dict, str]]:
-        """All n samples of a group in one /generate. Returns (response, engine rid) per sample."""
+        """All n samples of a group in one /generate (a batch). Returns (response, engine rid) per sample."""
         await self.gate()
         resp, rid, _url = await self.fleet.generate(self.request(gid, prompt, [], -1, 0, n=self.n),
                                                     rid_base=self.rid(gid, -1, 0))
         resps = resp if isinstance(resp, list) else [resp]
         if len(resps) != self.n:
             raise RolloutError(f"request {rid}: asked for n={self.n} samples, got {len(resps)}")
-        # each sample has its own rid (meta_info.id): SGLang gives every one of the n a uuid4
+        # each sample has its own rid (meta_info.id): <rid>_<i>
         return [(r, str((r.get("meta_info") or {}).get("id") or rid)) for r in resps]
 
     # ---- 2. collect
@@ -129,7 +140,7 @@ class GroupWorkflow:
         lps: list[float] = []
         vers: list[int] = []
         rids: list[str] = []
-        seg = idle_aborts = 0
+        seg = idle_aborts = foreign = 0
         while True:
             if first is not None:
                 (resp, rid), first = first, None
@@ -143,9 +154,27 @@ class GroupWorkflow:
             lp_entries = meta.get("output_token_logprobs") or []
             if len(lp_entries) != len(toks) or any(int(e[1]) != t for e, t in zip(lp_entries, toks)):
                 raise RolloutError(f"request {rid}: output_token_logprobs do not match output_ids")
+            try:
+                new_vers = token_versions(meta, len(toks))
+            except ForeignVersion:
+                new_vers = None
+            if new_vers is None or not all(self.known_version(v) for v in new_vers):
+                # weights this trainer did not produce (a server it has not synced, another run's version):
+                # never trained on; the sample starts over
+                self.counters["samples_dropped_foreign_version"] += 1
+                foreign += 1
+                log.warning("request %s: weight versions %s were not produced by this trainer; sample %d of "
+                            "group %d starts over", rid, meta.get("weight_versions") or meta.get("weight_version"),
+                            j, gid)
+                if foreign > 20:
+                    raise RuntimeError(f"request {rid}: the fleet keeps answering with weight versions this "
+                                       f"trainer did not produce ({meta.get('weight_version')!r})")
+                out, lps, vers, rids = [], [], [], []
+                await asyncio.sleep(min(0.1 * foreign, 2.0))
+                continue
             out += toks
             lps += [float(e[0]) for e in lp_entries]
-            vers += token_versions(meta, len(toks))
+            vers += new_vers
             rids.append(rid)
             self.gen_tokens += len(toks)
             fr = (meta.get("finish_reason") or {}).get("type")

@@ -1,11 +1,14 @@
 """Rank 0's side of the rollout fleet: engines, prompts, the staleness-bounded controller, rollout stats.
 
 With ``rollout.engine_urls`` (or a router) set, the fleet is external (SGLang on GPU nodes, started by
-launch/). Otherwise ``rollout.num_engines`` CPU engines (megatron_a3po.engine) are started here from
-the trainer's version-0 weights and stopped at the end; they die with the trainer.
+launch/). Otherwise ``rollout.num_engines`` engines are started here from the trainer's version-0 weights
+and stopped at the end (they die with the trainer): CPU engines (megatron_a3po.engine), or with
+``rollout.backend=sglang`` on a CPU machine the real SGLang server (``engine.launch.sglang_command`` with
+the CPU flags, from the environment ``scripts/sglang_env.sh`` builds).
 
-Weights reach the engines per ``rollout.weight_sync``: ``disk`` (an HF dir the trainer wrote) or
-``nccl`` (this rank broadcasts the streamed HF tensors into every engine: NCCL on GPU, gloo on CPU).
+Weights reach the engines per ``rollout.weight_sync``: ``disk`` (an HF dir the trainer wrote), ``nccl``
+(this rank broadcasts the streamed HF tensors into every engine: NCCL on GPU, gloo on CPU) or ``tensor``
+(colocated SGLang servers get shared-memory handles of the streamed tensors).
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ def controller_config(rollout: RolloutCfg, *, seed: int, shuffle: bool, adv_norm
                             batch_groups=r.batch_prompts, max_staleness=r.max_staleness,
                             max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
                             top_k=r.top_k, shuffle=shuffle, seed=seed,
-                            # SGLang would give all n samples of a request one seed (identical samples)
+                            # seeded requests on the CPU engine (reproducible demo runs); SGLang samples
+                            # with its own generator, as a GPU deployment does
                             sampling_seed=seed if r.backend == "cpu" else None,
                             pause_mode=r.pause_mode, adv_norm=adv_norm, adv_eps=adv_eps,
                             adv_batch_norm=adv_batch_norm, dynamic_sampling=r.dynamic_sampling,
@@ -84,18 +88,25 @@ class RolloutSide:
         rc = self.rc
         urls = list(rc.engine_urls)
         if not urls and rc.router_url is None:
-            if rc.backend != "cpu":
-                raise ValueError("rollout.backend=sglang needs rollout.engine_urls or rollout.router_url "
-                                 "(launch/ starts the SGLang fleet)")
             from megatron_a3po.engine.launch import launch_engines
+            from megatron_a3po.platform import is_cpu
             from megatron_a3po.platform.keys import new_key
 
-            # --random-seed: the draws of requests without a sampling_seed (the controller seeds its own)
-            self.api_key = new_key()  # a key per run for the engines started here (in their environment)
+            if rc.backend == "sglang":
+                if not is_cpu():
+                    raise ValueError("rollout.backend=sglang on GPUs needs rollout.engine_urls or rollout.router_url "
+                                     "(launch/ starts the SGLang fleet)")
+                # SGLang's own server on this CPU (its environment: scripts/sglang_env.sh), started with the
+                # command line launch/ writes for GPU nodes plus the CPU flags; bound to 127.0.0.1, no key
+                # (SGLang takes one only as a flag, which ps would show)
+                kw = {"backend": "sglang", "extra_args": ["--random-seed", str(self.seed), *rc.engine_args]}
+            else:
+                # --random-seed: the draws of requests without a sampling_seed (the controller seeds its own)
+                self.api_key = new_key()  # a key per run for the engines started here (in their environment)
+                kw = {"api_key": self.api_key, "weights_root": self.run_dir,
+                      "extra_args": ["--random-seed", str(self.seed)]}
             self.engines = launch_engines(weights_dir, n=rc.num_engines, version=str(version),
-                                          log_dir=self.run_dir / "engines", api_key=self.api_key,
-                                          weights_root=self.run_dir,
-                                          extra_args=["--random-seed", str(self.seed)])
+                                          log_dir=self.run_dir / "engines", **kw)
             urls = [e.url for e in self.engines]
             if rc.start_router:
                 from megatron_a3po.rollout.router import start_router
@@ -108,7 +119,10 @@ class RolloutSide:
                                  transport=self._transport(), initial_version=version,
                                  request_timeout=rc.request_timeout_s, api_key=self.api_key,
                                  hang_timeout_s=rc.hang_timeout_s,
-                                 log_hints={e.url: e.log_path for e in self.engines if e.log_path})
+                                 log_hints={e.url: e.log_path for e in self.engines if e.log_path},
+                                 # a fleet this run did not start serves someone else's weights and version
+                                 # (SGLang's "default", an earlier run's): nothing until the first push
+                                 fleet_synced=bool(self.engines))
         if state:
             self.rm.load_state_dict(state)
         self.rm.start()
@@ -117,23 +131,30 @@ class RolloutSide:
     @property
     def streams_weights(self) -> bool:
         """True when pushes take streamed (name, tensor) pairs rather than an HF dir on disk."""
-        return self.rc.weight_sync == "nccl"
+        return self.rc.weight_sync in ("nccl", "tensor")
 
     def _transport(self):
         import os
         import socket
 
         from megatron_a3po.platform import is_cpu
-        from megatron_a3po.rollout import DiskTransport, NcclTransport
+        from megatron_a3po.rollout import DiskTransport, NcclTransport, TensorTransport
 
         rc = self.rc
         if rc.weight_sync == "disk":
             return DiskTransport()
+        if rc.weight_sync == "tensor":
+            return TensorTransport(bucket_bytes=rc.weight_sync_bucket_mb << 20, server_tp=rc.engine_tp)
         addr = rc.weight_sync_master_addr or (
             "127.0.0.1" if not rc.engine_urls and rc.router_url is None
             else os.environ.get("MASTER_ADDR") or socket.gethostname())
-        # the update group's store listens on a free port before the engines are told it (weights.py)
-        return NcclTransport(addr, backend="gloo" if is_cpu() else "nccl",
+        # one group name per run directory: a resumed run destroys its own stale group on the servers, and
+        # runs sharing a fleet never collide; the group's store listens on a free port before the engines
+        # are told it (weights.py)
+        import hashlib
+
+        name = "a3po_weights_" + hashlib.sha1(str(self.run_dir.resolve()).encode()).hexdigest()[:12]
+        return NcclTransport(addr, backend="gloo" if is_cpu() else "nccl", group_name=name,
                              bucket_bytes=rc.weight_sync_bucket_mb << 20, server_tp=rc.engine_tp)
 
     def close(self):
@@ -141,6 +162,7 @@ class RolloutSide:
             if self._eval_future is not None:
                 self._eval_future.cancel()
             if self.rm is not None:
+                self.rm.close_transport()  # the servers drop this run's update group (an external fleet lives on)
                 self.rm.close()
         finally:
             if self.router is not None:

@@ -314,7 +314,7 @@ def _push_weights(actor, side, recipe, version: int, run_dir: Path, tok_dir) -> 
     nccl: all ranks run the streaming export in step; rank 0 hands it to the transport, which
     broadcasts each bucket into the engines as it is produced (nothing touches the disk).
     """
-    if recipe.rollout.weight_sync == "nccl":
+    if recipe.rollout.weight_sync in ("nccl", "tensor"):  # streamed: nothing touches the disk
         named = (nt for bucket in actor.export_hf_weights(recipe.rollout.weight_sync_bucket_mb << 20) for nt in bucket)
 
         def push():

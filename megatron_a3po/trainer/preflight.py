@@ -40,16 +40,20 @@ def check_layout(recipe) -> None:
         raise PreflightError(str(e)) from None
 
 
-def check_engines(urls: list[str], timeout: float = 5.0) -> None:
+def check_engines(urls: list[str], timeout: float = 5.0, router_url: str | None = None) -> None:
+    """Every engine answers ``GET /model_info`` (a liveness check: SGLang's /health is a generation, which
+    a fleet left paused by a crashed trainer fails until the trainer's first weight update continues it);
+    the router answers ``GET /workers`` (its own /health says 200 with no live worker)."""
     import httpx
 
-    for u in urls:
+    for u, path in [(u, "/model_info") for u in urls] + ([(router_url, "/workers")] if router_url else []):
+        key = "rollout.router_url" if path == "/workers" else "rollout.engine_urls"
         try:
-            r = httpx.get(u.rstrip("/") + "/health", timeout=timeout)
+            r = httpx.get(u.rstrip("/") + path, timeout=timeout)
         except httpx.HTTPError as e:
-            raise PreflightError(f"rollout.engine_urls: {u} unreachable ({type(e).__name__}: {e})") from None
+            raise PreflightError(f"{key}: {u} unreachable ({type(e).__name__}: {e})") from None
         if r.status_code != 200:
-            raise PreflightError(f"rollout.engine_urls: {u}/health answered HTTP {r.status_code}")
+            raise PreflightError(f"{key}: {u}{path} answered HTTP {r.status_code}")
 
 
 def preflight(recipe) -> None:
@@ -73,6 +77,5 @@ def preflight(recipe) -> None:
         raise PreflightError(f"data.train_path is required for data.task={d.task}")
     if recipe.trainer.resume and recipe.trainer.save_dir and not Path(recipe.trainer.save_dir).exists():
         raise PreflightError(f"trainer.resume=true but trainer.save_dir={recipe.trainer.save_dir} does not exist")
-    urls = list(recipe.rollout.engine_urls) + ([recipe.rollout.router_url] if recipe.rollout.router_url else [])
-    if urls:
-        check_engines(urls)
+    if recipe.rollout.engine_urls or recipe.rollout.router_url:
+        check_engines(list(recipe.rollout.engine_urls), router_url=recipe.rollout.router_url)
