@@ -32,6 +32,19 @@ APPROX_ERR_BUCKETS = ("d1", "d2", "d3", "d4+")
 # per bucket, the fraction of masked tokens in it (the weights that turn bucket sums into bucket means)
 APPROX_ERR_BUCKET_FRAC = "approx_err/token_frac/{bucket}"
 
+# shadow-recompute audit (trainer/audit.py): the audited approximation's error against the step-start
+# weights, with the audit's measure (audit.measure, one of metrics mode's), per staleness bucket
+AUDIT_ERR = "audit/err"                       # over every audited token
+AUDIT_ERR_BUCKET = "audit/err/{bucket}"       # per bucket (APPROX_ERR_BUCKETS), when it holds audited tokens
+AUDIT_TOKENS_FRAC = "audit/tokens_frac"       # share of the step's tokens the audit's forward pass covered
+AUDIT_FALLBACK = "audit/fallback"             # 1 while (a bucket of) the step trains with recomputed log-probs
+AUDIT_ACTIONS = "audit/actions"               # policy actions taken after this step (details: steps.jsonl)
+# behaviour -> current policy drift (rho = pi_theta / pi_behave per trained token), for the staleness controller
+DRIFT_ESS = "drift/ess_frac"                  # (sum rho)^2 / (n sum rho^2): effective sample size fraction
+DRIFT_KL = "drift/kl"                         # mean(rho - 1 - log rho): k3 estimate of KL(pi_behave || pi_theta)
+STALENESS_BOUND = "staleness/bound"           # the rollout's admission bound in force after this step
+STALENESS_DRIFT = "staleness/drift_smoothed"  # the adaptive staleness controller's smoothed drift signal
+
 # evaluation (rollout/evaluate.py): TensorBoard tags as they are (no train/ prefix), step = evaluated version
 EVAL_ACCURACY = "eval/accuracy"
 EVAL_PASS_AT = "eval/pass@{k}"
@@ -45,6 +58,7 @@ POLICY_VERSION = "policy/version"
 
 # per-step time breakdown (seconds)
 TIME_PROX = "time/prox_logp"
+TIME_AUDIT = "time/audit"  # the audit's forward pass and error measures (trainer/audit.py)
 TIME_WAIT = "time/wait_rollout"
 TIME_FWD_BWD = "time/fwd_bwd"
 TIME_OPT = "time/optimizer"

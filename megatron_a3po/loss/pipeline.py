@@ -48,12 +48,14 @@ def _forward_step(loss_func):
 def policy_forward_step(*, mode: str, current_version: int, num_tokens_global: int, temperature: float,
                         vocab_size: int, loss_kwargs: dict | None = None, alpha_schedule: str = "inverse",
                         entropy_coef: float = 0.0, prox_timer: list | None = None,
-                        schedule_kwargs: dict | None = None):
+                        schedule_kwargs: dict | None = None, prox_hook=None):
     """Forward step for one PPO minibatch. ``mode``: coupled | loglinear | linear | recompute | metrics.
 
     In recompute/metrics mode every micro-batch must carry ``prox_logp`` from ``logprob_forward_step``.
     ``prox_timer`` (a one-element list) accumulates seconds spent forming the proximal log-probs.
     ``schedule_kwargs`` (alpha_slope, alpha_cap, alpha_fixed) go to the alpha schedule with ``alpha_schedule``.
+    ``prox_hook(mb, prox, logp)`` (the audit, trainer/audit.py) sees every micro-batch's proximal and
+    current log-probs (detached) and returns the proximal log-probs to train with (its recompute fallback).
     """
     from megatron_a3po.loss import approx_error_stats, approximate_prox_logp, decoupled_ppo_loss, staleness_stats
 
@@ -84,6 +86,8 @@ def policy_forward_step(*, mode: str, current_version: int, num_tokens_global: i
         if prox_timer is not None:
             synchronize()
             prox_timer[0] += time.perf_counter() - t0
+        if prox_hook is not None:
+            prox = prox_hook(mb, prox, logp.detach())
         loss, stats = decoupled_ppo_loss(logp, behave, prox, mb.advantages.to(logp.device), mask,
                                          num_tokens=num_tokens_global, entropy=ent.detach(), **loss_kwargs)
         stats = dict(stats)

@@ -104,6 +104,7 @@ class Controller:
         self.last_consumed_version = initial_version - 1
         self.counters: Counter = Counter()
         self.initial_version = initial_version
+        self.max_staleness_limit = cfg.max_staleness  # the recipe's bound: set_max_staleness never exceeds it
         self._last_payload: dict = {}  # the last successful push (hf_dir): resent to a server that rejoins
         # servers back with older weights that a streaming transport (NCCL) cannot resend: they join the
         # next weight update (a new update group with them), held out of the fleet until then
@@ -240,6 +241,13 @@ class Controller:
             self._tick()
 
     # ---- trainer side
+    def set_max_staleness(self, n: int) -> int:
+        """Move the admission bound (rollout/staleness.py decides), clamped to [0, the configured bound];
+        returns the bound in force. Ready groups past a lowered bound are dropped at the next get_batch."""
+        self.cfg.max_staleness = max(0, min(int(n), self.max_staleness_limit))
+        self._tick()
+        return self.cfg.max_staleness
+
     def set_version(self, version: int):
         if version > self.trainer_version:
             self.trainer_version = version

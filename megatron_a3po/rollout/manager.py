@@ -139,6 +139,10 @@ class RolloutManager:
         """Tell the controller the trainer's version (admission uses it); get_batch also does this."""
         self._call(self._run(self.controller.set_version, int(version)))
 
+    def set_max_staleness(self, n: int) -> int:
+        """Move the controller's admission bound (never above the configured one); returns the bound."""
+        return self._call(self._run(self.controller.set_max_staleness, int(n)))
+
     def metrics(self) -> dict[str, Any]:
         """Flat dict of counters and gauges (``rollout/...``): groups admitted/completed/delivered/
         dropped_stale, requests_aborted_resumed, samples_restarted_stale, weight_updates,

@@ -64,7 +64,7 @@ class Actor:
 
     def __init__(self, hf_config, *, trainer: TrainerCfg, loss: LossCfg, parallel: ParallelCfg,
                  params_dtype: str = "float32", temperature: float = 1.0, hf_dir: str | None = None,
-                 mcore_dir: str | None = None):
+                 mcore_dir: str | None = None, auditor=None):
         from megatron_a3po.models import build_model
 
         self.tc, self.lc, self.temperature = trainer, loss, temperature
@@ -91,6 +91,7 @@ class Actor:
         self.optim = build_optimizer([model], trainer, parallel, bf16=dtype == torch.bfloat16)
         self.chunks = self.optim.model_chunks
         self.step_count = 0
+        self.auditor = auditor  # trainer/audit.py (None: no audit, no drift signals)
 
     # ------------------------------------------------------------------ helpers
     def _schedule(self, forward_step, mbs: list[MicroBatch], forward_only: bool):
@@ -174,6 +175,9 @@ class Actor:
                             for share, mbs in zip(shares, minibatches)]
         times = defaultdict(float)
         prox_timer = [0.0]
+        audit = self.auditor.begin(self, shares, minibatches, current_version, prox_timer) if self.auditor else None
+        if audit is not None:
+            mode = audit.mode  # "recompute" while the audit's whole-step fallback lasts
         if mode in ("recompute", "metrics"):
             synchronize()
             t0 = time.perf_counter()
@@ -193,7 +197,8 @@ class Actor:
                                       temperature=self.temperature, vocab_size=self.vocab_size,
                                       loss_kwargs=loss_kwargs, alpha_schedule=lc.alpha_schedule,
                                       schedule_kwargs=lc.alpha_kwargs(),
-                                      entropy_coef=lc.entropy_coef, prox_timer=prox_timer)
+                                      entropy_coef=lc.entropy_coef, prox_timer=prox_timer,
+                                      prox_hook=audit.hook if audit is not None else None)
             self.optim.zero_grad()
             t0 = time.perf_counter()
             out = self._schedule(fwd, mbs, forward_only=False)
@@ -206,8 +211,11 @@ class Actor:
                                                      for o in out))
         self.step_count += 1
         n_tok = float(sum(s.length for share in shares for s in share))
-        gathered = self._gather_to_rank0((per_minibatch, prox_timer[0], n_tok))
+        gathered = self._gather_to_rank0((per_minibatch, prox_timer[0], n_tok,
+                                          audit.partials() if audit is not None else None))
         if dist.is_initialized() and dist.get_rank() != 0:
+            if audit is not None:
+                audit.finish(None)  # the audit's decision reaches every rank
             return {}
         # data-parallel ranks hold disjoint token shares of each minibatch: combine them per minibatch
         n_mb = len(gathered[0][0])
@@ -220,6 +228,8 @@ class Actor:
         stats[M.TIME_OPT] = times["opt"]
         stats["time/train"] = time.perf_counter() - t_step
         stats["tokens/trained"] = sum(g[2] for g in gathered)
+        if audit is not None:
+            stats.update(audit.finish([g[3] for g in gathered]))
         return stats
 
     def sft_step(self, samples: list[TrainSample]) -> float:

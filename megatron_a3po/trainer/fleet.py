@@ -232,6 +232,9 @@ class RolloutSide:
             out.append((p, r))
         return out
 
+    def set_max_staleness(self, n: int) -> int:
+        return self.rm.set_max_staleness(n)
+
     def state_dict(self) -> dict:
         return self.rm.state_dict()
 
