@@ -185,7 +185,7 @@ class RolloutCfg(_Strict):
 class AuditCfg(_Strict):
     """Shadow-recompute audit of the proximal approximation (trainer/audit.py; docs/algorithm.md, "Audit").
 
-    Every ``every`` steps, a ``fraction`` of the step's micro-batches is run once more with the step-start
+    With ``enabled``, every ``every`` steps a ``fraction`` of the step's micro-batches is run once more with the step-start
     weights (a forward pass, no gradient) and the approximation's error against those log-probs is measured
     per staleness bucket with metrics mode's error measures. When a bucket's ``measure`` stays above
     ``threshold`` for ``patience`` audits in a row, ``policy`` acts: ``warn`` (a logged warning),
@@ -193,11 +193,12 @@ class AuditCfg(_Strict):
     never above the recipe's), or ``recompute`` (trains that bucket, ``recompute_scope: bucket``, or the
     whole step, ``step``, with recomputed log-probs until its error is back under the threshold)."""
 
-    every: int = Field(0, ge=0)  # 0: off
+    enabled: bool = False
+    every: int = Field(10, ge=1)
     fraction: float = Field(0.25, gt=0, le=1)  # of the step's micro-batches (at least one)
     measure: Literal["abs", "sq", "rel", "prob_rel", "ratio_abs", "behave_w_abs"] = "abs"
     threshold: float = Field(0.25, gt=0)
-    patience: int = Field(3, ge=1)
+    patience: int = Field(2, ge=1)
     policy: Literal["warn", "tighten", "recompute"] = "warn"
     recompute_scope: Literal["bucket", "step"] = "step"
     min_staleness: int = Field(1, ge=0)
@@ -355,12 +356,12 @@ class Recipe(_Strict):
 
     def _check_drift_and_replay(self):
         a, ad, rp, r = self.audit, self.adaptive_staleness, self.replay, self.rollout
-        if a.every and self.trainer.mode in ("recompute", "metrics"):
-            raise ValueError(f"audit.every={a.every} with trainer.mode={self.trainer.mode}: the audit checks an "
+        if a.enabled and self.trainer.mode in ("recompute", "metrics"):
+            raise ValueError(f"audit.enabled with trainer.mode={self.trainer.mode}: the audit checks an "
                              "approximation (loglinear, linear, coupled); this mode recomputes every step already")
         if ad.enabled:
-            if ad.signal == "audit" and not a.every:
-                raise ValueError("adaptive_staleness.signal=audit needs audit.every > 0")
+            if ad.signal == "audit" and not a.enabled:
+                raise ValueError("adaptive_staleness.signal=audit needs audit.enabled=true")
             if ad.floor > r.max_staleness:
                 raise ValueError(f"adaptive_staleness.floor={ad.floor} is above rollout.max_staleness={r.max_staleness}")
         if rp.record or rp.schedule is not None:

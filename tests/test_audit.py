@@ -92,7 +92,7 @@ def test_audit_error_equals_metrics_mode_and_fp64(dist1, tiny):
     ref = _ref_errors(samples, p64)
     assert set(ref) == {"d1", "d2", "d3", "d4+"}
 
-    a = _actor(tiny, "loglinear", every=1, fraction=1.0)
+    a = _actor(tiny, "loglinear", enabled=True, every=1, fraction=1.0)
     st = a.train_step(samples, V, group_size=4)
     met = finalize_bucket_means(_actor(tiny, "metrics").train_step(samples, V, group_size=4))
     for b, e in ref.items():
@@ -104,7 +104,7 @@ def test_audit_error_equals_metrics_mode_and_fp64(dist1, tiny):
     assert st[M.TIME_PROX] < st[M.TIME_AUDIT]  # loglinear still pays no forward pass for training
 
     # a sampled half of the micro-batches: the same measure over the samples it covered
-    h = _actor(tiny, "loglinear", every=1, fraction=0.5)
+    h = _actor(tiny, "loglinear", enabled=True, every=1, fraction=0.5)
     st = h.train_step(samples, V, group_size=4)
     audited = {id(s) for s in h.auditor.last_audited}
     assert 0 < len(audited) < len(samples)
@@ -141,17 +141,18 @@ def _stale2_run(tiny, lr, steps=7, **audit):
 
 def test_fallback_fires_with_a_large_lr_and_not_with_the_demo_lr(dist1, tiny):
     # the defaults (threshold, patience, measure), every step audited
-    big, st_big = _stale2_run(tiny, 5e-2, every=1, policy="recompute")
+    big, st_big = _stale2_run(tiny, 5e-2, enabled=True, every=1, policy="recompute")
     acts = [x for s in st_big for x in s.get("_audit_actions", [])]
     assert acts and acts[0]["action"] == "recompute_start" and acts[0]["bucket"] == "d2"
     first = acts[0]["step"]
     assert acts[0]["error"] > acts[0]["threshold"]
-    assert [s[M.AUDIT_ERR_BUCKET.format(bucket="d2")] > acts[0]["threshold"] for s in st_big[first - 3:first]] == [True] * 3
+    k = big.auditor.cfg.patience
+    assert [s[M.AUDIT_ERR_BUCKET.format(bucket="d2")] > acts[0]["threshold"] for s in st_big[first - k:first]] == [True] * k
     # from the next step on, it trains with recomputed log-probs (a forward pass, timed as proximal time)
     nxt = st_big[first]
     assert nxt[M.AUDIT_FALLBACK] == 1.0 and nxt[M.TIME_PROX] > 0 and M.AUDIT_TOKENS_FRAC not in nxt
 
-    small, st_small = _stale2_run(tiny, 5e-4, every=1, policy="recompute")
+    small, st_small = _stale2_run(tiny, 5e-4, enabled=True, every=1, policy="recompute")
     assert not [x for s in st_small for x in s.get("_audit_actions", [])]
     assert max(s[M.AUDIT_ERR_BUCKET.format(bucket="d2")] for s in st_small[2:]) < small.auditor.cfg.threshold
     assert all(s[M.AUDIT_FALLBACK] == 0.0 for s in st_small)
@@ -165,7 +166,7 @@ def test_bucket_fallback_trains_the_bucket_on_recomputed_logprobs(dist1, tiny):
     samples = _samples(seed=2)
     for s in samples:
         s.versions = [V - 2] * len(s.response_ids)
-    a = _actor(tiny, "loglinear", every=1, policy="recompute", recompute_scope="bucket")
+    a = _actor(tiny, "loglinear", enabled=True, every=1, policy="recompute", recompute_scope="bucket")
     a.auditor.policy.fallback = {"d2"}
     st = a.train_step(samples, V, group_size=4)
     rec = _actor(tiny, "recompute").train_step(samples, V, group_size=4)
@@ -179,7 +180,7 @@ def test_bucket_fallback_trains_the_bucket_on_recomputed_logprobs(dist1, tiny):
 def _cfg(**kw):
     from megatron_a3po.config import AuditCfg
 
-    return AuditCfg(every=1, threshold=0.2, patience=2, **kw)
+    return AuditCfg(enabled=True, every=1, threshold=0.2, patience=2, **kw)
 
 
 def test_policy_acts_after_patience_once_per_excursion():

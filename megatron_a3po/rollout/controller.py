@@ -93,6 +93,8 @@ class ControllerConfig:
 
 
 class Controller:
+    workflow_class = GroupWorkflow  # replay.py replaces it
+
     def __init__(self, fleet: Fleet, prompts: list, task, tokenizer, cfg: ControllerConfig,
                  transport=None, initial_version: int = 0):
         if not prompts:
@@ -116,7 +118,7 @@ class Controller:
         self.inflight: dict[int, tuple[int, asyncio.Task]] = {}
         self.next_gid = 0
         self.cursor = PromptCursor(len(prompts), shuffle=cfg.shuffle, seed=cfg.seed, epochs=cfg.epochs)
-        self.workflow = GroupWorkflow(
+        self.workflow = self.workflow_class(
             fleet, task, tokenizer, n_samples=cfg.n_samples, max_new_tokens=cfg.max_new_tokens,
             sampling={"temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k, **cfg.extra_sampling},
             sampling_seed=cfg.sampling_seed, reward_timeout_s=cfg.reward_timeout_s, adv_norm=cfg.adv_norm,
@@ -294,19 +296,8 @@ class Controller:
             groups = self._take_ready(num_groups)
             if groups is not None:
                 for g in groups:
-                    self.delivered_log.append((g[0].group_id, g[0].prompt_index))
                     assert all(s.staleness(current_version) <= self.cfg.max_staleness for s in g)
-                self.counters["groups_delivered"] += len(groups)
-                if self.cfg.adv_batch_norm:
-                    ss = [s for g in groups for s in g]
-                    for s, a in zip(ss, batch_normalise([s.advantage for s in ss],
-                                                        [len(s.response_ids) for s in ss], self.cfg.adv_eps)):
-                        s.advantage = a
-                self.last_consumed_version = max(self.last_consumed_version, current_version)
-                self.timings["last_wait_s"] = time.monotonic() - t0
-                self.timings["wait_s"] += self.timings["last_wait_s"]
-                self._tick()
-                return Batch(groups=groups, version=current_version)
+                return self._deliver(groups, current_version, t0)
             if not self.inflight and self.cursor.exhausted():
                 raise RolloutError(f"data exhausted: {len(self.ready)} groups ready, {num_groups} requested")
             remaining = None if deadline is None else deadline - time.monotonic()
@@ -315,6 +306,22 @@ class Controller:
                                    f"{len(self.inflight)} in flight, trainer v{self.trainer_version}, served "
                                    f"v{self.served_version}, fleet {self.fleet.snapshot()['servers']}")
             await self._wait_tick(min(0.5, remaining) if remaining is not None else 0.5)
+
+    def _deliver(self, groups: list[list[Sample]], current_version: int, t0: float) -> Batch:
+        """Hand ``groups`` to the trainer as the batch of ``current_version`` (``t0``: when it was asked for)."""
+        for g in groups:
+            self.delivered_log.append((g[0].group_id, g[0].prompt_index))
+        self.counters["groups_delivered"] += len(groups)
+        if self.cfg.adv_batch_norm:
+            ss = [s for g in groups for s in g]
+            for s, a in zip(ss, batch_normalise([s.advantage for s in ss],
+                                                [len(s.response_ids) for s in ss], self.cfg.adv_eps)):
+                s.advantage = a
+        self.last_consumed_version = max(self.last_consumed_version, current_version)
+        self.timings["last_wait_s"] = time.monotonic() - t0
+        self.timings["wait_s"] += self.timings["last_wait_s"]
+        self._tick()
+        return Batch(groups=groups, version=current_version)
 
     async def update_weights(self, version: int, **payload):
         """Pause(abort) -> push via the transport -> verify -> continue, on every server."""

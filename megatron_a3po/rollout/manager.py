@@ -61,12 +61,14 @@ class RolloutManager:
             the fleet (its requests are re-issued) and is synced to the current weights when it answers
             again; with no server for this long, the rollout fails with ``RolloutError``.
         log_hints: ``{url: log file}`` named in that error.
+        schedule: a recorded ``schedule.Schedule`` to replay (replay.py) instead of admitting by timing.
     """
 
     def __init__(self, engine_urls: list[str], prompts: list, task, tokenizer, config: ControllerConfig,
                  *, router_url: str | None = None, transport=None, initial_version: int = 0,
                  request_timeout: float = 600.0, connect_timeout: float = 5.0, health_interval_s: float = 0.5,
-                 api_key: str | None = None, hang_timeout_s: float = 30.0, log_hints: dict[str, str] | None = None):
+                 api_key: str | None = None, hang_timeout_s: float = 30.0, log_hints: dict[str, str] | None = None,
+                 schedule=None):
         if isinstance(task, str):
             from megatron_a3po.rollout.tasks import get_task
 
@@ -74,8 +76,15 @@ class RolloutManager:
         self.fleet = Fleet(list(engine_urls), router_url=router_url, request_timeout=request_timeout,
                            connect_timeout=connect_timeout, health_interval_s=health_interval_s, api_key=api_key,
                            hang_timeout_s=hang_timeout_s, log_hints=log_hints)
-        self.controller = Controller(self.fleet, prompts, task, tokenizer, config,
-                                     transport=transport or DiskTransport(), initial_version=initial_version)
+        if schedule is None:
+            self.controller = Controller(self.fleet, prompts, task, tokenizer, config,
+                                         transport=transport or DiskTransport(), initial_version=initial_version)
+        else:  # replay.py: admission, generation and batches as the recorded schedule says
+            from megatron_a3po.rollout.replay import ReplayController
+
+            self.controller = ReplayController(self.fleet, prompts, task, tokenizer, config, schedule=schedule,
+                                               transport=transport or DiskTransport(),
+                                               initial_version=initial_version)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="rollout-loop", daemon=True)
         self._started = False

@@ -94,7 +94,7 @@ class StalenessBound:
     def from_recipe(cls, recipe, apply: Callable[[int], object]) -> "StalenessBound | None":
         """None unless the audit may tighten the bound or the adaptive controller is on."""
         a, ad = recipe.audit, recipe.adaptive_staleness
-        if not ad.enabled and not (a.every and a.policy == "tighten"):
+        if not ad.enabled and not (a.enabled and a.policy == "tighten"):
             return None
         ctl = None
         if ad.enabled:

@@ -120,6 +120,7 @@ class GroupWorkflow:
         lps: list[float] = []
         vers: list[int] = []
         rids: list[str] = []
+        segs: list[tuple[int, int]] = []
         seg = idle_aborts = 0
         while True:
             if first is not None:
@@ -138,6 +139,7 @@ class GroupWorkflow:
             lps += [float(e[0]) for e in lp_entries]
             vers += token_versions(meta, len(toks))
             rids.append(rid)
+            segs.append((seg - 1, len(toks)))
             self.gen_tokens += len(toks)
             fr = (meta.get("finish_reason") or {}).get("type")
             if fr == "abort":
@@ -148,14 +150,15 @@ class GroupWorkflow:
                                        f"{meta.get('finish_reason')}")
                 if out and self.too_stale(vers):  # it could never be delivered: start over
                     self.counters["samples_restarted_stale"] += 1
-                    out, lps, vers, rids = [], [], [], []
+                    out, lps, vers, rids, segs = [], [], [], [], []
                 if len(out) < self.max_new_tokens:
                     continue
                 fr = "length"
             if fr not in ("stop", "length"):
                 raise RolloutError(f"request {rid}: unexpected finish_reason {meta.get('finish_reason')!r}")
             return Sample(group_id=gid, prompt_index=prompt.index, sample_index=j, prompt_ids=list(prompt.prompt_ids),
-                          response_ids=out, behave_logprobs=lps, versions=vers, finish_reason=fr, rids=rids)
+                          response_ids=out, behave_logprobs=lps, versions=vers, finish_reason=fr, rids=rids,
+                          segments=segs)
 
     # ---- 3. score
     async def score(self, samples: list[Sample], prompt) -> None:

@@ -4,9 +4,9 @@ A-3PO replaces recompute's forward pass by an approximation; metrics mode measur
 error by paying that forward pass every step. The audit measures it at a fraction of the cost (recipe
 section ``audit``; docs/algorithm.md, "Audit"):
 
-* every ``audit.every`` steps it runs the step-start weights once more (forward only, no gradient) over a
-  sampled ``audit.fraction`` of the step's micro-batches (at least one; the same choice on every TP/PP
-  rank of a data-parallel replica: seeded by the run's seed and the step);
+* with ``audit.enabled``, every ``audit.every`` steps it runs the step-start weights once more (forward
+  only, no gradient) over a sampled ``audit.fraction`` of the step's micro-batches (at least one; the same
+  choice on every TP/PP rank of a data-parallel replica: seeded by the run's seed and the step);
 * while those micro-batches train, it compares the approximation the loss uses with those log-probs, per
   staleness bucket, with metrics mode's error measures (``loss.prox.approx_error_stats``: one
   implementation); the step's error of a bucket is the mean over every audited token of it;
@@ -62,7 +62,7 @@ def build_auditor(recipe) -> "Auditor | None":
     """The actor's auditor, given the recipe: None when neither the audit nor the adaptive staleness
     controller is on (then nothing of this module runs)."""
     a, ad = recipe.audit, recipe.adaptive_staleness
-    if not a.every and not ad.enabled:
+    if not a.enabled and not ad.enabled:
         return None
     return Auditor(a, mode=recipe.trainer.mode, alpha_schedule=recipe.loss.alpha_schedule,
                    schedule_kwargs=recipe.loss.alpha_kwargs(), seed=recipe.trainer.seed,
@@ -149,7 +149,7 @@ class Auditor:
 
     def __init__(self, cfg, *, mode: str, alpha_schedule: str, schedule_kwargs: dict, seed: int,
                  max_staleness: int, drift: bool = False):
-        if cfg.every and mode not in AUDITED_METHOD:
+        if cfg.enabled and mode not in AUDITED_METHOD:
             raise ValueError(f"audit: trainer.mode={mode} has no approximation to audit")
         self.cfg, self.mode, self.seed, self.drift = cfg, mode, seed, drift
         self.method = AUDITED_METHOD.get(mode, "loglinear")
@@ -159,7 +159,7 @@ class Auditor:
 
     def is_audit_step(self, step_count: int) -> bool:
         """Step ``step_count + 1`` (1-based) is audited when it is a multiple of ``audit.every``."""
-        return bool(self.cfg.every) and (step_count + 1) % self.cfg.every == 0
+        return self.cfg.enabled and (step_count + 1) % self.cfg.every == 0
 
     def _sample(self, step_count: int, total: int) -> list[int]:
         k = min(total, max(1, math.ceil(self.cfg.fraction * total - 1e-9)))

@@ -99,7 +99,7 @@ def build_rollout_side(recipe, *, run_dir: Path, tokenizer_dir: str):
     ctl = controller_config(recipe.rollout, seed=recipe.trainer.seed, shuffle=recipe.data.shuffle,
                             adv_norm=lc.adv_norm, adv_eps=lc.adv_eps, adv_batch_norm=lc.adv_batch_norm)
     return RolloutSide(recipe.rollout, recipe.data, recipe.eval, ctl, seed=recipe.trainer.seed, run_dir=run_dir,
-                       tokenizer_dir=tokenizer_dir)
+                       tokenizer_dir=tokenizer_dir, replay=recipe.replay)
 
 
 def run(recipe, *, run_dir: str | Path | None = None) -> dict:

@@ -14,6 +14,11 @@ Grid file (YAML; every key is checked, errors name the file and the key)::
           regime:                     # an axis whose values are mappings sets several keys at once
             - {rollout.max_staleness: 1, rollout.max_inflight_groups: 64}
         seeds: 1                      # optional: only the first N of --seeds for this block
+        overrides:                    # optional: more overrides for this block's runs (not in the group name)
+          replay.schedule: runs/paired/record/max_staleness=2/seed{seed}/schedule.jsonl
+
+``{seed}`` in an override's value is the run's seed (a replay names the schedule its seed's recorded run
+wrote: run the recording grid first, then the replaying one; docs/benchmarks.md, "Paired").
 
 A grid point is a *group*: its runs differ only in ``trainer.seed`` (the run's one seed: model init,
 data and data order, engine sampling; see megatron_a3po/config.py). Runs go to ``OUT/<group>/seed<k>/``, where
@@ -72,7 +77,8 @@ CONFIG_KEYS = {"mode": "trainer.mode", "eps_clip": "loss.eps_clip", "max_stalene
                "max_inflight_groups": "rollout.max_inflight_groups", "batch_prompts": "rollout.batch_prompts",
                "n_samples": "rollout.n_samples", "steps": "trainer.steps", "lr": "trainer.lr",
                "ppo_n_minibatches": "trainer.ppo_n_minibatches", "entropy_coef": "loss.entropy_coef",
-               "behave_weight_cap": "loss.behave_weight_cap"}
+               "behave_weight_cap": "loss.behave_weight_cap", "replay_record": "replay.record",
+               "replay_schedule": "replay.schedule"}
 
 
 class SweepError(ValueError):
@@ -83,6 +89,7 @@ class _Block(BaseModel):
     model_config = ConfigDict(extra="forbid")
     axes: dict[str, list]
     seeds: int | None = Field(None, ge=1)
+    overrides: dict[str, object] = {}
 
 
 class _Grid(BaseModel):
@@ -197,7 +204,7 @@ def load_grid(path, seeds: list[int]) -> list[RunSpec]:
     for i, b in enumerate(grid.blocks):
         pts = _points(b, f"{path}: blocks.{i}")
         for pt in pts:
-            if "trainer.seed" in pt:
+            if "trainer.seed" in pt or "trainer.seed" in b.overrides:
                 raise SweepError(f"{path}: blocks.{i}: trainer.seed is an axis; seeds come from --seeds")
         blocks.append((b, pts))
     keys = list(dict.fromkeys(k for _, pts in blocks for pt in pts for k in pt))
@@ -210,8 +217,10 @@ def load_grid(path, seeds: list[int]) -> list[RunSpec]:
             if group in seen and seen[group] != pt:
                 raise SweepError(f"{path}: two grid points are both named {group!r}")
             seen[group] = pt
+            extra = {k: _cli_value(v) for k, v in b.overrides.items()}
             for seed in seeds[: b.seeds or len(seeds)]:
-                ov = {**common, **pt, "trainer.seed": str(seed)}
+                ov = {k: v.replace("{seed}", str(seed)) for k, v in {**common, **extra, **pt}.items()}
+                ov["trainer.seed"] = str(seed)
                 if any(r.group == group and r.seed == seed for r in runs):
                     continue  # the same point in two blocks: one run
                 try:
