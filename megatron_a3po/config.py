@@ -216,7 +216,7 @@ class AdaptiveStalenessCfg(_Strict):
     signal: Literal["audit", "ess", "kl"] = "kl"
     floor: int = Field(1, ge=0)
     high: float = Field(0.02, gt=0)
-    low: float = Field(0.005, ge=0)
+    low: float = Field(0.002, ge=0)
     patience: int = Field(3, ge=1)
     cooldown: int = Field(10, ge=0)
     smoothing: float = Field(0.8, ge=0, lt=1)  # EMA weight on the past

@@ -167,7 +167,7 @@ def test_bucket_fallback_trains_the_bucket_on_recomputed_logprobs(dist1, tiny):
     for s in samples:
         s.versions = [V - 2] * len(s.response_ids)
     a = _actor(tiny, "loglinear", enabled=True, every=1, policy="recompute", recompute_scope="bucket")
-    a.auditor.policy.fallback = {"d2"}
+    a.auditor.policy.fallback = {"d2": 1}
     st = a.train_step(samples, V, group_size=4)
     rec = _actor(tiny, "recompute").train_step(samples, V, group_size=4)
     for k in (M.RATIO_MAX, M.RATIO_MIN, M.PG_LOSS):
@@ -201,11 +201,13 @@ def test_policy_acts_after_patience_once_per_excursion():
     assert t.cap == 1
 
     r = AuditPolicy(_cfg(policy="recompute"), max_staleness=4)
-    assert r.update(1, {"d3": 0.5}) == [] and r.fallback == set()
-    assert [x["action"] for x in r.update(2, {"d3": 0.5})] == ["recompute_start"] and r.fallback == {"d3"}
-    assert r.update(3, {"d3": 0.21}) == [] and r.fallback == {"d3"}  # still over: keeps recomputing
-    end = r.update(4, {"d3": 0.05})
-    assert [(x["action"], x["error"]) for x in end] == [("recompute_end", 0.05)] and r.fallback == set()
+    assert r.update(1, {"d3": 0.5}) == [] and r.fallback == {}
+    assert [x["action"] for x in r.update(2, {"d3": 0.5})] == ["recompute_start"] and set(r.fallback) == {"d3"}
+    assert r.update(3, {"d3": 0.1}) == [] and r.update(4, {"d3": 0.21}) == []  # under once, over: keeps on
+    assert r.update(5, {"d3": 0.05}) == [] and set(r.fallback) == {"d3"}
+    end = r.update(6, {"d3": 0.1})  # under the threshold for `patience` (2) steps in a row: ends
+    assert [(x["action"], x["error"], x["recomputed_steps"]) for x in end] == [("recompute_end", 0.1, 4)]
+    assert r.fallback == {}
 
 
 def test_staleness_bound_holds_the_ceiling_and_does_not_oscillate():

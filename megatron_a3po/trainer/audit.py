@@ -17,7 +17,8 @@ section ``audit``; docs/algorithm.md, "Audit"):
   bucket (``recompute_scope: bucket``: the forward pass over the whole step, the recomputed log-probs
   replace the approximation on the bucket's tokens) or the whole step (``step``: the step runs as
   ``trainer.mode=recompute``) with recomputed log-probs. The error is then measured every step, over the
-  whole batch, and the fallback ends at the first step it is back under the threshold.
+  whole batch, and the fallback ends once it has been back under the threshold for ``audit.patience``
+  steps in a row.
 
 Every action is a dict in ``stats["_audit_actions"]`` (the loop writes them to steps.jsonl as
 ``actions``) with the step, the bucket, the measure, the error that triggered it and the threshold;
@@ -92,7 +93,8 @@ class AuditPolicy:
         self.max_staleness = max_staleness
         self.streak = dict.fromkeys(BUCKETS, 0)
         self.acted: set[str] = set()  # over the threshold, acted on (once per excursion)
-        self.fallback: set[str] = set()  # buckets trained with recomputed log-probs
+        self.fallback: dict[str, int] = {}  # buckets trained with recomputed log-probs -> the step it began
+        self.under = dict.fromkeys(BUCKETS, 0)  # in a fallback: measurements in a row under the threshold
         self.cap: int | None = None  # tighten: the staleness bound asked for
 
     def _action(self, step, bucket, error, action, **extra) -> dict:
@@ -108,10 +110,15 @@ class AuditPolicy:
                 continue
             e = float(errors[b])
             over = not e <= c.threshold  # NaN counts as over
+            if b in self.fallback:  # measured every step: it ends after `patience` steps in a row under
+                self.under[b] = self.under[b] + 1 if not over else 0
+                if self.under[b] >= c.patience:
+                    began = self.fallback.pop(b)
+                    out.append(self._action(step, b, e, "recompute_end", recomputed_steps=step - began))
+                    self.streak[b], self.under[b] = 0, 0
+                    self.acted.discard(b)
+                continue
             if not over:
-                if b in self.fallback:
-                    self.fallback.discard(b)
-                    out.append(self._action(step, b, e, "recompute_end"))
                 self.streak[b] = 0
                 self.acted.discard(b)
                 continue
@@ -130,17 +137,19 @@ class AuditPolicy:
                 else:
                     out.append(self._action(step, b, e, "tighten_at_floor", max_staleness=now))
             else:
-                self.fallback.add(b)
+                self.fallback[b] = step
+                self.under[b] = 0
                 out.append(self._action(step, b, e, "recompute_start", scope=c.recompute_scope))
         return out
 
     def state_dict(self) -> dict:
-        return {"streak": dict(self.streak), "acted": sorted(self.acted), "fallback": sorted(self.fallback),
-                "cap": self.cap}
+        return {"streak": dict(self.streak), "under": dict(self.under), "acted": sorted(self.acted),
+                "fallback": dict(self.fallback), "cap": self.cap}
 
     def load_state_dict(self, sd: dict) -> None:
         self.streak = {b: int(sd["streak"].get(b, 0)) for b in BUCKETS}
-        self.acted, self.fallback, self.cap = set(sd["acted"]), set(sd["fallback"]), sd["cap"]
+        self.under = {b: int(sd["under"].get(b, 0)) for b in BUCKETS}
+        self.acted, self.fallback, self.cap = set(sd["acted"]), dict(sd["fallback"]), sd["cap"]
 
 
 class Auditor:
@@ -292,7 +301,7 @@ class StepAudit:
                 if a.policy.cap is not None:
                     out["_staleness_cap"] = a.policy.cap
         if self.measuring and dist.is_initialized() and dist.get_world_size() > 1:
-            box = [sorted(a.policy.fallback)]
+            box = [dict(a.policy.fallback)]
             dist.broadcast_object_list(box, src=0)
-            a.policy.fallback = set(box[0])
+            a.policy.fallback = box[0]
         return out
