@@ -4,7 +4,7 @@ One fixed batch of samples (bench.e2e's: random tokens, behaviour log-probs near
 staleness 1-3) is replayed every step to two actors built from the same weights: ``recompute`` (a
 forward pass over the whole batch every step) and ``loglinear`` with the audit at its defaults (recipe
 section ``audit``: every ``audit.every`` steps, a forward pass over ``audit.fraction`` of the
-micro-batches, plus the error and drift statistics every step). Their steps are interleaved so the
+micro-batches, and the error measures of those). Their steps are interleaved so the
 machine's load hits both alike. Reported, over the same steps:
 
     ratio = sum(time/audit of the audited actor) / sum(time/prox_logp of the recompute actor)

@@ -25,7 +25,7 @@ Every action is a dict in ``stats["_audit_actions"]`` (the loop writes them to s
 ``audit/actions`` counts them for TensorBoard. Rank 0 decides; every rank learns the fallback (a broadcast
 on the steps that measured an error).
 
-Drift signals (for the adaptive staleness controller, every step when it asks for them): with
+Drift signals (for the adaptive staleness controller, every step while it is on): with
 ``rho = pi_theta / pi_behave`` per trained token (the current policy of the minibatch being trained), the
 effective sample size fraction ``(sum rho)^2 / (n sum rho^2)`` and the k3 estimate of KL(pi_behave ||
 pi_theta), ``mean(rho - 1 - log rho)``: ``drift/ess_frac`` and ``drift/kl``.
@@ -67,7 +67,7 @@ def build_auditor(recipe) -> "Auditor | None":
         return None
     return Auditor(a, mode=recipe.trainer.mode, alpha_schedule=recipe.loss.alpha_schedule,
                    schedule_kwargs=recipe.loss.alpha_kwargs(), seed=recipe.trainer.seed,
-                   max_staleness=recipe.rollout.max_staleness, drift=True)
+                   max_staleness=recipe.rollout.max_staleness, drift=ad.enabled)
 
 
 def after_step(bound, step: int, stats: dict) -> dict:
