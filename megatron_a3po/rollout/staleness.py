@@ -120,12 +120,12 @@ class StalenessBound:
         new = max(0, min(new, self.ceiling))
         actions = []
         if new != self.bound:
-            src = "audit" if self.controller is None or new == self.ceiling < self.bound else "adaptive_staleness"
-            act = {"step": step, "source": src, "action": "lower" if new < self.bound else "raise",
-                   "max_staleness": new, "was": self.bound}
+            by = "audit" if self.controller is None or new == self.ceiling < self.bound else "adaptive_staleness"
+            act = {"step": step, "source": "staleness_bound", "by": by,
+                   "action": "lower" if new < self.bound else "raise", "max_staleness": new, "was": self.bound}
             if self.controller is not None:
                 act.update(signal=self.signal, value=sig, smoothed=self.controller.ema)
-            log.info("staleness bound %d -> %d after step %d (%s)", self.bound, new, step, src)
+            log.info("staleness bound %d -> %d after step %d (%s)", self.bound, new, step, by)
             self.apply(new)
             self.bound = new
             actions.append(act)

@@ -100,8 +100,7 @@ class AuditPolicy:
     def _action(self, step, bucket, error, action, **extra) -> dict:
         c = self.cfg
         return {"step": step, "source": "audit", "policy": c.policy, "bucket": bucket, "measure": c.measure,
-                "error": error, "threshold": c.threshold, "audits_over": self.streak[bucket], "action": action,
-                **extra}
+                "error": error, "threshold": c.threshold, "action": action, **extra}
 
     def update(self, step: int, errors: dict[str, float]) -> list[dict]:
         c, out = self.cfg, []
@@ -127,19 +126,22 @@ class AuditPolicy:
                 continue
             self.acted.add(b)
             if c.policy == "warn":
-                out.append(self._action(step, b, e, "warn"))
+                out.append(self._action(step, b, e, "warn", audits_over=self.streak[b]))
             elif c.policy == "tighten":
                 want = max(c.min_staleness, _D_LO[b] - 1)
                 now = self.max_staleness if self.cap is None else self.cap
                 if want < now:
                     self.cap = want
-                    out.append(self._action(step, b, e, "tighten", max_staleness=want, was=now))
+                    out.append(self._action(step, b, e, "tighten", max_staleness=want, was=now,
+                                            audits_over=self.streak[b]))
                 else:
-                    out.append(self._action(step, b, e, "tighten_at_floor", max_staleness=now))
+                    out.append(self._action(step, b, e, "tighten_at_floor", max_staleness=now,
+                                            audits_over=self.streak[b]))
             else:
                 self.fallback[b] = step
                 self.under[b] = 0
-                out.append(self._action(step, b, e, "recompute_start", scope=c.recompute_scope))
+                out.append(self._action(step, b, e, "recompute_start", scope=c.recompute_scope,
+                                        audits_over=self.streak[b]))
         return out
 
     def state_dict(self) -> dict:
@@ -292,10 +294,12 @@ class StepAudit:
                 out[M.AUDIT_FALLBACK] = float(bool(self.replace or self.all_recomputed))
                 actions = a.policy.update(self.step, errors)
                 for act in actions:
-                    log.warning("audit at step %d: bucket %s %s error %.4f vs threshold %g (%d audit(s) over): %s%s",
-                                act["step"], act["bucket"], act["measure"], act["error"], act["threshold"],
-                                act["audits_over"], act["action"],
-                                f" -> max_staleness {act['max_staleness']}" if "max_staleness" in act else "")
+                    why = (f"{act['audits_over']} audit(s) in a row over" if "audits_over" in act
+                           else f"after {act['recomputed_steps']} recomputed step(s)")
+                    log.warning("audit at step %d: bucket %s %s error %.4f vs threshold %g (%s): %s%s",
+                                act["step"], act["bucket"], act["measure"], act["error"], act["threshold"], why,
+                                act["action"], f" -> max_staleness {act['max_staleness']}" if "max_staleness" in act
+                                else "")
                 out["_audit_actions"] = actions
                 out[M.AUDIT_ACTIONS] = float(len(actions))
                 if a.policy.cap is not None:

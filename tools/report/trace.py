@@ -55,7 +55,7 @@ def audit_figure(recs: list[dict], path: Path, threshold: float | None, title: s
         ax.axhline(threshold, color="black", ls="--", lw=1, label=f"threshold {threshold:g}")
     for r in recs:
         for a in r.get("actions", []):
-            if a.get("source") == "audit":
+            if a.get("source") == "audit" and "error" in a:
                 ax.annotate(a["action"], (a["step"], a["error"]), fontsize=7, rotation=60,
                             xytext=(2, 6), textcoords="offset points")
     ax.set_xlabel("step")
