@@ -57,6 +57,21 @@ def _samples(hf_dir, args, vocab):
     return out
 
 
+def model_and_batch(tmp, args):
+    """A random Qwen2-shaped HF model of the options' size in ``tmp`` and the fixed batch replayed every
+    step: (hf_dir, its config, [TrainSample])."""
+    from transformers import AutoConfig
+
+    from megatron_a3po.models.tiny import save_tiny_hf_model
+    from megatron_a3po.trainer.batch import TrainSample
+
+    hf_dir = save_tiny_hf_model(Path(tmp) / "m", "qwen2", vocab_size=args.vocab, hidden_size=args.hidden,
+                                intermediate_size=4 * args.hidden, num_hidden_layers=args.layers,
+                                num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024,
+                                randomize_norms=False)
+    return hf_dir, AutoConfig.from_pretrained(hf_dir), [TrainSample(**s) for s in _samples(hf_dir, args, args.vocab)]
+
+
 def add_batch_args(ap, *, layers: int) -> None:
     """The model and replayed-batch options (shared with bench.scaling)."""
     ap.add_argument("--hidden", type=int, default=512)
@@ -81,21 +96,12 @@ def main(argv=None):
     from megatron_a3po.platform.procs import free_port
 
     os.environ.setdefault("MASTER_PORT", str(free_port()))
-    from transformers import AutoConfig
-
-    from megatron_a3po.models.tiny import save_tiny_hf_model
     from megatron_a3po.platform import init_distributed
     from megatron_a3po.trainer.loop import build_actor
-    from megatron_a3po.trainer.batch import TrainSample
 
     init_distributed(tp=1, pp=1, seed=0)
     with tempfile.TemporaryDirectory() as tmp:
-        hf_dir = save_tiny_hf_model(Path(tmp) / "m", "qwen2", vocab_size=args.vocab, hidden_size=args.hidden,
-                                    intermediate_size=4 * args.hidden, num_hidden_layers=args.layers,
-                                    num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1024,
-                                    randomize_norms=False)
-        cfg = AutoConfig.from_pretrained(hf_dir)
-        samples = [TrainSample(**s) for s in _samples(hf_dir, args, args.vocab)]
+        hf_dir, cfg, samples = model_and_batch(tmp, args)
         actors = {m: build_actor(_recipe(m, args), cfg, hf_dir=str(hf_dir)) for m in ("recompute", "loglinear")}
         rows = {m: [] for m in actors}
         for step in range(args.steps + 1):

@@ -253,6 +253,65 @@ class RolloutCfg(_Strict):
         return self
 
 
+class AuditCfg(_Strict):
+    """Shadow-recompute audit of the proximal approximation (trainer/audit.py; docs/algorithm.md, "Audit").
+
+    With ``enabled``, every ``every`` steps a ``fraction`` of the step's micro-batches is run once more with the step-start
+    weights (a forward pass, no gradient) and the approximation's error against those log-probs is measured
+    per staleness bucket with metrics mode's error measures. When a bucket's ``measure`` stays above
+    ``threshold`` for ``patience`` audits in a row, ``policy`` acts: ``warn`` (a logged warning),
+    ``tighten`` (lowers the rollout's staleness bound below that bucket, never under ``min_staleness`` and
+    never above the recipe's), or ``recompute`` (trains that bucket, ``recompute_scope: bucket``, or the
+    whole step, ``step``, with recomputed log-probs until its error is back under the threshold)."""
+
+    enabled: bool = False
+    every: int = Field(10, ge=1)
+    fraction: float = Field(0.25, gt=0, le=1)  # of the step's micro-batches (at least one)
+    measure: Literal["abs", "sq", "rel", "prob_rel", "ratio_abs", "behave_w_abs"] = "abs"
+    threshold: float = Field(0.25, gt=0)
+    patience: int = Field(2, ge=1)
+    policy: Literal["warn", "tighten", "recompute"] = "warn"
+    recompute_scope: Literal["bucket", "step"] = "step"
+    min_staleness: int = Field(1, ge=0)
+
+
+class AdaptiveStalenessCfg(_Strict):
+    """Optional controller of the rollout's admission bound (rollout/staleness.py): between ``floor`` and
+    the recipe's ``rollout.max_staleness``, driven by a drift signal: the audit's error (``audit``), one
+    minus the effective sample size fraction of the behaviour-to-current importance weights (``ess``), or
+    the behaviour-to-current KL (``kl``). The bound goes down one when the smoothed signal has stayed above
+    ``high`` for ``patience`` steps, up one when below ``low`` as long, and then holds for ``cooldown``
+    steps (the samples in flight were admitted under the old bound)."""
+
+    enabled: bool = False
+    signal: Literal["audit", "ess", "kl"] = "kl"
+    floor: int = Field(1, ge=0)
+    high: float = Field(0.02, gt=0)
+    low: float = Field(0.002, ge=0)
+    patience: int = Field(3, ge=1)
+    cooldown: int = Field(10, ge=0)
+    smoothing: float = Field(0.8, ge=0, lt=1)  # EMA weight on the past
+
+    @model_validator(mode="after")
+    def _band(self):
+        if self.low >= self.high:
+            raise ValueError(f"adaptive_staleness.low={self.low} must be below high={self.high}")
+        return self
+
+
+class ReplayCfg(_Strict):
+    """Reproducible asynchronous runs (rollout/schedule.py, rollout/replay.py; docs/algorithm.md, "Record
+    and replay"). ``record``: write ``<run dir>/schedule.jsonl`` (which weight version generated every
+    segment of every trained sample, where it was interrupted, which step trained which group) and serve
+    with batch-invariant CPU engines. ``schedule``: replay that file: the engines keep the few weight
+    versions the bound allows and serve every request at the version the schedule names, so the run gets
+    the same batches, versions and sampling seeds whatever the timing (with another ``trainer.mode``: two
+    algorithms on one schedule, with common random numbers)."""
+
+    record: bool = False
+    schedule: str | None = None
+
+
 class DataSpec(_Strict):
     """Where a dataset comes from (megatron_a3po/rollout/data.py). A plain string is ``{path: ...}``."""
 
@@ -359,6 +418,9 @@ class Recipe(_Strict):
     data: DataCfg = DataCfg()
     eval: EvalCfg = EvalCfg()
     cluster: ClusterCfg = ClusterCfg()
+    audit: AuditCfg = AuditCfg()
+    adaptive_staleness: AdaptiveStalenessCfg = AdaptiveStalenessCfg()
+    replay: ReplayCfg = ReplayCfg()
 
     @model_validator(mode="after")
     def _combinations(self):
@@ -374,7 +436,28 @@ class Recipe(_Strict):
             raise ValueError(f"rollout.dynamic_sampling=shrink: rollout.dynamic_sampling_min_groups="
                              f"{self.rollout.dynamic_sampling_min_groups} must be at least trainer.ppo_n_minibatches"
                              f" x parallel.dp = {need} (every minibatch needs a group on every DP rank)")
+        self._check_drift_and_replay()
         return self
+
+    def _check_drift_and_replay(self):
+        a, ad, rp, r = self.audit, self.adaptive_staleness, self.replay, self.rollout
+        if a.enabled and self.trainer.mode in ("recompute", "metrics"):
+            raise ValueError(f"audit.enabled with trainer.mode={self.trainer.mode}: the audit checks an "
+                             "approximation (loglinear, linear, coupled); this mode recomputes every step already")
+        if ad.enabled:
+            if ad.signal == "audit" and not a.enabled:
+                raise ValueError("adaptive_staleness.signal=audit needs audit.enabled=true")
+            if ad.floor > r.max_staleness:
+                raise ValueError(f"adaptive_staleness.floor={ad.floor} is above rollout.max_staleness={r.max_staleness}")
+        if rp.record or rp.schedule is not None:
+            what = "replay.schedule" if rp.schedule is not None else "replay.record"
+            if r.backend != "cpu" or r.engine_urls or r.router_url is not None or r.start_router:
+                raise ValueError(f"{what} needs the bundled CPU engines (rollout.backend=cpu, no engine_urls, no "
+                                 "router: a router drops the replay fields of a request)")
+            if r.weight_sync != "disk":
+                raise ValueError(f"{what} needs rollout.weight_sync=disk (the engines keep whole versions)")
+        if rp.schedule is not None and self.trainer.resume:
+            raise ValueError("replay.schedule cannot be combined with trainer.resume")
 
 
 

@@ -49,6 +49,18 @@ MISMATCH_BUCKET_FRAC = "mismatch/token_frac/{bucket}"
 KL_REF = "kl_ref/mean"
 KL_REF_REWARD_PENALTY = "kl_ref/reward_penalty_mean"
 TIME_REF = "time/ref_logp"
+# shadow-recompute audit (trainer/audit.py): the audited approximation's error against the step-start
+# weights, with the audit's measure (audit.measure, one of metrics mode's), per staleness bucket
+AUDIT_ERR = "audit/err"                       # over every audited token
+AUDIT_ERR_BUCKET = "audit/err/{bucket}"       # per bucket (APPROX_ERR_BUCKETS), when it holds audited tokens
+AUDIT_TOKENS_FRAC = "audit/tokens_frac"       # share of the step's tokens the audit's forward pass covered
+AUDIT_FALLBACK = "audit/fallback"             # 1 while (a bucket of) the step trains with recomputed log-probs
+AUDIT_ACTIONS = "audit/actions"               # policy actions taken after this step (details: steps.jsonl)
+# behaviour -> current policy drift (rho = pi_theta / pi_behave per trained token), for the staleness controller
+DRIFT_ESS = "drift/ess_frac"                  # (sum rho)^2 / (n sum rho^2): effective sample size fraction
+DRIFT_KL = "drift/kl"                         # mean(rho - 1 - log rho): k3 estimate of KL(pi_behave || pi_theta)
+STALENESS_BOUND = "staleness/bound"           # the rollout's admission bound in force after this step
+STALENESS_DRIFT = "staleness/drift_smoothed"  # the adaptive staleness controller's smoothed drift signal
 
 # evaluation (rollout/evaluate.py): TensorBoard tags as they are (no train/ prefix), step = evaluated version
 EVAL_ACCURACY = "eval/accuracy"
@@ -63,6 +75,7 @@ POLICY_VERSION = "policy/version"
 
 # per-step time breakdown (seconds)
 TIME_PROX = "time/prox_logp"
+TIME_AUDIT = "time/audit"  # the audit's forward pass and error measures (trainer/audit.py)
 TIME_WAIT = "time/wait_rollout"
 TIME_FWD_BWD = "time/fwd_bwd"
 TIME_OPT = "time/optimizer"

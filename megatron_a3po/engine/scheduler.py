@@ -105,6 +105,7 @@ class Seq:
     cache: Any = None
     finish: dict | None = None
     created: float = field(default_factory=time.time)
+    pin: Any = None  # engine/replay.py Pin: the weight version of each output token (replay)
 
 
 class EngineError(RuntimeError):
@@ -136,6 +137,8 @@ class Scheduler:
         self.step_count = 0
         self.tokens_generated = 0
         self.step_delay_s = 0.0  # test hook ("slow" fault): sleep after each decode step
+        self.store = None  # engine/replay.py VersionStore (--keep-weight-versions): older versions kept
+        self._forked = False  # the served model is a copy that an update in progress writes into
         self._stop = False
         self._log_lock = threading.Lock()
         self._log_path = version_log
@@ -217,6 +220,7 @@ class Scheduler:
     def _cmd_swap(self, model, version: str | None, abort_all: bool, flush: bool = False):
         n = self._cmd_abort(None, "Abort for weight update") if abort_all else 0
         self.model = model
+        self._forked = True
         return self._after_update(n, version, flush)
 
     def _after_update(self, n_aborted: int, version: str | None, flush: bool) -> tuple[int, str | None]:
@@ -225,12 +229,18 @@ class Scheduler:
         why = self._flush_blocked() if flush else None
         if why is None and version is not None:
             self.weight_version = str(version)
+            if self.store is not None:  # the update's copy is this version from now on
+                self.store.add(self.weight_version, self.model)
+                self._forked = False
         return n_aborted, why
 
     def _cmd_load(self, named_tensors: list, version: str | None, abort_all: bool, flush: bool = False):
         """Copy received tensors into the served model in place, between steps (the distributed update:
         one bucket per call, so no whole-model copy per bucket). Returns (aborted, flush failure)."""
         n = self._cmd_abort(None, "Abort for weight update") if abort_all else 0
+        if self.store is not None and not self._forked:
+            self.model = self.store.fork(self.model)  # the held versions stay as they were
+            self._forked = True
         params = dict(self.model.named_parameters())
         with torch.no_grad():
             for name, t in named_tensors:
@@ -296,7 +306,7 @@ class Scheduler:
         tok, lp = sample_token(logits, s.sp, gen, self._banned(s))
         s.output.append(tok)
         s.logprobs.append(lp)
-        s.versions.append(self.weight_version)
+        s.versions.append(self.weight_version if s.pin is None else s.pin.version_at(len(s.versions)))
         self.tokens_generated += 1
         reason = self._check_stop(s, tok)
         if reason is not None:
@@ -321,7 +331,7 @@ class Scheduler:
 
         def forward(chunk):
             ids = torch.tensor([s.prompt + s.output for s in chunk], dtype=torch.long)
-            out = self.model(input_ids=ids, past_key_values=DynamicCache(), use_cache=True)
+            out = self._model_for(chunk)(input_ids=ids, past_key_values=DynamicCache(), use_cache=True)
             kv = self._kv_of(out.past_key_values)
             return [([(K[b:b + 1].clone(), V[b:b + 1].clone()) for K, V in kv], out.logits[b, -1])
                     for b in range(len(chunk))]
@@ -387,11 +397,20 @@ class Scheduler:
             mask[b, :Lmax - L] = 0
         ids = torch.tensor([[s.output[-1]] for s in seqs], dtype=torch.long)
         pos = torch.tensor([[L] for L in lens], dtype=torch.long)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+        out = self._model_for(seqs)(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
                          use_cache=True, cache_position=torch.tensor([Lmax], dtype=torch.long))
         kv = self._kv_of(out.past_key_values)
         return [([(K[b:b + 1, :, Lmax - lens[b]:].clone(), V[b:b + 1, :, Lmax - lens[b]:].clone()) for K, V in kv],
                  out.logits[b, -1]) for b in range(B)]
+
+    def _model_for(self, seqs: list[Seq]):
+        """The weights of a forward pass over ``seqs``: the served model, or, for a pinned sequence (replay,
+        engine/replay.py; one sequence per pass), the held version named for the token it generates next."""
+        if seqs[0].pin is None:
+            return self.model
+        if len(seqs) != 1:
+            raise EngineError("a pinned (replay) sequence is forwarded alone (--enable-deterministic-inference)")
+        return self.store.get(seqs[0].pin.version_at(len(seqs[0].output)))
 
     @torch.inference_mode()
     def _decode(self, s: Seq) -> bool:

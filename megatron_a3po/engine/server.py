@@ -31,6 +31,7 @@ import os
 import threading
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -100,9 +101,19 @@ class Engine:
         self.limits = Limits(max_n=args.max_n, max_batch_prompts=args.max_batch_prompts, max_context=self.max_context,
                              max_prompt_chars=args.max_prompt_chars or _default_prompt_chars(self.tokenizer,
                                                                                              self.max_context))
+        if args.enable_deterministic_inference:  # engine/replay.py: weights in fresh, 64-byte-aligned memory
+            from megatron_a3po.engine.replay import VersionStore
+
+            model = VersionStore.fork(model)
         self.sched = Scheduler(model, weight_version=args.weight_version, eos_ids=eos_ids,
                                tokenizer=self.tokenizer, max_context=self.max_context,
-                               version_log=args.version_log, seed=args.random_seed)
+                               version_log=args.version_log, seed=args.random_seed,
+                               max_batch=1 if args.enable_deterministic_inference else 64)
+        if args.keep_weight_versions:  # engine/replay.py: requests may name a held version
+            from megatron_a3po.engine.replay import VersionStore
+
+            self.sched.store = VersionStore(args.keep_weight_versions)
+            self.sched.store.add(self.sched.weight_version, model)
         self.update_lock = threading.Lock()
         self.fault: dict[str, Any] = {}
         self.unhealthy = False  # the last /health failed: /ready answers 503 until one passes (as SGLang)
@@ -130,6 +141,12 @@ class Engine:
         # log_metrics, model, no_logs, return_bytes, return_entropy, ...); only sampling_params is strict
         vocab = self.sched.model.config.vocab_size
         prompts, is_text, single, parsed, rids, ret_lp = check_generate(body, vocab, self.limits)
+        pins = None
+        if "replay" in body:  # engine/replay.py: each sample's weight versions (and cut) as recorded
+            from megatron_a3po.engine.replay import parse_replay
+
+            pins = parse_replay(body, sum(n for _, n in parsed), self.sched.store,
+                                self.args.enable_deterministic_inference)
         if is_text:
             if self.tokenizer is None:
                 raise BadRequest("text input needs a tokenizer (server started with --skip-tokenizer-init)")
@@ -164,9 +181,13 @@ class Engine:
                     # the rollout seeds only the CPU engine)
                     k = j if per_item_sp else i * n + j
                     gen = torch.Generator().manual_seed((sp.seed * 1000003 + k) % (1 << 63))
+                # replay: the pins are per sample of the request, in order (a group's request is a batch of
+                # n copies of its prompt, or one prompt with n samples)
+                pin, cut = pins[len(seqs)] if pins is not None else (None, None)
                 # n > 1: every sample gets its own uuid4 rid (meta_info.id), as in SGLang
-                seq = Seq(rid=rids[i] if n == 1 else uuid.uuid4().hex, prompt=list(p), sp=sp, on_done=done,
-                          gen=gen)
+                seq = Seq(rid=rids[i] if n == 1 else uuid.uuid4().hex, prompt=list(p),
+                          sp=sp if cut is None else replace(sp, max_new_tokens=min(cut, sp.max_new_tokens)),
+                          on_done=done, gen=gen, pin=pin)
                 futs.append(fut)
                 seqs.append(seq)
                 meta.append((i, bool(ret_lp[i])))
@@ -666,6 +687,12 @@ def parse_args(argv=None):
                         "length x 2 x the longest vocabulary entry)")
     p.add_argument("--shutdown-timeout", type=float, default=3.0,
                    help="seconds SIGTERM waits for open requests before the engine exits anyway")
+    p.add_argument("--enable-deterministic-inference", action="store_true",
+                   help="one sequence per forward pass: a sequence's tokens and log-probs do not depend on what "
+                        "else is served (record and replay of asynchronous runs; engine/replay.py)")
+    p.add_argument("--keep-weight-versions", type=int, default=0,
+                   help="keep this many newest weight versions; a request's top-level 'replay' field may name "
+                        "them per output token (engine/replay.py; 0: off)")
     p.add_argument("--log-level", default="warning")
     return p.parse_args(argv)
 

@@ -61,7 +61,7 @@ def policy_forward_step(*, mode: str, current_version: int, num_tokens_global: i
                         entropy_coef: float = 0.0, prox_timer: list | None = None,
                         schedule_kwargs: dict | None = None, num_seqs_global: int | None = None,
                         agg_mode: str = "token-mean", agg_norm_constant: float | None = None,
-                        mismatch_metrics: bool = False):
+                        mismatch_metrics: bool = False, prox_hook=None):
     """Forward step for one PPO minibatch. ``mode``: coupled | loglinear | linear | recompute | metrics.
 
     In recompute/metrics mode every micro-batch must carry ``prox_logp`` from ``logprob_forward_step``;
@@ -72,6 +72,8 @@ def policy_forward_step(*, mode: str, current_version: int, num_tokens_global: i
     ``num_seqs_global`` sequences (default: each micro-batch's own count, right only for one micro-batch).
     ``mismatch_metrics``: log loss/correction.py's mismatch_stats between the engine's log-probs and the
     trainer's (the recomputed proximal ones in recompute/metrics mode, else the trained policy's).
+    ``prox_hook(mb, prox, logp)`` (the audit, trainer/audit.py) sees every micro-batch's proximal and
+    current log-probs (detached) and returns the proximal log-probs to train with (its recompute fallback).
     """
     from megatron_a3po.loss import approx_error_stats, approximate_prox_logp, decoupled_ppo_loss, staleness_stats
     from megatron_a3po.loss.aggregate import count_sequences, token_scale
@@ -108,6 +110,8 @@ def policy_forward_step(*, mode: str, current_version: int, num_tokens_global: i
         if prox_timer is not None:
             synchronize()
             prox_timer[0] += time.perf_counter() - t0
+        if prox_hook is not None:
+            prox = prox_hook(mb, prox, logp.detach())
         opts, scale = {}, None
         if needs_seq:
             seq_ids = sequence_ids(mb, mask)

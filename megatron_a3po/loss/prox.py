@@ -35,7 +35,7 @@ from megatron_a3po import metrics as M
 __all__ = [
     "V_PROX_OFFSET", "APPROX_METHODS", "PROX_METHODS", "ALPHA_SCHEDULES",
     "staleness_alpha", "approximate_prox_logp", "check_prox_logp", "staleness_stats", "approx_error_stats",
-    "shift_to_positions",
+    "staleness_buckets", "shift_to_positions",
 ]
 
 #: The proximal policy's version is ``v_prox = V - V_PROX_OFFSET`` (docs/algorithm.md, "Staleness and alpha": ``v_prox = V - 1``).
@@ -177,7 +177,8 @@ def staleness_stats(versions: torch.Tensor, current_version: int, loss_mask: tor
 _REL_FLOOR = 1e-8  # |p| below this counts as this in "rel" (a token the policy is sure of has p ~ 0)
 
 
-def _bucket_masks(versions: torch.Tensor, current_version: int, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+def staleness_buckets(versions: torch.Tensor, current_version: int, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The masked tokens of each staleness bucket (``metrics.APPROX_ERR_BUCKETS``): d1 holds d <= 1, d4+ d >= 4."""
     d = current_version - versions
     return {"d1": mask & (d <= 1), "d2": mask & (d == 2), "d3": mask & (d == 3), "d4+": mask & (d >= 4)}
 
@@ -209,7 +210,7 @@ def approx_error_stats(recompute_logp: torch.Tensor, behave_logp: torch.Tensor, 
     lb = behave_logp.detach().to(torch.float64)
     lt = target_logp.detach().to(torch.float64)
     zero = torch.zeros_like(ref)
-    buckets = _bucket_masks(versions, current_version, mask)
+    buckets = staleness_buckets(versions, current_version, mask)
     out = {M.APPROX_ERR_BUCKET_FRAC.format(bucket=b): (bm.sum().to(torch.float64) / n).float()
            for b, bm in buckets.items()}
     for method in methods:

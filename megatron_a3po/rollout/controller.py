@@ -102,6 +102,8 @@ class ControllerConfig:
 
 
 class Controller:
+    workflow_class = GroupWorkflow  # replay.py replaces it
+
     def __init__(self, fleet: Fleet, prompts: list, task, tokenizer, cfg: ControllerConfig,
                  transport=None, initial_version: int = 0, fleet_synced: bool = True):
         if not prompts:
@@ -119,6 +121,7 @@ class Controller:
         # nothing is generated until the first push has brought every server to the trainer's weights.
         self.fleet_synced = fleet_synced
         self._produced: set[int] = {initial_version} if fleet_synced else set()
+        self.max_staleness_limit = cfg.max_staleness  # the recipe's bound: set_max_staleness never exceeds it
         self._last_payload: dict = {}  # the last successful push (hf_dir): resent to a server that rejoins
         # servers back with older weights that a streaming transport (NCCL) cannot resend: they join the
         # next weight update (a new update group with them), held out of the fleet until then
@@ -130,7 +133,7 @@ class Controller:
         self.inflight: dict[int, tuple[int, asyncio.Task]] = {}
         self.next_gid = 0
         self.cursor = PromptCursor(len(prompts), shuffle=cfg.shuffle, seed=cfg.seed, epochs=cfg.epochs)
-        self.workflow = GroupWorkflow(
+        self.workflow = self.workflow_class(
             fleet, task, tokenizer, n_samples=cfg.n_samples, max_new_tokens=cfg.max_new_tokens,
             sampling={"temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k, **cfg.extra_sampling},
             sampling_seed=cfg.sampling_seed, reward_timeout_s=cfg.reward_timeout_s, adv_norm=cfg.adv_norm,
@@ -271,6 +274,13 @@ class Controller:
             self._tick()
 
     # ---- trainer side
+    def set_max_staleness(self, n: int) -> int:
+        """Move the admission bound (rollout/staleness.py decides), clamped to [0, the configured bound];
+        returns the bound in force. Ready groups past a lowered bound are dropped at the next get_batch."""
+        self.cfg.max_staleness = max(0, min(int(n), self.max_staleness_limit))
+        self._tick()
+        return self.cfg.max_staleness
+
     def set_version(self, version: int):
         if version > self.trainer_version:
             self.trainer_version = version
@@ -319,19 +329,8 @@ class Controller:
                 if self.sampler is not None:
                     self.sampler.delivered()
                 for g in groups:
-                    self.delivered_log.append((g[0].group_id, g[0].prompt_index))
                     assert all(s.staleness(current_version) <= self.cfg.max_staleness for s in g)
-                self.counters["groups_delivered"] += len(groups)
-                if self.cfg.adv_batch_norm:
-                    ss = [s for g in groups for s in g]
-                    for s, a in zip(ss, batch_normalise([s.advantage for s in ss],
-                                                        [len(s.response_ids) for s in ss], self.cfg.adv_eps)):
-                        s.advantage = a
-                self.last_consumed_version = max(self.last_consumed_version, current_version)
-                self.timings["last_wait_s"] = time.monotonic() - t0
-                self.timings["wait_s"] += self.timings["last_wait_s"]
-                self._tick()
-                return Batch(groups=groups, version=current_version)
+                return self._deliver(groups, current_version, t0)
             if not self.inflight and self.cursor.exhausted():
                 raise RolloutError(f"data exhausted: {len(self.ready)} groups ready, {num_groups} requested")
             remaining = None if deadline is None else deadline - time.monotonic()
@@ -340,6 +339,22 @@ class Controller:
                                    f"{len(self.inflight)} in flight, trainer v{self.trainer_version}, served "
                                    f"v{self.served_version}, fleet {self.fleet.snapshot()['servers']}")
             await self._wait_tick(min(0.5, remaining) if remaining is not None else 0.5)
+
+    def _deliver(self, groups: list[list[Sample]], current_version: int, t0: float) -> Batch:
+        """Hand ``groups`` to the trainer as the batch of ``current_version`` (``t0``: when it was asked for)."""
+        for g in groups:
+            self.delivered_log.append((g[0].group_id, g[0].prompt_index))
+        self.counters["groups_delivered"] += len(groups)
+        if self.cfg.adv_batch_norm:
+            ss = [s for g in groups for s in g]
+            for s, a in zip(ss, batch_normalise([s.advantage for s in ss],
+                                                [len(s.response_ids) for s in ss], self.cfg.adv_eps)):
+                s.advantage = a
+        self.last_consumed_version = max(self.last_consumed_version, current_version)
+        self.timings["last_wait_s"] = time.monotonic() - t0
+        self.timings["wait_s"] += self.timings["last_wait_s"]
+        self._tick()
+        return Batch(groups=groups, version=current_version)
 
     async def update_weights(self, version: int, **payload):
         """Pause(abort) -> push via the transport -> verify -> continue, on every server."""

@@ -67,13 +67,14 @@ class RolloutManager:
             run's version and weights): nothing is generated until the first ``update_weights`` has
             brought every server to the trainer's weights and version. Either way, tokens of a version
             this trainer did not produce are never used (``rollout/samples_dropped_foreign_version``).
+        schedule: a recorded ``schedule.Schedule`` to replay (replay.py) instead of admitting by timing.
     """
 
     def __init__(self, engine_urls: list[str], prompts: list, task, tokenizer, config: ControllerConfig,
                  *, router_url: str | None = None, transport=None, initial_version: int = 0,
                  request_timeout: float = 600.0, connect_timeout: float = 5.0, health_interval_s: float = 0.5,
                  api_key: str | None = None, hang_timeout_s: float = 30.0, log_hints: dict[str, str] | None = None,
-                 fleet_synced: bool = True):
+                 fleet_synced: bool = True, schedule=None):
         if isinstance(task, str):
             from megatron_a3po.rollout.tasks import get_task
 
@@ -81,9 +82,16 @@ class RolloutManager:
         self.fleet = Fleet(list(engine_urls), router_url=router_url, request_timeout=request_timeout,
                            connect_timeout=connect_timeout, health_interval_s=health_interval_s, api_key=api_key,
                            hang_timeout_s=hang_timeout_s, log_hints=log_hints)
-        self.controller = Controller(self.fleet, prompts, task, tokenizer, config,
-                                     transport=transport or DiskTransport(), initial_version=initial_version,
-                                     fleet_synced=fleet_synced)
+        if schedule is None:
+            self.controller = Controller(self.fleet, prompts, task, tokenizer, config,
+                                         transport=transport or DiskTransport(), initial_version=initial_version,
+                                         fleet_synced=fleet_synced)
+        else:  # replay.py: admission, generation and batches as the recorded schedule says
+            from megatron_a3po.rollout.replay import ReplayController
+
+            self.controller = ReplayController(self.fleet, prompts, task, tokenizer, config, schedule=schedule,
+                                               transport=transport or DiskTransport(),
+                                               initial_version=initial_version, fleet_synced=fleet_synced)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="rollout-loop", daemon=True)
         self._started = False
@@ -160,6 +168,10 @@ class RolloutManager:
     def set_version(self, version: int):
         """Tell the controller the trainer's version (admission uses it); get_batch also does this."""
         self._call(self._run(self.controller.set_version, int(version)))
+
+    def set_max_staleness(self, n: int) -> int:
+        """Move the controller's admission bound (never above the configured one); returns the bound."""
+        return self._call(self._run(self.controller.set_max_staleness, int(n)))
 
     def metrics(self) -> dict[str, Any]:
         """Flat dict of counters and gauges (``rollout/...``): groups admitted/completed/delivered/

@@ -40,6 +40,9 @@ class Sample:
     advantage: float = 0.0
     text: str = ""
     rids: list[str] = field(default_factory=list)  # engine request ids of the segments (debug/tests)
+    # (segment index, tokens) of the requests that produced the response (a sample a weight update aborted is
+    # resumed in a new segment); the schedule a run records (schedule.py) is made of these and ``versions``
+    segments: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def min_version(self) -> int:

@@ -140,6 +140,7 @@ class GroupWorkflow:
         lps: list[float] = []
         vers: list[int] = []
         rids: list[str] = []
+        segs: list[tuple[int, int]] = []
         seg = idle_aborts = foreign = 0
         while True:
             if first is not None:
@@ -169,13 +170,14 @@ class GroupWorkflow:
                 if foreign > 20:
                     raise RuntimeError(f"request {rid}: the fleet keeps answering with weight versions this "
                                        f"trainer did not produce ({meta.get('weight_version')!r})")
-                out, lps, vers, rids = [], [], [], []
+                out, lps, vers, rids, segs = [], [], [], [], []
                 await asyncio.sleep(min(0.1 * foreign, 2.0))
                 continue
             out += toks
             lps += [float(e[0]) for e in lp_entries]
             vers += new_vers
             rids.append(rid)
+            segs.append((seg - 1, len(toks)))
             self.gen_tokens += len(toks)
             fr = (meta.get("finish_reason") or {}).get("type")
             if fr == "abort":
@@ -186,14 +188,15 @@ class GroupWorkflow:
                                        f"{meta.get('finish_reason')}")
                 if out and self.too_stale(vers):  # it could never be delivered: start over
                     self.counters["samples_restarted_stale"] += 1
-                    out, lps, vers, rids = [], [], [], []
+                    out, lps, vers, rids, segs = [], [], [], [], []
                 if len(out) < self.max_new_tokens:
                     continue
                 fr = "length"
             if fr not in ("stop", "length"):
                 raise RolloutError(f"request {rid}: unexpected finish_reason {meta.get('finish_reason')!r}")
             return Sample(group_id=gid, prompt_index=prompt.index, sample_index=j, prompt_ids=list(prompt.prompt_ids),
-                          response_ids=out, behave_logprobs=lps, versions=vers, finish_reason=fr, rids=rids)
+                          response_ids=out, behave_logprobs=lps, versions=vers, finish_reason=fr, rids=rids,
+                          segments=segs)
 
     # ---- 3. score
     async def score(self, samples: list[Sample], prompt) -> None:

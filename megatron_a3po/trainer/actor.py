@@ -67,7 +67,7 @@ class Actor:
 
     def __init__(self, hf_config, *, trainer: TrainerCfg, loss: LossCfg, parallel: ParallelCfg,
                  params_dtype: str = "float32", temperature: float = 1.0, hf_dir: str | None = None,
-                 mcore_dir: str | None = None):
+                 mcore_dir: str | None = None, auditor=None):
         from megatron_a3po.models import build_model
 
         self.tc, self.lc, self.temperature = trainer, loss, temperature
@@ -97,6 +97,7 @@ class Actor:
         # loss.kl_coef > 0: the reference policy (trainer/reference.py), the weights the first RL step of
         # this process starts from (after the optional warm start), taken then
         self.reference = None
+        self.auditor = auditor  # trainer/audit.py (None: no audit, no drift signals)
 
     # ------------------------------------------------------------------ helpers
     def _schedule(self, forward_step, mbs: list[MicroBatch], forward_only: bool):
@@ -190,6 +191,9 @@ class Actor:
                             for share, mbs in zip(shares, minibatches)]
         times = defaultdict(float)
         prox_timer = [0.0]
+        audit = self.auditor.begin(self, shares, minibatches, current_version, prox_timer) if self.auditor else None
+        if audit is not None:
+            mode = audit.mode  # "recompute" while the audit's whole-step fallback lasts
         if mode in ("recompute", "metrics"):
             synchronize()
             t0 = time.perf_counter()
@@ -213,7 +217,8 @@ class Actor:
                                       schedule_kwargs=lc.alpha_kwargs(),
                                       entropy_coef=lc.entropy_coef, prox_timer=prox_timer,
                                       num_seqs_global=n_seqs, agg_mode=lc.agg_mode,
-                                      agg_norm_constant=lc.agg_norm_constant, mismatch_metrics=lc.mismatch_metrics)
+                                      agg_norm_constant=lc.agg_norm_constant, mismatch_metrics=lc.mismatch_metrics,
+                                      prox_hook=audit.hook if audit is not None else None)
             self.optim.zero_grad()
             t0 = time.perf_counter()
             out = self._schedule(fwd, mbs, forward_only=False)
@@ -226,8 +231,11 @@ class Actor:
                                                      for o in out))
         self.step_count += 1
         n_tok = float(sum(s.length for share in shares for s in share))
-        gathered = self._gather_to_rank0((per_minibatch, prox_timer[0], n_tok, kl_penalty))
+        gathered = self._gather_to_rank0((per_minibatch, prox_timer[0], n_tok, kl_penalty,
+                                          audit.partials() if audit is not None else None))
         if dist.is_initialized() and dist.get_rank() != 0:
+            if audit is not None:
+                audit.finish(None)  # the audit's decision reaches every rank
             return {}
         # data-parallel ranks hold disjoint token shares of each minibatch: combine them per minibatch
         n_mb = len(gathered[0][0])
@@ -245,6 +253,8 @@ class Actor:
             pens = [g[3] for g in gathered if g[3] is not None]
             if pens:  # KL in the reward: the mean over the data-parallel ranks' shares
                 stats[M.KL_REF_REWARD_PENALTY] = sum(pens) / len(pens)
+        if audit is not None:
+            stats.update(audit.finish([g[4] for g in gathered]))
         return stats
 
     def _option_kwargs(self) -> dict:

@@ -18,7 +18,7 @@ import statistics
 from pathlib import Path
 
 from megatron_a3po import metrics as M
-from megatron_a3po.config import DataCfg, EvalCfg, RolloutCfg, timeouts
+from megatron_a3po.config import DataCfg, EvalCfg, ReplayCfg, RolloutCfg, timeouts
 from megatron_a3po.rollout.controller import ControllerConfig
 
 
@@ -46,7 +46,7 @@ class RolloutSide:
     the run's seed."""
 
     def __init__(self, rollout: RolloutCfg, data: DataCfg, eval_cfg: EvalCfg, controller: ControllerConfig, *,
-                 seed: int, run_dir: Path, tokenizer_dir: str):
+                 seed: int, run_dir: Path, tokenizer_dir: str, replay: ReplayCfg | None = None):
         from transformers import AutoTokenizer
 
         from megatron_a3po.rollout.data import load_prompts
@@ -79,6 +79,17 @@ class RolloutSide:
         self._weight_dirs: list[Path] = []
         self._batch_rewards: list[float] = []  # every sample's reward of the last batch, masked ones too
         self._truncated = [0, 0]  # samples of the last batch taken out by rollout.mask_truncated, of all
+        # record and replay (rollout/schedule.py, rollout/replay.py): batch-invariant engines; a replay's
+        # engines keep the versions its schedule's bound allows, and pause in place (nothing aborted)
+        self.replay = replay or ReplayCfg()
+        self.schedule, self.recorder = None, None
+        if self.replay.schedule is not None:
+            import dataclasses
+
+            from megatron_a3po.rollout.schedule import Schedule
+
+            self.schedule = Schedule.load(self.replay.schedule)
+            self.controller_cfg = dataclasses.replace(controller, pause_mode="in_place")
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, *, weights_dir: Path | None, version: int, state: dict | None):
@@ -103,8 +114,12 @@ class RolloutSide:
             else:
                 # --random-seed: the draws of requests without a sampling_seed (the controller seeds its own)
                 self.api_key = new_key()  # a key per run for the engines started here (in their environment)
-                kw = {"api_key": self.api_key, "weights_root": self.run_dir,
-                      "extra_args": ["--random-seed", str(self.seed)]}
+                extra = ["--random-seed", str(self.seed)]
+                if self.replay.record or self.schedule is not None:
+                    extra.append("--enable-deterministic-inference")
+                if self.schedule is not None:
+                    extra += ["--keep-weight-versions", str(self.schedule.header["max_staleness"] + 1)]
+                kw = {"api_key": self.api_key, "weights_root": self.run_dir, "extra_args": extra}
             self.engines = launch_engines(weights_dir, n=rc.num_engines, version=str(version),
                                           log_dir=self.run_dir / "engines", **kw)
             urls = [e.url for e in self.engines]
@@ -122,7 +137,16 @@ class RolloutSide:
                                  log_hints={e.url: e.log_path for e in self.engines if e.log_path},
                                  # a fleet this run did not start serves someone else's weights and version
                                  # (SGLang's "default", an earlier run's): nothing until the first push
-                                 fleet_synced=bool(self.engines))
+                                 fleet_synced=bool(self.engines), schedule=self.schedule)
+        if self.replay.record:
+            from megatron_a3po.rollout.schedule import ScheduleRecorder
+
+            c = self.controller_cfg
+            self.recorder = ScheduleRecorder(
+                self.run_dir / "schedule.jsonl",
+                {"sampling_seed": c.sampling_seed, "n_samples": c.n_samples, "max_new_tokens": c.max_new_tokens,
+                 "batch_prompts": c.batch_groups, "max_staleness": c.max_staleness},
+                start_step=(state or {}).get("groups_delivered", 0) // c.batch_groups)
         if state:
             self.rm.load_state_dict(state)
         self.rm.start()
@@ -193,6 +217,9 @@ class RolloutSide:
         self._truncated = [0, len(self._batch_rewards)]
         if rc.mask_truncated:
             groups, self._truncated[0] = drop_truncated(groups)
+        batch = self.rm.get_batch(rc.batch_prompts, current_version, timeout=max(600.0, rc.request_timeout_s * 4))
+        if self.recorder is not None:
+            self.recorder.record(current_version, batch.groups)
         return [[dict(prompt_ids=s.prompt_ids, response_ids=s.response_ids, behave_logprobs=s.behave_logprobs,
                       versions=s.versions, advantage=s.advantage, reward=s.reward, group_id=s.group_id,
                       prompt_index=s.prompt_index)
@@ -290,6 +317,9 @@ class RolloutSide:
             r = self.tokenizer(resp, add_special_tokens=False)["input_ids"] + [eos]
             out.append((p, r))
         return out
+
+    def set_max_staleness(self, n: int) -> int:
+        return self.rm.set_max_staleness(n)
 
     def state_dict(self) -> dict:
         return self.rm.state_dict()

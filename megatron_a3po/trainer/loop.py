@@ -116,10 +116,11 @@ def prepare_initial_model(recipe, run_dir: Path):
 def build_actor(recipe, hf_config, *, hf_dir: str | None = None, mcore_dir: str | None = None):
     """The actor, given its sections of the recipe."""
     from megatron_a3po.trainer.actor import Actor
+    from megatron_a3po.trainer.audit import build_auditor
 
     return Actor(hf_config, trainer=recipe.trainer, loss=recipe.loss, parallel=recipe.parallel,
                  params_dtype=recipe.model.params_dtype, temperature=recipe.rollout.temperature,
-                 hf_dir=hf_dir, mcore_dir=mcore_dir)
+                 hf_dir=hf_dir, mcore_dir=mcore_dir, auditor=build_auditor(recipe))
 
 
 def build_rollout_side(recipe, *, run_dir: Path, tokenizer_dir: str):
@@ -130,7 +131,7 @@ def build_rollout_side(recipe, *, run_dir: Path, tokenizer_dir: str):
     ctl = controller_config(recipe.rollout, seed=recipe.trainer.seed, shuffle=recipe.data.shuffle,
                             adv_norm=lc.adv_norm, adv_eps=lc.adv_eps, adv_batch_norm=lc.adv_batch_norm)
     return RolloutSide(recipe.rollout, recipe.data, recipe.eval, ctl, seed=recipe.trainer.seed, run_dir=run_dir,
-                       tokenizer_dir=tokenizer_dir)
+                       tokenizer_dir=tokenizer_dir, replay=recipe.replay)
 
 
 def run(recipe, *, run_dir: str | Path | None = None) -> dict:
@@ -138,6 +139,8 @@ def run(recipe, *, run_dir: str | Path | None = None) -> dict:
     from megatron_a3po.config import timeouts
     from megatron_a3po.loss import finalize_bucket_means
     from megatron_a3po.platform import init_distributed, is_cpu
+    from megatron_a3po.rollout.staleness import StalenessBound
+    from megatron_a3po.trainer.audit import after_step
     from megatron_a3po.trainer.batch import TrainSample
     from megatron_a3po.trainer.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 
@@ -180,6 +183,7 @@ def run(recipe, *, run_dir: str | Path | None = None) -> dict:
     if rank == 0:  # one history: records of steps after the one resumed from are replaced, not repeated
         _cut_history(run_dir / "steps.jsonl", start_step)
     side = build_rollout_side(recipe, run_dir=run_dir, tokenizer_dir=tok_dir) if rank == 0 else None
+    bound = StalenessBound.from_recipe(recipe, side.set_max_staleness) if rank == 0 else None
     t_start = time.perf_counter()
     try:
         if not resumed and tc.warm_start_steps:
@@ -225,6 +229,7 @@ def run(recipe, *, run_dir: str | Path | None = None) -> dict:
                 save_checkpoint(save_dir, step + 1, actor, _bcast(state))
             if rank == 0:
                 stats = finalize_bucket_means(stats)  # metrics mode: per-staleness shares -> bucket means
+                record.update(after_step(bound, step + 1, stats))  # the audit's actions, the staleness bound
                 stats.update(rollout_stats)
                 stats[M.TIME_WAIT] = t_wait
                 stats[M.TIME_SYNC] = t_sync

@@ -14,6 +14,11 @@ Grid file (YAML; every key is checked, errors name the file and the key)::
           regime:                     # an axis whose values are mappings sets several keys at once
             - {rollout.max_staleness: 1, rollout.max_inflight_groups: 64}
         seeds: 1                      # optional: only the first N of --seeds for this block
+        overrides:                    # optional: more overrides for this block's runs (not in the group name)
+          replay.schedule: runs/paired/record/max_staleness=2/seed{seed}/schedule.jsonl
+
+``{seed}`` in an override's value is the run's seed (a replay names the schedule its seed's recorded run
+wrote: run the recording grid first, then the replaying one; docs/benchmarks.md, "Paired").
 
 Each run's recipe (the grid's recipe with the grid-wide overrides, the point's and the seed, values as
 typed in the grid file) is validated when the grid is read and written into the run directory
@@ -79,7 +84,8 @@ CONFIG_KEYS = {"mode": "trainer.mode", "eps_clip": "loss.eps_clip", "max_stalene
                "max_inflight_groups": "rollout.max_inflight_groups", "batch_prompts": "rollout.batch_prompts",
                "n_samples": "rollout.n_samples", "steps": "trainer.steps", "lr": "trainer.lr",
                "ppo_n_minibatches": "trainer.ppo_n_minibatches", "entropy_coef": "loss.entropy_coef",
-               "behave_weight_cap": "loss.behave_weight_cap"}
+               "behave_weight_cap": "loss.behave_weight_cap", "replay_record": "replay.record",
+               "replay_schedule": "replay.schedule"}
 
 
 class SweepError(ValueError):
@@ -90,6 +96,7 @@ class _Block(BaseModel):
     model_config = ConfigDict(extra="forbid")
     axes: dict[str, list]
     seeds: int | None = Field(None, ge=1)
+    overrides: dict[str, object] = {}
 
 
 class _Grid(BaseModel):
@@ -218,7 +225,7 @@ def load_grid(path, seeds: list[int]) -> list[RunSpec]:
     for i, b in enumerate(grid.blocks):
         pts = _points(b, f"{path}: blocks.{i}")
         for pt in pts:
-            if "trainer.seed" in pt:
+            if "trainer.seed" in pt or "trainer.seed" in b.overrides:
                 raise SweepError(f"{path}: blocks.{i}: trainer.seed is an axis; seeds come from --seeds")
         blocks.append((b, pts))
     keys = list(dict.fromkeys(k for _, pts in blocks for pt in pts for k in pt))
@@ -233,7 +240,8 @@ def load_grid(path, seeds: list[int]) -> list[RunSpec]:
                 raise SweepError(f"{path}: two grid points are both named {group!r}")
             seen[group] = shown
             for seed in seeds[: b.seeds or len(seeds)]:
-                ov = {**common, **pt, "trainer.seed": seed}
+                extra = {k: v.replace("{seed}", str(seed)) if isinstance(v, str) else v for k, v in b.overrides.items()}
+                ov = {**common, **extra, **pt, "trainer.seed": seed}
                 if any(r.group == group and r.seed == seed for r in runs):
                     continue  # the same point in two blocks: one run
                 try:
