@@ -143,7 +143,7 @@ def test_replay_reproduces_an_asynchronous_run_and_runs_another_mode_on_it(tmp_p
     head, steps = _schedule(rec)
     assert len(steps) == 8 and head["max_staleness"] == 2
     stale = [st["version"] - v for st in steps for g in st["groups"] for s in g["samples"] for v in _token_versions(s)]
-    assert max(stale) == 2  # asynchronous: tokens up to 2 versions stale
+    assert 1 <= max(stale) <= 2  # asynchronous (how stale depends on the machine), within the bound
     sched = str(rec / "schedule.jsonl")
     # the same mode on the schedule, and recompute on it, at the same time (two processes)
     t = threading.Thread(target=_train, args=(crn, f"replay.schedule={sched}", "replay.record=true",

@@ -129,7 +129,7 @@ class ReplayController(Controller):
     workflow_class = ReplayWorkflow
 
     def __init__(self, fleet, prompts, task, tokenizer, cfg, *, schedule: Schedule, transport=None,
-                 initial_version: int = 0):
+                 initial_version: int = 0, fleet_synced: bool = True):
         h = schedule.header
         if (h["n_samples"], h["max_new_tokens"], h["sampling_seed"]) != (cfg.n_samples, cfg.max_new_tokens,
                                                                           cfg.sampling_seed):
@@ -141,7 +141,8 @@ class ReplayController(Controller):
         if bad:
             raise RolloutError(f"replay.schedule={schedule.path}: prompt index {bad[0]} is not in this run's "
                                f"{len(prompts)} prompts (another data set or seed?)")
-        super().__init__(fleet, prompts, task, tokenizer, cfg, transport=transport, initial_version=initial_version)
+        super().__init__(fleet, prompts, task, tokenizer, cfg, transport=transport, initial_version=initial_version,
+                         fleet_synced=fleet_synced)
         self.schedule = schedule
         self.workflow.plan = schedule.groups
         self.workflow.wait_version = self._wait_version

@@ -212,14 +212,13 @@ class RolloutSide:
         except TimeoutError as e:
             raise self._waited_too_long(f"a batch of {rc.batch_prompts} groups for version {current_version}",
                                         e) from None
+        if self.recorder is not None:
+            self.recorder.record(current_version, batch.groups)
         groups = batch.groups
         self._batch_rewards = [s.reward for s in batch.samples]
         self._truncated = [0, len(self._batch_rewards)]
         if rc.mask_truncated:
             groups, self._truncated[0] = drop_truncated(groups)
-        batch = self.rm.get_batch(rc.batch_prompts, current_version, timeout=max(600.0, rc.request_timeout_s * 4))
-        if self.recorder is not None:
-            self.recorder.record(current_version, batch.groups)
         return [[dict(prompt_ids=s.prompt_ids, response_ids=s.response_ids, behave_logprobs=s.behave_logprobs,
                       versions=s.versions, advantage=s.advantage, reward=s.reward, group_id=s.group_id,
                       prompt_index=s.prompt_index)
