@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_a3po.models.layout import check_layout
-from megatron_a3po.platform import is_cpu
+from megatron_a3po.platform import device, is_cpu
 
 VOCAB_DIVISIBLE_BY = 128
 
@@ -262,18 +262,24 @@ def build_model(hf_config, *, params_dtype=torch.float32, pre_process=None, post
         pre_process = ps.is_pipeline_first_stage()
     if post_process is None:
         post_process = ps.is_pipeline_last_stage()
-    model = GPTModel(
-        config=cfg, transformer_layer_spec=layer_spec(arch),
-        vocab_size=padded_vocab_size(arch.vocab_size, ps.get_tensor_model_parallel_world_size()),
-        max_sequence_length=arch.max_position, pre_process=pre_process, post_process=post_process,
-        share_embeddings_and_output_weights=arch.tie_embeddings, position_embedding_type="rope",
-        rotary_base=int(arch.rope_theta) if float(arch.rope_theta).is_integer() else arch.rope_theta,
-    )
+    # built on this rank's device: megatron puts its parameters there (use_cpu_initialization off), and
+    # the default device catches what it makes with plain torch factories (the local spec's RMSNorm)
+    with torch.device(device()):
+        model = GPTModel(
+            config=cfg, transformer_layer_spec=layer_spec(arch),
+            vocab_size=padded_vocab_size(arch.vocab_size, ps.get_tensor_model_parallel_world_size()),
+            max_sequence_length=arch.max_position, pre_process=pre_process, post_process=post_process,
+            share_embeddings_and_output_weights=arch.tie_embeddings, position_embedding_type="rope",
+            rotary_base=int(arch.rope_theta) if float(arch.rope_theta).is_integer() else arch.rope_theta,
+        )
     model.rotary_pos_emb.inv_freq = _hf_inv_freq(hf_config, arch.head_dim).to(
         model.rotary_pos_emb.inv_freq.device)
     model.hf_arch = arch
     if is_cpu():
         model = model.to(params_dtype)
     else:
-        model = model.cuda()
+        elsewhere = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
+                     if t.device != device()]
+        if elsewhere:
+            raise RuntimeError(f"build_model: {elsewhere[:3]} not on {device()}")
     return model
