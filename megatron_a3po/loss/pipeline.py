@@ -16,13 +16,11 @@ not depend on how the minibatch is split into micro-batches.
 
 from __future__ import annotations
 
-import time
 from functools import partial
 
 import torch
 
 from megatron_a3po.ops import vocab_parallel_logprobs_entropy
-from megatron_a3po.platform import synchronize
 
 
 def _tp_group():
@@ -47,12 +45,13 @@ def _forward_step(loss_func):
 
 def policy_forward_step(*, mode: str, current_version: int, num_tokens_global: int, temperature: float,
                         vocab_size: int, loss_kwargs: dict | None = None, alpha_schedule: str = "inverse",
-                        entropy_coef: float = 0.0, prox_timer: list | None = None,
+                        entropy_coef: float = 0.0, prox_timer=None,
                         schedule_kwargs: dict | None = None):
     """Forward step for one PPO minibatch. ``mode``: coupled | loglinear | linear | recompute | metrics.
 
     In recompute/metrics mode every micro-batch must carry ``prox_logp`` from ``logprob_forward_step``.
-    ``prox_timer`` (a one-element list) accumulates seconds spent forming the proximal log-probs.
+    ``prox_timer`` (a megatron_a3po.platform.gpu.IntervalTimer) adds up the time spent forming the proximal
+    log-probs, with device events: no synchronisation per micro-batch.
     ``schedule_kwargs`` (alpha_slope, alpha_cap, alpha_fixed) go to the alpha schedule with ``alpha_schedule``.
     """
     from megatron_a3po.loss import approx_error_stats, approximate_prox_logp, decoupled_ppo_loss, staleness_stats
@@ -70,8 +69,7 @@ def policy_forward_step(*, mode: str, current_version: int, num_tokens_global: i
         behave = mb.behave_logp.to(logp.device)
         versions = mb.versions.to(logp.device)
         if prox_timer is not None:
-            synchronize()  # the logits' kernels are queued on a GPU: time only the proximal step
-        t0 = time.perf_counter()
+            prox_timer.start()
         if mode == "coupled":
             prox = behave
         elif mode in ("recompute", "metrics"):
@@ -82,8 +80,7 @@ def policy_forward_step(*, mode: str, current_version: int, num_tokens_global: i
             prox = approximate_prox_logp(behave, logp.detach(), versions, current_version, method=mode,
                                          alpha_schedule=alpha_schedule, **sk)
         if prox_timer is not None:
-            synchronize()
-            prox_timer[0] += time.perf_counter() - t0
+            prox_timer.stop()
         loss, stats = decoupled_ppo_loss(logp, behave, prox, mb.advantages.to(logp.device), mask,
                                          num_tokens=num_tokens_global, entropy=ent.detach(), **loss_kwargs)
         stats = dict(stats)

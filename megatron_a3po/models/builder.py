@@ -198,10 +198,27 @@ def layer_spec(arch: Arch):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     from megatron_a3po.platform.attention import SDPACoreAttention
+    from megatron_a3po.platform.norm import RMSNorm
 
     spec = get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm")
     spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+    spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = RMSNorm  # SP-capable
+    if arch.qk_norm:
+        spec.submodules.self_attention.submodules.q_layernorm = RMSNorm
+        spec.submodules.self_attention.submodules.k_layernorm = RMSNorm
     return spec
+
+
+def _block_spec(arch: Arch, cfg):
+    """The decoder block: the layer spec per layer of this stage, and (local spec) the final norm."""
+    if _use_te():
+        return layer_spec(arch)
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    from megatron_a3po.platform.norm import RMSNorm
+
+    return TransformerBlockSubmodules(layer_specs=[layer_spec(arch)] * get_num_layers_to_build(cfg),
+                                      layer_norm=RMSNorm)
 
 
 def transformer_config(arch: Arch, *, params_dtype=torch.float32, sequence_parallel: bool = False,
@@ -222,7 +239,10 @@ def transformer_config(arch: Arch, *, params_dtype=torch.float32, sequence_paral
         sequence_parallel=sequence_parallel and tp > 1,
         params_dtype=params_dtype, bf16=params_dtype == torch.bfloat16, pipeline_dtype=params_dtype,
         use_cpu_initialization=cpu, perform_initialization=init_weights,
-        bias_dropout_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=False,
+        # fused SwiGLU (megatron's own kernel: saves the fc1 output only, 2f bytes per token instead of the
+        # unfused GLU's 5f) wherever there is a GPU; fused RoPE needs TransformerEngine. Unfused on CPU.
+        bias_activation_fusion=not cpu, apply_rope_fusion=_use_te(),
+        bias_dropout_fusion=False, masked_softmax_fusion=False,
         gradient_accumulation_fusion=False, persist_layer_norm=False,
         # micro-batches differ in [b, S]; PP then exchanges shapes first. megatron-core's validation
         # rejects this with its default MoE dispatcher even for dense models, so name one it accepts.
@@ -266,7 +286,7 @@ def build_model(hf_config, *, params_dtype=torch.float32, pre_process=None, post
     # the default device catches what it makes with plain torch factories (the local spec's RMSNorm)
     with torch.device(device()):
         model = GPTModel(
-            config=cfg, transformer_layer_spec=layer_spec(arch),
+            config=cfg, transformer_layer_spec=_block_spec(arch, cfg),
             vocab_size=padded_vocab_size(arch.vocab_size, ps.get_tensor_model_parallel_world_size()),
             max_sequence_length=arch.max_position, pre_process=pre_process, post_process=post_process,
             share_embeddings_and_output_weights=arch.tie_embeddings, position_embedding_type="rope",
@@ -282,4 +302,8 @@ def build_model(hf_config, *, params_dtype=torch.float32, pre_process=None, post
                      if t.device != device()]
         if elsewhere:
             raise RuntimeError(f"build_model: {elsewhere[:3]} not on {device()}")
+        with torch.no_grad():  # the local spec's torch RMSNorm is made in the default dtype: as on CPU,
+            for p in model.parameters():  # every parameter in params_dtype (TE's norms are too)
+                if p.is_floating_point() and p.dtype != params_dtype:
+                    p.data = p.data.to(params_dtype)
     return model

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_a3po.platform import gpu as _device
-from megatron_a3po.platform.cpu import apply_cpu_patches
+from megatron_a3po.platform.cpu import apply_cpu_patches, apply_optimizer_fixes
 from megatron_a3po.platform.gpu import comm_device, device, set_device, synchronize, to_host
 from megatron_a3po.platform.stores import init_default_group
 
@@ -43,6 +43,7 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = 0, *, timeout_s: floa
 
     if is_cpu():
         apply_cpu_patches()
+    apply_optimizer_fixes()
     if not dist.is_initialized():
         for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE"):
             if k not in os.environ:

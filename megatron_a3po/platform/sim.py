@@ -23,7 +23,9 @@ one rank of a GPU job (global rank r of a world of W, on local GPU r % gpus_per_
   CUDA RNG) reach ``SimCuda`` through a module-local ``torch`` stand-in in each megatron.core module, as
   megatron_a3po.platform.cpu does for CPU runs; ours go through megatron_a3po.platform.gpu.
 * **What the data would say.** Fake tensors have no values. ``Tensor.item()`` of a tensor computed here
-  returns 1 (a plausible count, norm or flag). Pipeline stages exchange each micro-batch's shape before
+  returns 1 (a plausible count or norm); a bool is the healthy answer (``all(...)`` True, ``any(...)``
+  False: no NaN, no overflow); a data-dependent selection (``nonzero``, ``masked_select``) selects every
+  element (the most memory). Pipeline stages exchange each micro-batch's shape before
   the tensor (``variable_seq_lengths``); a rank simulated alone receives the shape its schedule passes
   (exact when the simulated micro-batches share one shape, as the simulation's batches do). Object
   collectives pickle nothing here: every peer's object is the one this rank sends, or, on the world
@@ -332,6 +334,29 @@ class _TorchWithSimCuda(types.ModuleType):
 
         return getattr(torch, name)
 
+    @staticmethod
+    def tensor(data, *a, **k):
+        """``torch.tensor`` of a list of tensors reads each value (``item``) below the dispatcher, where a
+        fake tensor has none: the same tensor is built from them by ops (megatron's local l2-norm)."""
+        import torch
+
+        def has_tensor(x):
+            return isinstance(x, torch.Tensor) or isinstance(x, (list, tuple)) and any(has_tensor(y) for y in x)
+
+        def build(x):
+            if isinstance(x, torch.Tensor):
+                return x.detach().reshape(()).to("cpu")
+            return torch.stack([build(y) for y in x])
+
+        dev = k.get("device")
+        if dev is not None:  # torch.tensor(..., device="cuda") lands on GPU 0 under the fake mode: index it
+            d = torch.device("cuda", dev) if isinstance(dev, int) else torch.device(dev)
+            k["device"] = torch.device("cuda", SIM_CUDA.current_device()) if d.type == "cuda" and d.index is None else d
+        if isinstance(data, (list, tuple)) and data and has_tensor(data):
+            out = build(data)
+            return out.to(dtype=k.get("dtype") or out.dtype, device=k.get("device") or "cpu")
+        return torch.tensor(data, *a, **k)
+
 
 # ---------------------------------------------------------------------------------------------- groups
 def _create_pg(common_opts, backend_opts):
@@ -400,12 +425,19 @@ def _check_collective(func, args, kwargs):
 
 
 # ---------------------------------------------------------------------------------------------- modes
+_NO_FAKE_IMPL = set()
+
+
 def _make_modes():
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils._python_dispatch import TorchDispatchMode
 
     aten = torch.ops.aten
+    c10d = torch.ops.c10d
+    for name in ("reduce_scatter_tensor_coalesced_", "allgather_into_tensor_coalesced_", "allreduce_coalesced_"):
+        if hasattr(c10d, name):
+            _NO_FAKE_IMPL.add(getattr(c10d, name).default)
 
     class NCCLStrict(TorchDispatchMode):
         """Checks c10d ops as NCCL would and answers ``item()`` of data the simulation does not have."""
@@ -414,14 +446,38 @@ def _make_modes():
             kwargs = kwargs or {}
             if func in (aten._local_scalar_dense.default, aten.item.default):
                 t = args[0]
-                const = getattr(t, "constant", None)
-                if const is None:
+                if getattr(t, "constant", None) is None:
                     if t.dtype.is_floating_point:
                         return 1.0
-                    return True if t.dtype == torch.bool else 1
+                    if t.dtype == torch.bool:  # the healthy answer: all(...) holds, any(...) of a fault does not
+                        return getattr(t, "_a3po_sim_truth", False)
+                    return 1
+            if func is aten.nonzero.default:  # data-dependent size: every element selected (the most memory)
+                t = args[0]
+                return torch.empty((t.numel(), t.dim()), dtype=torch.long, device=t.device)
+            if func is aten.index.Tensor and len(args[1]) == 1 and args[1][0] is not None \
+                    and args[1][0].dtype == torch.bool:  # t[mask]
+                t, m = args[0], args[1][0]
+                return torch.empty((m.numel(), *t.shape[m.dim():]), dtype=t.dtype, device=t.device)
+            if func is aten.bincount.default:  # values below minlength (a clamped histogram's)
+                t = args[0]
+                n = int(kwargs.get("minlength", args[2] if len(args) > 2 else 0)) or 1
+                w = kwargs.get("weights", args[1] if len(args) > 1 else None)
+                return torch.zeros(n, dtype=w.dtype if w is not None else torch.long, device=t.device)
+            if func is aten.masked_select.default:
+                t, m = args[0], args[1]
+                return torch.empty(torch.broadcast_shapes(t.shape, m.shape).numel(), dtype=t.dtype, device=t.device)
             if getattr(func, "namespace", None) == "c10d":
                 _check_collective(func, args, kwargs)
-            return func(*args, **kwargs)
+                if func in _NO_FAKE_IMPL:  # coalesced collectives: checked above, then done (no data)
+                    from torch._C._distributed_c10d import FakeWork
+
+                    return FakeWork().boxed()
+            out = func(*args, **kwargs)
+            name = getattr(func, "_overloadpacket", None)
+            if name in (aten.all, aten.any) and isinstance(out, torch.Tensor):
+                out._a3po_sim_truth = name is aten.all
+            return out
 
     return FakeTensorMode, NCCLStrict
 
@@ -734,6 +790,14 @@ def activate() -> SimCuda:
     _wrap_gloo_groups()
     _wrap_fake_device()
     _wrap_fake_type()
+    from megatron_a3po.platform import stores
+
+    if not getattr(stores.init_default_group, "_a3po_sim", False):  # ranks started by platform.procs
+        def init_default_group(backend, timeout=None, **_k):
+            init_process_group(timeout=timeout)
+
+        init_default_group._a3po_sim = True
+        stores.init_default_group = init_default_group
     tr = _state.setdefault("objects", _ObjectCollectives(Transcript()))
     for fn in ("all_gather_object", "gather_object", "broadcast_object_list", "scatter_object_list"):
         setattr(dist, fn, getattr(tr, fn))

@@ -49,13 +49,19 @@ class MicroBatch:
     advantages: torch.Tensor  # [b, S] float32
     sample_index: list[int] = field(default_factory=list)  # batch indices of the rows
     prox_logp: torch.Tensor | None = None  # [b, S], filled by the recompute pass
+    n_tokens: int | None = None  # masked (response) tokens, counted on the host when collated
 
     @property
     def num_tokens(self) -> int:
-        return int(self.loss_mask.sum().item())
+        if self.n_tokens is None:  # a micro-batch built by hand: count it (a device sync on a GPU)
+            self.n_tokens = int(self.loss_mask.sum().item())
+        return self.n_tokens
 
 
-def collate(samples: list[TrainSample], indices: list[int], seq_len: int, pad_id: int = 0) -> MicroBatch:
+def collate(samples: list[TrainSample], indices: list[int], seq_len: int, pad_id: int = 0,
+            device: torch.device | None = None) -> MicroBatch:
+    """The padded [b, seq_len] micro-batch of ``samples[indices]``, built on the host and moved to
+    ``device`` (the model's: megatron_a3po.platform.device()) in one copy per tensor."""
     b = len(indices)
     tokens = torch.full((b, seq_len), pad_id, dtype=torch.long)
     labels = torch.zeros((b, seq_len), dtype=torch.long)
@@ -76,4 +82,8 @@ def collate(samples: list[TrainSample], indices: list[int], seq_len: int, pad_id
             ver[row, sl] = torch.tensor(s.versions, dtype=torch.long)
             adv[row, sl] = float(s.advantage)
     pos = torch.arange(seq_len).unsqueeze(0).expand(b, seq_len).contiguous()
-    return MicroBatch(tokens, pos, labels, mask, blp, ver, adv, list(indices))
+    n = sum(len(samples[i].response_ids) for i in indices)
+    ts = [tokens, pos, labels, mask, blp, ver, adv]
+    if device is not None and torch.device(device) != tokens.device:
+        ts = [t.to(device, non_blocking=True) for t in ts]
+    return MicroBatch(*ts, sample_index=list(indices), n_tokens=n)

@@ -22,7 +22,7 @@ def _parser():
     ap.add_argument("--seq-len", type=int, default=None, help="tokens per sample (default: the recipe's "
                                                                 "prompt + max_new_tokens, the worst case)")
     ap.add_argument("--n-mb", type=int, default=None, help="micro-batches per DP rank (default: max(PP, 2))")
-    ap.add_argument("--phases", default="step,export,checkpoint")
+    ap.add_argument("--phases", default="spawn,step,export,checkpoint")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--json", default=None, help="write the report here")
     ap.add_argument("--set", action="append", default=[], help="recipe override key=value (repeatable)")

@@ -128,6 +128,11 @@ def simulate_rank(recipe, hf_config, spec, *, seq_len: int, n_mb: int, measure_m
     res = RankResult(spec.rank, {"tp": tp_r, "dp": dp_r, "pp": pp_r, "local_rank": spec.local_rank(spec.rank)})
     recipe = recipe.model_copy(deep=True)
     recipe.trainer.mode = "metrics"  # the recompute pass and the loglinear approximation, both
+    if "spawn" in phases and spec.local_rank(spec.rank) > 0:
+        with sim.fake_mode():
+            _phase(res, "spawn", lambda: _spawned_rank(spec))
+        sim.end_rank()
+        sim.begin_rank(spec)
     try:
         with sim.fake_mode():
             ok = _phase(res, "init", lambda: init_distributed(tp=spec.tp, pp=spec.pp, seed=recipe.trainer.seed))
@@ -139,16 +144,27 @@ def simulate_rank(recipe, hf_config, spec, *, seq_len: int, n_mb: int, measure_m
             share, b = samples_for(recipe, spec, seq_len, n_mb)
             res.checks["micro_batch"] = {"b": b, "seq_len": seq_len, "n_mb": n_mb, "tokens": b * seq_len}
             if "step" in phases:
-                tracker = _tracker(actor) if measure_memory else None
+                seq_lens = res.checks.setdefault("seq_lens", [])
+                packer = actor._microbatches
+
+                def microbatches(*a, **k):  # record the padded shapes the schedule gets
+                    mbs = packer(*a, **k)
+                    seq_lens.extend(int(m.tokens.shape[1]) for m in mbs)
+                    return mbs
+
+                actor._microbatches = microbatches
+                holder = {}
                 sim.SIM_CUDA.synchronize_calls = 0
 
                 def step():
-                    if tracker is None:
+                    if not measure_memory:
                         return actor.train_share([share], current_version=5)
-                    with tracker:
+                    holder["mt"] = _tracker(actor)
+                    with holder["mt"]:
                         return actor.train_share([share], current_version=5)
 
                 stats = _phase(res, "step", step)
+                tracker = holder.get("mt")
                 res.checks["synchronize_calls"] = sim.SIM_CUDA.synchronize_calls
                 if stats is not None:
                     res.checks["stats_types"] = sorted({type(v).__name__ for v in stats.values()})
@@ -163,6 +179,33 @@ def simulate_rank(recipe, hf_config, spec, *, seq_len: int, n_mb: int, measure_m
         sim.end_rank()
         del torch
     return res
+
+
+def _probe_collective(rank, world):
+    import torch
+    import torch.distributed as dist
+
+    from megatron_a3po.platform import comm_device
+
+    t = torch.zeros(1, device=comm_device())
+    dist.all_reduce(t)
+    return str(t.device)
+
+
+def _spawned_rank(spec) -> dict:
+    """A rank as megatron_a3po.platform.procs.run_distributed starts it (no torchrun), on backend nccl,
+    runs one all-reduce on the communication device."""
+    import queue
+
+    from megatron_a3po.platform import procs
+
+    q = queue.Queue()
+    lr = spec.local_rank(spec.rank)  # run_distributed starts the ranks of one node: rank = local rank
+    procs._entry(lr, spec.gpus_per_node, 1, "nccl", _probe_collective, (), {}, q, {})
+    rank, ok, payload = q.get_nowait()
+    if not ok:
+        raise RuntimeError(payload.strip().splitlines()[-1])
+    return {"device": payload}
 
 
 def _export(actor) -> dict:
@@ -206,34 +249,88 @@ def _checkpoint(actor) -> dict:
 
 # ---------------------------------------------------------------------------------------------- memory
 def _tracker(actor):
-    from torch.distributed._tools.mem_tracker import MemTracker
-
-    mt = MemTracker()
-    inner = [o.optimizer for o in getattr(actor.optim.opt, "chained_optimizers", [actor.optim.opt])]
-    mt.track_external(*actor.chunks, *inner)
-    return mt
+    return LiveBytes(actor)
 
 
-def _memory_breakdown(mt, actor) -> dict:
-    """Bytes per category at the peak of the step (MemTracker's peak snapshot), and the static parts
-    counted directly: parameters (bf16), DDP gradient buffers (fp32 main grads), optimizer state (fp32
-    main weights and Adam moments of this DP rank's shard)."""
-    peak = mt.get_tracker_snapshot("peak")
-    total = {}
-    for dev, cats in peak.items():
-        if getattr(dev, "type", str(dev)) == "cpu":
-            continue
-        for k, v in cats.items():
-            total[str(k)] = total.get(str(k), 0) + v
+class LiveBytes:
+    """GPU memory of this rank during the step: every CUDA storage made under it is counted while alive
+    (a weak reference per storage; sizes rounded up to the caching allocator's 512-byte blocks), on top of
+    what exists when it starts (the model, DDP buffers and optimizer state: ``static``). ``peak`` is
+    the largest total seen. (torch's MemTracker walks every module's ``buffers()``, which megatron's DDP
+    shadows with a list, so it cannot follow a megatron model.)"""
+
+    BLOCK = 512
+
+    def __init__(self, actor):
+        self.static = _static_bytes(actor)
+        self.live = 0
+        self.peak = 0
+        self._seen = set()
+
+    def __enter__(self):
+        import weakref
+
+        import torch
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_flatten
+
+        tracker = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in tree_flatten(out)[0]:
+                    if isinstance(t, torch.Tensor) and t.device.type == "cuda":
+                        st = t.untyped_storage()
+                        key = id(st)
+                        if key in tracker._seen:
+                            continue
+                        n = -(-st.nbytes() // tracker.BLOCK) * tracker.BLOCK
+                        tracker._seen.add(key)
+                        tracker.live += n
+                        tracker.peak = max(tracker.peak, tracker.live)
+                        weakref.finalize(st, tracker._free, key, n)
+                return out
+
+        self._mode = Mode()
+        self._mode.__enter__()
+        return self
+
+    def _free(self, key, n):
+        self._seen.discard(key)
+        self.live -= n
+
+    def __exit__(self, *exc):
+        self._mode.__exit__(*exc)
+        return False
+
+
+def _static_bytes(actor) -> dict:
+    """Parameters (this rank's shard, in DDP's contiguous buffer), fp32 gradient buffers, optimizer
+    state (fp32 main weights and Adam moments of this DP rank's shard: allocated at the first step)."""
     params = sum(p.numel() * p.element_size() for m in actor.chunks for p in m.module.parameters())
     grads = sum(b.grad_data.numel() * b.grad_data.element_size() for m in actor.chunks for b in m.buffers)
-    opt = 0
+    main = sum(p.numel() * p.element_size() for o in getattr(actor.optim.opt, "chained_optimizers", [actor.optim.opt])
+               for g in o.optimizer.param_groups for p in g["params"])
+    return {"params": params, "grads": grads, "main_params": main}
+
+
+def _optimizer_bytes(actor) -> int:
+    n = 0
     for o in getattr(actor.optim.opt, "chained_optimizers", [actor.optim.opt]):
         for g in o.optimizer.param_groups:
             for p in g["params"]:
-                opt += p.numel() * p.element_size()
+                n += p.numel() * p.element_size()
                 for v in o.optimizer.state.get(p, {}).values():
                     if hasattr(v, "numel") and v.ndim > 0:
-                        opt += v.numel() * v.element_size()
-    return {"peak_by_category": total, "peak_total": total.get("Total", sum(total.values())),
-            "params": params, "grads": grads, "optimizer": opt}
+                        n += v.numel() * v.element_size()
+    return n
+
+
+def _memory_breakdown(mt, actor) -> dict:
+    """Bytes per GPU: static parts counted directly, the step's transient peak (activations kept for
+    backward, logits, gradients of activations, the Adam state made at the first update) on top."""
+    opt = _optimizer_bytes(actor)
+    st = mt.static
+    return {"params": st["params"], "grads": st["grads"], "optimizer": opt,
+            "step_peak_over_static": mt.peak, "peak_total": st["params"] + st["grads"] + st["main_params"] + mt.peak}
