@@ -262,6 +262,7 @@ class SimCuda:
             raise RuntimeError(f"CUDA error: invalid device ordinal {d}")
         self._device = i
         _lib.a3po_sim_set_device(i)
+        _clear_fake_cache()
 
     def get_device_properties(self, _d=None):
         return DeviceProperties()
@@ -320,6 +321,14 @@ class SimCuda:
 
 
 SIM_CUDA: SimCuda | None = None
+
+
+def _clear_fake_cache():
+    """FakeTensorMode caches op results by their inputs, process-wide: a tensor made on "cuda" (no index)
+    must not come back on the GPU of the device set before (or of the rank simulated before)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    FakeTensorMode.cache_clear()
 
 
 class _TorchWithSimCuda(types.ModuleType):
@@ -426,6 +435,7 @@ def _check_collective(func, args, kwargs):
 
 # ---------------------------------------------------------------------------------------------- modes
 _NO_FAKE_IMPL = set()
+OBSERVERS: list = []  # callables given every op's output (tools/simcluster's memory count), in the one mode
 
 
 def _make_modes():
@@ -474,6 +484,9 @@ def _make_modes():
 
                     return FakeWork().boxed()
             out = func(*args, **kwargs)
+            if OBSERVERS:
+                for fn in OBSERVERS:
+                    fn(out)
             name = getattr(func, "_overloadpacket", None)
             if name in (aten.all, aten.any) and isinstance(out, torch.Tensor):
                 out._a3po_sim_truth = name is aten.all
@@ -823,6 +836,7 @@ def begin_rank(spec: RankSpec) -> None:
                       LOCAL_WORLD_SIZE=str(spec.gpus_per_node), MASTER_ADDR="127.0.0.1", MASTER_PORT="1")
     SIM_CUDA._device = 0
     _lib.a3po_sim_set_device(0)
+    _clear_fake_cache()
     SIM_CUDA.synchronize_calls = 0
     objs = _state["objects"]
     objs.spec, objs.world_calls = spec, 0

@@ -21,7 +21,7 @@ def _parser():
                                                    "rank > 0, rank 0)")
     ap.add_argument("--seq-len", type=int, default=None, help="tokens per sample (default: the recipe's "
                                                                 "prompt + max_new_tokens, the worst case)")
-    ap.add_argument("--n-mb", type=int, default=None, help="micro-batches per DP rank (default: max(PP, 2))")
+    ap.add_argument("--n-mb", type=int, default=None, help="micro-batches per DP rank (default: PP, the most stage 0 holds)")
     ap.add_argument("--phases", default="spawn,step,export,checkpoint")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--json", default=None, help="write the report here")
@@ -58,7 +58,7 @@ def _child(args) -> int:
         spec = layout_of(recipe)
         ranks = [int(r) for r in args.ranks.split(",")] if args.ranks else default_ranks(spec)
         seq = args.seq_len or min(recipe.trainer.max_tokens_per_mb, 160 + recipe.rollout.max_new_tokens + 1)
-        n_mb = args.n_mb or max(spec.pp, 2)
+        n_mb = args.n_mb or (spec.pp if spec.pp > 1 else 1)  # stage 0 holds PP micro-batches in 1F1B
         for r in ranks:
             s = dataclasses.replace(spec, rank=r)
             res = simulate_rank(recipe, hf, s, seq_len=seq, n_mb=n_mb, measure_memory=not args.no_memory,

@@ -268,40 +268,37 @@ class LiveBytes:
         self._seen = set()
 
     def __enter__(self):
+        from megatron_a3po.platform import sim
+
+        sim.OBSERVERS.append(self._observe)
+        return self
+
+    def _observe(self, out):
         import weakref
 
         import torch
-        from torch.utils._python_dispatch import TorchDispatchMode
         from torch.utils._pytree import tree_flatten
 
-        tracker = self
-
-        class Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                out = func(*args, **(kwargs or {}))
-                for t in tree_flatten(out)[0]:
-                    if isinstance(t, torch.Tensor) and t.device.type == "cuda":
-                        st = t.untyped_storage()
-                        key = id(st)
-                        if key in tracker._seen:
-                            continue
-                        n = -(-st.nbytes() // tracker.BLOCK) * tracker.BLOCK
-                        tracker._seen.add(key)
-                        tracker.live += n
-                        tracker.peak = max(tracker.peak, tracker.live)
-                        weakref.finalize(st, tracker._free, key, n)
-                return out
-
-        self._mode = Mode()
-        self._mode.__enter__()
-        return self
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.device.type == "cuda":
+                st = t.untyped_storage()
+                key = id(st)
+                if key in self._seen:
+                    continue
+                n = -(-st.nbytes() // self.BLOCK) * self.BLOCK
+                self._seen.add(key)
+                self.live += n
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(st, self._free, key, n)
 
     def _free(self, key, n):
         self._seen.discard(key)
         self.live -= n
 
     def __exit__(self, *exc):
-        self._mode.__exit__(*exc)
+        from megatron_a3po.platform import sim
+
+        sim.OBSERVERS.remove(self._observe)
         return False
 
 
