@@ -70,10 +70,10 @@ def test_devices_sequence_parallel_and_syncs(report, name):
             assert ex["tensors"] > 0 and ex["devices"] == ["cuda:0"], ex
         else:
             assert ex["tensors"] == 0, ex
-        # what the checkpoint writes lives on this rank's GPU
+        # the model's checkpoint shards live on this rank's GPU (the optimizer's fully_reshardable state is
+        # gathered to the host by megatron: host memory, docs/launch.md)
         local = f"cuda:{x['coords']['local_rank']}"
-        for part in ("model", "optim"):
-            assert ck["checkpoint"][part]["devices"] == [local], ck["checkpoint"]
+        assert ck["checkpoint"]["model"]["devices"] == [local], ck["checkpoint"]
         # sequence parallelism: every micro-batch's length is a multiple of TP
         if lay["sp"] and lay["tp"] > 1:
             assert all(S % lay["tp"] == 0 for S in ck["seq_lens"]), ck["seq_lens"]

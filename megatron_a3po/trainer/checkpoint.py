@@ -4,7 +4,7 @@ Layout of ``save_dir``:
   step_000010/            one checkpoint, complete or absent (written as .tmp-step_000010 then renamed)
     model/                the model's sharded state dict (torch_dist)
     optim/                the optimizer's sharded state dict (torch_dist): fp32 main weights, Adam
-                          moments and step in the distributed optimizer's ``fully_sharded_model_space`` format,
+                          moments and step in the distributed optimizer's ``fully_reshardable`` format,
                           so the checkpoint resumes at another TP / PP / DP layout
     state.json            step, policy version, rollout data cursor, RNG states, the model's
                           architecture and the layout it was saved at (rank 0)
