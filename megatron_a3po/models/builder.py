@@ -243,6 +243,9 @@ def transformer_config(arch: Arch, *, params_dtype=torch.float32, sequence_paral
         # unfused GLU's 5f) wherever there is a GPU; fused RoPE needs TransformerEngine. Unfused on CPU.
         bias_activation_fusion=not cpu, apply_rope_fusion=_use_te(),
         bias_dropout_fusion=False, masked_softmax_fusion=False,
+        # no device-wide synchronize after every batched pipeline send/receive (megatron's workaround
+        # for a race of old NCCL versions): ten per step at PP=2 in the simulated 32B
+        batch_p2p_sync=False,
         gradient_accumulation_fusion=False, persist_layer_norm=False,
         # micro-batches differ in [b, S]; PP then exchanges shapes first. megatron-core's validation
         # rejects this with its default MoE dispatcher even for dense models, so name one it accepts.

@@ -130,7 +130,7 @@ def simulate_rank(recipe, hf_config, spec, *, seq_len: int, n_mb: int, measure_m
     recipe.trainer.mode = "metrics"  # the recompute pass and the loglinear approximation, both
     if "spawn" in phases and spec.local_rank(spec.rank) > 0:
         with sim.fake_mode():
-            _phase(res, "spawn", lambda: _spawned_rank(spec))
+            res.checks["spawn"] = _phase(res, "spawn", lambda: _spawned_rank(spec))
         sim.end_rank()
         sim.begin_rank(spec)
     try:
