@@ -79,8 +79,10 @@ def test_devices_sequence_parallel_and_syncs(report, name):
             assert all(S % lay["tp"] == 0 for S in ck["seq_lens"]), ck["seq_lens"]
         # per-rank stats cross ranks as host numbers, never as (CUDA) tensors
         assert set(ck.get("stats_types", [])) <= {"float", "int", "list"}, ck["stats_types"]
-        # device-wide waits: the recompute pass's timer (2) and one read of the loss's event timer
-        assert ck["synchronize_calls"] <= 3, ck["synchronize_calls"]
+        # our device-wide waits: the recompute pass's timer (2) and one read of the loss's event timer, not
+        # one per micro-batch (megatron's own: the pipeline's shape exchange at PP > 1)
+        ours = sum(n for who, n in ck["synchronize_callers"].items() if who.startswith("megatron_a3po"))
+        assert ours <= 3, ck["synchronize_callers"]
         if "spawn" in x["phases"]:
             assert ck["spawn"]["device"] == local
 

@@ -234,6 +234,7 @@ class SimCuda:
     def __init__(self):
         self._device = 0
         self.synchronize_calls = 0
+        self.synchronize_callers: dict[str, int] = {}  # module -> calls (ours vs megatron's)
         self.default_generators = tuple(_Generator() for _ in range(MAX_LOCAL_GPUS))
         self.random = types.SimpleNamespace(get_rng_state=self.get_rng_state, set_rng_state=self.set_rng_state)
         self.nvtx = types.SimpleNamespace(range_push=lambda *a, **k: None, range_pop=lambda *a, **k: None,
@@ -276,6 +277,11 @@ class SimCuda:
 
     def synchronize(self, _d=None):
         self.synchronize_calls += 1
+        f = sys._getframe(1)
+        while f is not None and f.f_globals.get("__name__", "").startswith("megatron_a3po.platform"):
+            f = f.f_back  # count the caller of platform.synchronize, not the helper
+        who = f.f_globals.get("__name__", "?") if f is not None else "?"
+        self.synchronize_callers[who] = self.synchronize_callers.get(who, 0) + 1
 
     def empty_cache(self):
         pass
@@ -838,6 +844,7 @@ def begin_rank(spec: RankSpec) -> None:
     _lib.a3po_sim_set_device(0)
     _clear_fake_cache()
     SIM_CUDA.synchronize_calls = 0
+    SIM_CUDA.synchronize_callers = {}
     objs = _state["objects"]
     objs.spec, objs.world_calls = spec, 0
     _patch_megatron_modules(SIM_CUDA)  # megatron modules imported since

@@ -155,6 +155,7 @@ def simulate_rank(recipe, hf_config, spec, *, seq_len: int, n_mb: int, measure_m
                 actor._microbatches = microbatches
                 holder = {}
                 sim.SIM_CUDA.synchronize_calls = 0
+                sim.SIM_CUDA.synchronize_callers = {}
 
                 def step():
                     if not measure_memory:
@@ -166,6 +167,7 @@ def simulate_rank(recipe, hf_config, spec, *, seq_len: int, n_mb: int, measure_m
                 stats = _phase(res, "step", step)
                 tracker = holder.get("mt")
                 res.checks["synchronize_calls"] = sim.SIM_CUDA.synchronize_calls
+                res.checks["synchronize_callers"] = dict(sim.SIM_CUDA.synchronize_callers)
                 if stats is not None:
                     res.checks["stats_types"] = sorted({type(v).__name__ for v in stats.values()})
                 if tracker is not None:
