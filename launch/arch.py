@@ -103,6 +103,9 @@ def resolve_arch(recipe) -> Arch:
                     "to a name in launch/arch.py KNOWN or to the path of the model's config.json")
 
 
+GPU_MEMORY_GB = 80.0  # an H100 80GB (GB = 1e9 bytes): the launcher refuses a layout whose estimate exceeds it
+
+
 @dataclass
 class MemoryEstimate:
     params: float

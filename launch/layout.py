@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from launch.arch import Arch, ArchError, memory_estimate, resolve_arch
+from launch.arch import GPU_MEMORY_GB, Arch, ArchError, memory_estimate, resolve_arch
 from megatron_a3po.models import LayoutError, layout_errors  # noqa: F401 - LayoutError: launch's errors too
 
 
@@ -186,11 +186,16 @@ def plan_layout(recipe, executor: str, *, local_gpus: int | None = None) -> Layo
     errors += layout_errors(arch, tp=1, pp=1, dp=dp, batch_seqs=ro.batch_prompts * ro.n_samples,
                             n_minibatches=tr.ppo_n_minibatches)
 
+    mem = None
+    if arch.vocab_size and layout_gpu:
+        est = memory_estimate(arch, tp, pp, dp, tr.max_tokens_per_mb)
+        mem = est.describe()
+        if est.total_gb > GPU_MEMORY_GB:
+            errors.append(f"the trainer needs {mem} per GPU: {est.total_gb - GPU_MEMORY_GB:.1f} GB more than the "
+                          f"{GPU_MEMORY_GB:.0f} GB of a GPU; raise parallel.tp / parallel.pp, turn on "
+                          "parallel.sequence_parallel or lower trainer.max_tokens_per_mb")
     if errors:
         raise LayoutError("invalid launch layout for recipe {!r} ({} executor):\n  - {}".format(
             recipe.name, executor, "\n  - ".join(errors)))
-    mem = None
-    if arch.vocab_size and layout_gpu:
-        mem = memory_estimate(arch, tp, pp, dp, tr.max_tokens_per_mb).describe()
     return Layout(executor, arch, c.trainer_nodes if executor == "slurm" else 1, procs, tp, pp, dp,
                   ro.engine_tp, engines, rollout_nodes, router_port, layout_gpu, mem)

@@ -55,3 +55,16 @@ def test_one_arch_for_a_tiny_recipe_and_its_hf_config(tmp_path):
     assert (a.num_heads, a.num_kv_heads, a.num_layers, a.hidden_size, a.intermediate_size) == (
         t.num_attention_heads, t.num_key_value_heads, t.num_hidden_layers, t.hidden_size, t.intermediate_size)
     assert a.family == "qwen2" and a.source == "model.tiny"
+
+
+def test_launcher_refuses_a_layout_whose_memory_does_not_fit_and_says_by_how_much():
+    """The 70B at TP8 PP1 on one node with 40960 tokens per micro-batch: the estimate (weights+grads
+    6 B x 70.6e9 / 8 = 53 GB alone, Adam 12 B x P / 8 / DP) is far above 80 GB."""
+    from launch.layout import LayoutError, plan_layout
+
+    r = load_recipe("llama3_70b_gsm8k", ["parallel.pp=1", "trainer.max_tokens_per_mb=40960", "cluster.trainer_nodes=1",
+                                         "cluster.account=a", "cluster.container_image=i"])
+    with pytest.raises(LayoutError) as e:
+        plan_layout(r, "slurm")
+    msg = str(e.value)
+    assert "GB more than the 80 GB of a GPU" in msg and "parallel.sequence_parallel" in msg, msg

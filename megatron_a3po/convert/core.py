@@ -160,23 +160,53 @@ def _global_param_order(model_chunks, arch, fam):
     return order
 
 
-def export_hf_weights(model_chunks, hf_config, bucket_bytes: int = 512 << 20, *,
-                      stats: ExportStats | None = None, dtype: torch.dtype | None = None
-                      ) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """Yield buckets of full HF tensors. Collective: every rank of the job iterates it, in step.
+def _stage_of(model_chunks, arch, pp: int):
+    """(layer or None, key) -> the pipeline stage holding it, from megatron's own layer split (the same
+    on every rank, no collective): layers by stage offset; embedding on the first stage, final norm and
+    output layer on the last."""
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-    The owner pipeline stage gathers a parameter's TP shards, converts them to HF tensors, and
-    broadcasts them to the other stages, so every rank receives the same buckets.
+    cfg = model_chunks[0].config
+    stage_of_layer = {}
+    for r in range(pp):
+        off = get_transformer_layer_offset(cfg, pp_rank=r)
+        for i in range(off, off + get_num_layers_to_build(cfg, pp_rank=r)):
+            stage_of_layer[i] = r
+
+    def stage(layer, key):
+        if layer is not None:
+            return stage_of_layer[layer]
+        return 0 if key.startswith("embedding.") else pp - 1
+
+    return stage
+
+
+def export_hf_weights(model_chunks, hf_config, bucket_bytes: int = 512 << 20, *,
+                      stats: ExportStats | None = None, dtype: torch.dtype | None = None, dst: int = 0
+                      ) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Yield buckets of full HF tensors on global rank ``dst`` (0, or the only rank); the other ranks
+    iterate it too, in step, and get no buckets. Collective.
+
+    Per parameter, only the ranks that hold it take part: the owner stage's TP ranks of ``dst``'s
+    data-parallel replica gather its shards to their TP rank 0 (a gather, not an all-gather), which
+    converts them to HF tensors and, on a stage other than ``dst``'s, sends them to ``dst`` over the
+    pipeline group. Other replicas do nothing; no stage receives tensors it does not need.
+    Requires ``dst`` to be TP rank 0 and data-parallel rank 0 (global rank 0 is).
     """
     from megatron.core import parallel_state as ps
+
+    from megatron_a3po.platform import comm_device
 
     arch = arch_from_hf(hf_config)
     fam = get_family(arch.family)
     tp_rank, tp = _tp()
     pp = ps.get_pipeline_model_parallel_world_size()
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    me = _rank()
     tp_group = ps.get_tensor_model_parallel_group()
     pp_group = ps.get_pipeline_model_parallel_group()
-    pp_ranks = dist.get_process_group_ranks(pp_group) if pp > 1 else None
+    stage = ps.get_pipeline_model_parallel_rank()
     mine = {}
     for chunk in model_chunks:
         for layer, key, name, p in _chunk_params(chunk):
@@ -185,38 +215,55 @@ def export_hf_weights(model_chunks, hf_config, bucket_bytes: int = 512 << 20, *,
             mine[(layer, key)] = p
     st = stats if stats is not None else ExportStats()
     st.bucket_bytes = bucket_bytes
+    if world > 1:
+        # the replica of ``dst``: its pipeline group holds rank ``dst``; its TP groups gather
+        in_replica = ps.get_data_parallel_rank() == 0
+        dst_stage = None
+        pp_ranks = dist.get_process_group_ranks(pp_group)
+        if me == dst:
+            if tp_rank != 0 or not in_replica:
+                raise ValueError(f"export_hf_weights: dst={dst} must be TP rank 0 of data-parallel replica 0")
+        if in_replica and tp_rank == 0:
+            dst_stage = pp_ranks.index(dst) if dst in pp_ranks else None
+        stage_of = _stage_of(model_chunks, arch, pp)
+    else:
+        in_replica, dst_stage, stage_of = True, 0, (lambda layer, key: 0)
     bucket: list[tuple[str, torch.Tensor]] = []
     held = 0
-    stage = ps.get_pipeline_model_parallel_rank()
     for layer, key in _global_param_order(model_chunks, arch, fam):
+        owner = stage_of(layer, key)
+        if not in_replica or owner != stage and me != dst:
+            continue  # nothing of this parameter here, nothing for this rank to receive
         rule = _rule_for(fam, arch, layer, key, key)
         shapes = hf_shapes(rule, arch)
-        owner_flag = torch.tensor([stage if (layer, key) in mine else -1])
-        if pp > 1:
-            dist.all_reduce(owner_flag, op=dist.ReduceOp.MAX, group=pp_group)
-        owner = int(owner_flag)
-        if owner < 0:
-            raise CheckpointError(f"no pipeline stage holds {key} (layer {layer})")
-        if stage == owner:
+        full = None
+        if owner == stage:
+            if (layer, key) not in mine:
+                raise CheckpointError(f"pipeline stage {stage} should hold {key} (layer {layer}) but does not")
             p = mine[(layer, key)].detach()
             if tp > 1:
-                parts = [torch.empty_like(p) for _ in range(tp)]
-                dist.all_gather(parts, p.contiguous(), group=tp_group)
+                parts = [torch.empty_like(p) for _ in range(tp)] if tp_rank == 0 else None
+                dist.gather(p.contiguous(), parts, group_dst=0, group=tp_group)
             else:
                 parts = [p]
-            full = unshard(rule, parts, arch)
-            full = {n: t.to(dtype) if dtype is not None else t for n, t in full.items()}
-            pdtype = next(iter(full.values())).dtype
-        else:
-            pdtype = None
-        if pp > 1:
-            box = [str(pdtype) if pdtype is not None else None]
-            dist.broadcast_object_list(box, src=pp_ranks[owner], group=pp_group)
-            pdtype = getattr(torch, box[0].replace("torch.", ""))
-            if stage != owner:
-                full = {n: torch.empty(s, dtype=pdtype) for n, s in shapes.items()}
+            if tp_rank == 0:
+                full = unshard(rule, parts, arch)
+                full = {n: t.to(dtype) if dtype is not None else t for n, t in full.items()}
+            if tp_rank != 0 or me == dst:
+                pass
+            elif dst_stage is not None:  # the replica's TP rank 0 of a stage other than dst's: send
+                for n in shapes:
+                    dist.send(full[n].contiguous(), group_dst=dst_stage, group=pp_group)
+                full = None
+            else:
+                full = None
+        if me == dst and full is None:  # from the owner stage's TP rank 0, over the pipeline group
+            pdtype = dtype or next(t for t in mine.values()).dtype
+            full = {n: torch.empty(s, dtype=pdtype, device=comm_device()) for n, s in shapes.items()}
             for n in shapes:
-                dist.broadcast(full[n], src=pp_ranks[owner], group=pp_group)
+                dist.recv(full[n], group_src=owner, group=pp_group)
+        if me != dst:
+            continue
         nbytes = sum(t.numel() * t.element_size() for t in full.values())
         st.peak_bytes = max(st.peak_bytes, held + nbytes)
         if bucket and held + nbytes > bucket_bytes:

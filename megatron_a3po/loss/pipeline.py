@@ -18,13 +18,11 @@ what ``num_tokens_global`` is to tokens.
 
 from __future__ import annotations
 
-import time
 from functools import partial
 
 import torch
 
 from megatron_a3po.ops import vocab_parallel_logprobs_entropy
-from megatron_a3po.platform import synchronize
 
 
 def _tp_group():
@@ -58,7 +56,7 @@ def sequence_ids(mb, mask: torch.Tensor) -> torch.Tensor:
 
 def policy_forward_step(*, mode: str, current_version: int, num_tokens_global: int, temperature: float,
                         vocab_size: int, loss_kwargs: dict | None = None, alpha_schedule: str = "inverse",
-                        entropy_coef: float = 0.0, prox_timer: list | None = None,
+                        entropy_coef: float = 0.0, prox_timer=None,
                         schedule_kwargs: dict | None = None, num_seqs_global: int | None = None,
                         agg_mode: str = "token-mean", agg_norm_constant: float | None = None,
                         mismatch_metrics: bool = False, prox_hook=None):
@@ -66,7 +64,8 @@ def policy_forward_step(*, mode: str, current_version: int, num_tokens_global: i
 
     In recompute/metrics mode every micro-batch must carry ``prox_logp`` from ``logprob_forward_step``;
     with ``loss_kwargs["kl_coef"]`` > 0, every micro-batch must carry ``ref_logp`` (the reference pass).
-    ``prox_timer`` (a one-element list) accumulates seconds spent forming the proximal log-probs.
+    ``prox_timer`` (a megatron_a3po.platform.gpu.IntervalTimer) adds up the time spent forming the proximal
+    log-probs, with device events: no synchronisation per micro-batch.
     ``schedule_kwargs`` (alpha_slope, alpha_cap, alpha_fixed) go to the alpha schedule with ``alpha_schedule``.
     ``agg_mode`` / ``agg_norm_constant``: the loss aggregation (loss/aggregate.py), over
     ``num_seqs_global`` sequences (default: each micro-batch's own count, right only for one micro-batch).
@@ -96,8 +95,7 @@ def policy_forward_step(*, mode: str, current_version: int, num_tokens_global: i
         behave = mb.behave_logp.to(logp.device)
         versions = mb.versions.to(logp.device)
         if prox_timer is not None:
-            synchronize()  # the logits' kernels are queued on a GPU: time only the proximal step
-        t0 = time.perf_counter()
+            prox_timer.start()
         if mode == "coupled":
             prox = behave
         elif mode in ("recompute", "metrics"):
@@ -108,8 +106,7 @@ def policy_forward_step(*, mode: str, current_version: int, num_tokens_global: i
             prox = approximate_prox_logp(behave, logp.detach(), versions, current_version, method=mode,
                                          alpha_schedule=alpha_schedule, **sk)
         if prox_timer is not None:
-            synchronize()
-            prox_timer[0] += time.perf_counter() - t0
+            prox_timer.stop()
         if prox_hook is not None:
             prox = prox_hook(mb, prox, logp.detach())
         opts, scale = {}, None

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_a3po.models.layout import check_layout
-from megatron_a3po.platform import is_cpu
+from megatron_a3po.platform import device, is_cpu
 
 VOCAB_DIVISIBLE_BY = 128
 
@@ -198,10 +198,27 @@ def layer_spec(arch: Arch):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     from megatron_a3po.platform.attention import SDPACoreAttention
+    from megatron_a3po.platform.norm import RMSNorm
 
     spec = get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm")
     spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+    spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = RMSNorm  # SP-capable
+    if arch.qk_norm:
+        spec.submodules.self_attention.submodules.q_layernorm = RMSNorm
+        spec.submodules.self_attention.submodules.k_layernorm = RMSNorm
     return spec
+
+
+def _block_spec(arch: Arch, cfg):
+    """The decoder block: the layer spec per layer of this stage, and (local spec) the final norm."""
+    if _use_te():
+        return layer_spec(arch)
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    from megatron_a3po.platform.norm import RMSNorm
+
+    return TransformerBlockSubmodules(layer_specs=[layer_spec(arch)] * get_num_layers_to_build(cfg),
+                                      layer_norm=RMSNorm)
 
 
 def transformer_config(arch: Arch, *, params_dtype=torch.float32, sequence_parallel: bool = False,
@@ -222,7 +239,13 @@ def transformer_config(arch: Arch, *, params_dtype=torch.float32, sequence_paral
         sequence_parallel=sequence_parallel and tp > 1,
         params_dtype=params_dtype, bf16=params_dtype == torch.bfloat16, pipeline_dtype=params_dtype,
         use_cpu_initialization=cpu, perform_initialization=init_weights,
-        bias_dropout_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=False,
+        # fused SwiGLU (megatron's own kernel: saves the fc1 output only, 2f bytes per token instead of the
+        # unfused GLU's 5f) wherever there is a GPU; fused RoPE needs TransformerEngine. Unfused on CPU.
+        bias_activation_fusion=not cpu, apply_rope_fusion=_use_te(),
+        bias_dropout_fusion=False, masked_softmax_fusion=False,
+        # no device-wide synchronize after every batched pipeline send/receive (megatron's workaround
+        # for a race of old NCCL versions): ten per step at PP=2 in the simulated 32B
+        batch_p2p_sync=False,
         gradient_accumulation_fusion=False, persist_layer_norm=False,
         # micro-batches differ in [b, S]; PP then exchanges shapes first. megatron-core's validation
         # rejects this with its default MoE dispatcher even for dense models, so name one it accepts.
@@ -262,18 +285,28 @@ def build_model(hf_config, *, params_dtype=torch.float32, pre_process=None, post
         pre_process = ps.is_pipeline_first_stage()
     if post_process is None:
         post_process = ps.is_pipeline_last_stage()
-    model = GPTModel(
-        config=cfg, transformer_layer_spec=layer_spec(arch),
-        vocab_size=padded_vocab_size(arch.vocab_size, ps.get_tensor_model_parallel_world_size()),
-        max_sequence_length=arch.max_position, pre_process=pre_process, post_process=post_process,
-        share_embeddings_and_output_weights=arch.tie_embeddings, position_embedding_type="rope",
-        rotary_base=int(arch.rope_theta) if float(arch.rope_theta).is_integer() else arch.rope_theta,
-    )
+    # built on this rank's device: megatron puts its parameters there (use_cpu_initialization off), and
+    # the default device catches what it makes with plain torch factories (the local spec's RMSNorm)
+    with torch.device(device()):
+        model = GPTModel(
+            config=cfg, transformer_layer_spec=_block_spec(arch, cfg),
+            vocab_size=padded_vocab_size(arch.vocab_size, ps.get_tensor_model_parallel_world_size()),
+            max_sequence_length=arch.max_position, pre_process=pre_process, post_process=post_process,
+            share_embeddings_and_output_weights=arch.tie_embeddings, position_embedding_type="rope",
+            rotary_base=int(arch.rope_theta) if float(arch.rope_theta).is_integer() else arch.rope_theta,
+        )
     model.rotary_pos_emb.inv_freq = _hf_inv_freq(hf_config, arch.head_dim).to(
         model.rotary_pos_emb.inv_freq.device)
     model.hf_arch = arch
     if is_cpu():
         model = model.to(params_dtype)
     else:
-        model = model.cuda()
+        elsewhere = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
+                     if t.device != device()]
+        if elsewhere:
+            raise RuntimeError(f"build_model: {elsewhere[:3]} not on {device()}")
+        with torch.no_grad():  # the local spec's torch RMSNorm is made in the default dtype: as on CPU,
+            for p in model.parameters():  # every parameter in params_dtype (TE's norms are too)
+                if p.is_floating_point() and p.dtype != params_dtype:
+                    p.data = p.data.to(params_dtype)
     return model

@@ -15,18 +15,14 @@ import random
 import torch
 import torch.distributed as dist
 
-from megatron_a3po.platform.cpu import apply_cpu_patches
+from megatron_a3po.platform import gpu as _device
+from megatron_a3po.platform.cpu import apply_cpu_patches, apply_optimizer_fixes
+from megatron_a3po.platform.gpu import comm_device, device, set_device, synchronize, to_host
 from megatron_a3po.platform.stores import init_default_group
 
 
 def is_cpu() -> bool:
-    return not torch.cuda.is_available()
-
-
-def synchronize() -> None:
-    """Wait for the device's queued work (before reading a wall clock); a no-op on CPU."""
-    if not is_cpu():
-        torch.cuda.synchronize()
+    return not _device.has_gpu()
 
 
 def seed_everything(seed: int) -> None:
@@ -50,6 +46,7 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = 0, *, timeout_s: floa
 
     if is_cpu():
         apply_cpu_patches()
+    apply_optimizer_fixes()
     if not dist.is_initialized():
         for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE"):
             if k not in os.environ:
@@ -57,8 +54,13 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = 0, *, timeout_s: floa
                                    "(start with torchrun or megatron_a3po.platform.procs.run_distributed)")
         backend = "gloo" if is_cpu() else "nccl"
         if not is_cpu():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        init_default_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+            set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        if _device._sim is not None:  # a simulated rank (platform.sim): an NCCL-strict group, no peers
+            from megatron_a3po.platform import sim
+
+            sim.init_process_group(timeout=datetime.timedelta(seconds=timeout_s))
+        else:
+            init_default_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     world = dist.get_world_size()
     if world % (tp * pp):
         raise ValueError(f"world size {world} is not a multiple of parallel.tp x parallel.pp = {tp} x {pp}")
@@ -71,4 +73,5 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = 0, *, timeout_s: floa
     seed_everything(seed + 100 * ps.get_pipeline_model_parallel_rank())
 
 
-__all__ = ["init_distributed", "is_cpu", "seed_everything", "apply_cpu_patches", "synchronize"]
+__all__ = ["init_distributed", "is_cpu", "seed_everything", "apply_cpu_patches", "synchronize", "device",
+           "comm_device", "set_device", "to_host"]

@@ -32,7 +32,8 @@ Two more pieces live beside this module: ``SDPACoreAttention`` (attention.py) re
 CUDA and forks the CUDA RNG tracker), and ``seed_everything`` (``model_parallel_cuda_manual_seed``
 needs CUDA; on CPU the CPU generator is seeded instead).
 
-``apply_cpu_patches()`` is idempotent and does nothing when CUDA is available.
+``apply_cpu_patches()`` is idempotent and does nothing when CUDA is available. The torch-AdamW ``step``
+fix is needed on a GPU without TE/apex too: ``apply_optimizer_fixes()`` (init_distributed, every device).
 """
 
 from __future__ import annotations
@@ -193,9 +194,17 @@ WRAPPED_METHODS = (
     ("megatron.core.optimizer.optimizer", "clip_grad_by_total_norm_fp32", _tensor_type_reads_cuda),
     ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer.get_parameter_state_dp_zero",
      _tensor_cuda_is_identity),
+)
+# needed on every device: megatron falls back to torch's AdamW wherever neither TE nor apex is installed
+OPTIMIZER_FIXES = (
     ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer._set_main_param_and_optimizer_states",
      _keep_torch_adam_step),
 )
+
+
+def apply_optimizer_fixes() -> list[str]:
+    """The torch-AdamW ``step`` fix (``_keep_torch_adam_step``), on CPU and GPU alike (idempotent)."""
+    return _wrap(OPTIMIZER_FIXES)
 
 
 def apply_cpu_patches(force: bool = False) -> list[str]:
@@ -215,7 +224,12 @@ def apply_cpu_patches(force: bool = False) -> list[str]:
         if getattr(mod, "torch", None) is torch:
             mod.torch = TORCH_ON_CPU
         _applied.append(name)
-    for modname, path, wrapper in WRAPPED_METHODS:
+    _wrap(WRAPPED_METHODS + OPTIMIZER_FIXES)
+    return list(_applied)
+
+
+def _wrap(table) -> list[str]:
+    for modname, path, wrapper in table:
         key = f"{modname}.{path}"
         if key in _applied:
             continue

@@ -81,6 +81,10 @@ def _entry(rank, world_size, port, backend, fn, args, kwargs, queue, env, pg_tim
 
     torch.set_num_threads(int(env.get("A3PO_THREADS_PER_RANK", "1")))
     try:
+        if backend == "nccl":  # one GPU per rank: NCCL refuses two ranks of a node on one device
+            from megatron_a3po.platform.gpu import set_device
+
+            set_device(rank)
         init_default_group(backend, timeout=datetime.timedelta(seconds=pg_timeout_s))
         out = fn(rank, world_size, *args, **kwargs)
         queue.put((rank, True, out))

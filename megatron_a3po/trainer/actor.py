@@ -22,7 +22,8 @@ import torch.distributed as dist
 
 from megatron_a3po import metrics as M
 from megatron_a3po.config import LossCfg, ParallelCfg, TrainerCfg
-from megatron_a3po.platform import synchronize
+from megatron_a3po.platform import comm_device, device, synchronize, to_host
+from megatron_a3po.platform.gpu import IntervalTimer
 from megatron_a3po.trainer.batch import MicroBatch, TrainSample, collate
 from megatron_a3po.trainer.optim import build_optimizer, lr_at
 from megatron_a3po.trainer.packing import dp_shares, pack_microbatches, plan_data_parallel
@@ -75,8 +76,12 @@ class Actor:
         self.vocab_size = int(hf_config.vocab_size)
         dtype = torch.bfloat16 if params_dtype == "bfloat16" else torch.float32
         self.dtype = dtype
+        # sequence parallelism splits S over the TP ranks: every micro-batch's S is padded to a multiple of TP
+        self.sequence_parallel = bool(parallel.sequence_parallel and parallel.tp > 1)
+        self.pad_multiple = parallel.tp if self.sequence_parallel else 1
         # every parameter is loaded below (both loaders fail on a missing one): skip the random init
-        model = build_model(hf_config, params_dtype=dtype, init_weights=hf_dir is None and mcore_dir is None)
+        model = build_model(hf_config, params_dtype=dtype, init_weights=hf_dir is None and mcore_dir is None,
+                            sequence_parallel=self.sequence_parallel)
         cfg = model.config
         # see megatron_a3po.loss.pipeline: each micro-batch returns its share of the global token mean
         cfg.calculate_per_token_loss = True
@@ -112,20 +117,18 @@ class Actor:
 
     def _microbatches(self, samples: list[TrainSample], idx: list[int]) -> list[MicroBatch]:
         sub = [samples[i] for i in idx]
-        plans = pack_microbatches([s.length for s in sub], self.tc.max_tokens_per_mb)
-        return [collate(sub, p.indices, p.seq_len) for p in plans]
+        plans = pack_microbatches([s.length for s in sub], self.tc.max_tokens_per_mb, pad_multiple=self.pad_multiple)
+        dev = device()  # the model's: the schedule hands micro-batches to it as they are
+        return [collate(sub, p.indices, p.seq_len, device=dev) for p in plans]
 
     def _global_tokens(self, mbs) -> int:
         return self._global_counts(mbs)[0]
 
     def _global_counts(self, mbs) -> tuple[int, int]:
-        """Masked tokens and sequences of the whole minibatch (all micro-batches, all DP ranks)."""
-        from megatron_a3po.loss.aggregate import count_sequences
-        from megatron_a3po.loss.pipeline import sequence_ids
-
-        n = torch.tensor([float(sum(m.num_tokens for m in mbs)),
-                          float(sum(count_sequences(m.loss_mask, sequence_ids(m, m.loss_mask)) for m in mbs))],
-                         dtype=torch.float64)
+        """Masked tokens and sequences of the whole minibatch (all micro-batches, all DP ranks); counted on
+        the host (collate), reduced on the communication device."""
+        n = torch.tensor([float(sum(m.num_tokens for m in mbs)), float(sum(m.num_seqs for m in mbs))],
+                         dtype=torch.float64, device=comm_device())
         ps = _ps()
         if ps.get_data_parallel_world_size() > 1:
             dist.all_reduce(n, group=ps.get_data_parallel_group())
@@ -136,7 +139,10 @@ class Actor:
         return ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
 
     def _gather_to_rank0(self, obj):
-        """Collect a per-rank object from the last-stage, TP-rank-0 ranks (every DP rank) on global rank 0."""
+        """Collect a per-rank object from the last-stage, TP-rank-0 ranks (every DP rank) on global rank 0.
+        Tensors travel as host numbers (platform.to_host): a pickled CUDA tensor would unpickle on the
+        sender's GPU number here."""
+        obj = to_host(obj)
         if not dist.is_initialized() or dist.get_world_size() == 1:
             return [obj]
         out = [None] * dist.get_world_size()
@@ -190,17 +196,18 @@ class Actor:
                              "tokens": sum(share[i].length for m in mbs for i in m.sample_index)}
                             for share, mbs in zip(shares, minibatches)]
         times = defaultdict(float)
-        prox_timer = [0.0]
+        prox_timer = IntervalTimer()  # the loss's proximal step, timed with device events
+        t_recompute = 0.0
         audit = self.auditor.begin(self, shares, minibatches, current_version, prox_timer) if self.auditor else None
         if audit is not None:
             mode = audit.mode  # "recompute" while the audit's whole-step fallback lasts
         if mode in ("recompute", "metrics"):
-            synchronize()
+            synchronize()  # the recompute pass, timed whole: two synchronisations per step
             t0 = time.perf_counter()
             for mbs in minibatches:
                 self.recompute_logprobs(mbs)
             synchronize()
-            prox_timer[0] += time.perf_counter() - t0
+            t_recompute = time.perf_counter() - t0
         ref_s, kl_penalty = self._reference_pass(shares, minibatches)
         loss_kwargs = dict(eps_clip=lc.eps_clip, eps_clip_high=lc.eps_clip_high, dual_clip=lc.dual_clip,
                            behave_weight_cap=lc.behave_weight_cap, behave_weight_cap_mode=lc.behave_weight_cap_mode,
@@ -231,7 +238,8 @@ class Actor:
                                                      for o in out))
         self.step_count += 1
         n_tok = float(sum(s.length for share in shares for s in share))
-        gathered = self._gather_to_rank0((per_minibatch, prox_timer[0], n_tok, kl_penalty,
+        t_prox = t_recompute + prox_timer.seconds
+        gathered = self._gather_to_rank0((per_minibatch, t_prox, n_tok, kl_penalty,
                                           audit.partials() if audit is not None else None))
         if dist.is_initialized() and dist.get_rank() != 0:
             if audit is not None:
@@ -239,11 +247,12 @@ class Actor:
             return {}
         # data-parallel ranks hold disjoint token shares of each minibatch: combine them per minibatch
         n_mb = len(gathered[0][0])
-        mbs_stats = [aggregate_stats(g[0][k] for g in gathered) for k in range(n_mb)]
+        mbs_stats = [aggregate_stats({key: torch.tensor(v, dtype=torch.float64) for key, v in g[0][k].items()}
+                                     for g in gathered) for k in range(n_mb)]
         stats = combine_minibatches(mbs_stats)
         stats[M.GRAD_NORM] = max(grad_norms) if grad_norms else 0.0
         # recompute: the forward pass (timed on every rank, same wall time); approximations: last stage
-        stats[M.TIME_PROX] = prox_timer[0] if mode in ("recompute", "metrics") else max(g[1] for g in gathered)
+        stats[M.TIME_PROX] = t_prox if mode in ("recompute", "metrics") else max(g[1] for g in gathered)
         stats[M.TIME_FWD_BWD] = times["fwd_bwd"]
         stats[M.TIME_OPT] = times["opt"]
         stats["time/train"] = time.perf_counter() - t_step

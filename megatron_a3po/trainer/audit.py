@@ -176,7 +176,7 @@ class Auditor:
         k = min(total, max(1, math.ceil(self.cfg.fraction * total - 1e-9)))
         return sorted(random.Random(f"audit/{self.seed}/{step_count}").sample(range(total), k))
 
-    def begin(self, actor, shares, minibatches, current_version: int, prox_timer: list) -> StepAudit | None:
+    def begin(self, actor, shares, minibatches, current_version: int, prox_timer) -> StepAudit | None:
         fb = self.policy.fallback
         audit = self.is_audit_step(actor.step_count)
         if not (audit or fb or self.drift):
@@ -200,7 +200,7 @@ class Auditor:
         synchronize()
         dt = time.perf_counter() - t0
         if fb:
-            prox_timer[0] += dt
+            prox_timer.add(dt)
             sa.replace = set(fb)
         else:
             sa.time += dt

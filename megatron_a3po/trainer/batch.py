@@ -50,13 +50,30 @@ class MicroBatch:
     sample_index: list[int] = field(default_factory=list)  # batch indices of the rows
     prox_logp: torch.Tensor | None = None  # [b, S], filled by the recompute pass
     ref_logp: torch.Tensor | None = None  # [b, S], filled by the reference pass (loss.kl_coef > 0)
+    n_tokens: int | None = None  # masked (response) tokens, counted on the host when collated
+    n_seqs: int | None = None  # sequences with a masked token (one per row), counted on the host when collated
 
     @property
     def num_tokens(self) -> int:
-        return int(self.loss_mask.sum().item())
+        if self.n_tokens is None:  # a micro-batch built by hand: count it (a device sync on a GPU)
+            self.n_tokens = int(self.loss_mask.sum().item())
+        return self.n_tokens
+
+    @property
+    def num_seqs(self) -> int:
+        """Sequences with at least one masked token (loss/aggregate.py's count, a device sync on a GPU,
+        for a micro-batch built by hand or one whose rows hold several sequences: ``seq_ids``)."""
+        if self.n_seqs is None or getattr(self, "seq_ids", None) is not None:
+            from megatron_a3po.loss.aggregate import count_sequences
+
+            return count_sequences(self.loss_mask, getattr(self, "seq_ids", None))
+        return self.n_seqs
 
 
-def collate(samples: list[TrainSample], indices: list[int], seq_len: int, pad_id: int = 0) -> MicroBatch:
+def collate(samples: list[TrainSample], indices: list[int], seq_len: int, pad_id: int = 0,
+            device: torch.device | None = None) -> MicroBatch:
+    """The padded [b, seq_len] micro-batch of ``samples[indices]``, built on the host and moved to
+    ``device`` (the model's: megatron_a3po.platform.device()) in one copy per tensor."""
     b = len(indices)
     tokens = torch.full((b, seq_len), pad_id, dtype=torch.long)
     labels = torch.zeros((b, seq_len), dtype=torch.long)
@@ -77,4 +94,9 @@ def collate(samples: list[TrainSample], indices: list[int], seq_len: int, pad_id
             ver[row, sl] = torch.tensor(s.versions, dtype=torch.long)
             adv[row, sl] = float(s.advantage)
     pos = torch.arange(seq_len).unsqueeze(0).expand(b, seq_len).contiguous()
-    return MicroBatch(tokens, pos, labels, mask, blp, ver, adv, list(indices))
+    n = sum(len(samples[i].response_ids) for i in indices)
+    ts = [tokens, pos, labels, mask, blp, ver, adv]
+    if device is not None and torch.device(device) != tokens.device:
+        ts = [t.to(device, non_blocking=True) for t in ts]
+    return MicroBatch(*ts, sample_index=list(indices), n_tokens=n,
+                      n_seqs=sum(1 for i in indices if samples[i].response_ids))

@@ -40,7 +40,11 @@ class MegatronOptimizer:
     """Megatron DDP-wrapped model chunks (``model_chunks``: what the schedule runs) and their optimizer."""
 
     # the distributed optimizer's checkpoint format: one ShardedTensor per parameter, a flattened piece
-    # of the canonical (unsharded) state, so a checkpoint resumes at any TP/PP/DP (megatron-core 0.16-0.19)
+    # of the canonical (unsharded) state, so a checkpoint resumes at any TP/PP/DP (megatron-core 0.16-0.19).
+    # Host memory at save: megatron all-gathers the DP ranks' fp32 state onto every DP rank's host first,
+    # 12 B x params / (TP x PP) per rank (about 212 GB per node at 70B, docs/launch.md). The bounded
+    # alternative, "fully_sharded_model_space" (each rank writes only its shard), failed the resume-at-
+    # another-layout test on CPU when tried (issue 27); it is not switched on.
     SHARDING_TYPE = "fully_reshardable"
 
     def __init__(self, model_chunks, cfg, parallel_cfg, *, bf16: bool):

@@ -1,15 +1,16 @@
 """Packing variable-length samples into micro-batches, and a step's batch into minibatches.
 
-A micro-batch is a padded [b, S] block (S = its longest sample) whose padded size b * S stays under
-``max_tokens_per_mb``. Samples are sorted by length so that each block holds similar lengths (little
-padding), then the blocks are balanced: the number of blocks is the smallest that fits the budget, and
-samples are dealt to blocks so their padded sizes are as even as possible (largest first, into the
-block whose padded size grows least). Every sample lands in exactly one block.
+A micro-batch is a padded [b, S] block (S = its longest sample, rounded up to ``pad_multiple``: the
+tensor-parallel size under sequence parallelism, which splits S over the TP ranks) whose padded size
+b * S stays under ``max_tokens_per_mb``. Samples are sorted by length, longest first, and cut into
+consecutive runs (``pack_microbatches``): a block holds neighbouring lengths, so padding is small.
+Every sample lands in exactly one block. (The packer before this one dealt the longest samples round-robin over the
+blocks to even them out, mixing long and short rows: on GSM8K lengths it padded 0.69 real tokens per
+padded token; bench/packing.py compares the two.)
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 
@@ -23,63 +24,50 @@ class MicroBatchPlan:
         return len(self.indices) * self.seq_len
 
 
-def _first_fit_sorted(lengths: list[int], order: list[int], budget: int) -> list[list[int]]:
-    bins: list[list[int]] = []
-    cur: list[int] = []
-    cur_max = 0
-    for i in order:
-        L = lengths[i]
-        new_max = max(cur_max, L)
-        if cur and (len(cur) + 1) * new_max > budget:
-            bins.append(cur)
-            cur, new_max = [], L
-        cur.append(i)
-        cur_max = new_max
-    if cur:
-        bins.append(cur)
-    return bins
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
 
 
-def pack_microbatches(lengths: list[int], max_tokens_per_mb: int, *, min_microbatches: int = 1) -> list[MicroBatchPlan]:
-    """Split samples of the given lengths into padded micro-batches under the token budget."""
+MB_OVERHEAD = 0.05  # a micro-batch's fixed cost (launches, pipeline hand-offs), as a share of a full one
+
+
+def pack_microbatches(lengths: list[int], max_tokens_per_mb: int, *, pad_multiple: int = 1,
+                      overhead: float = MB_OVERHEAD) -> list[MicroBatchPlan]:
+    """Split samples of the given lengths into padded micro-batches under the token budget.
+
+    Sorted by length, the samples are cut into consecutive runs minimising the padded tokens plus
+    ``overhead * max_tokens_per_mb`` per micro-batch (dynamic programming over the cut points): a run
+    holds neighbouring lengths, so padding is small, and a micro-batch is added only where it saves
+    more padding than its fixed cost."""
     if not lengths:
         return []
-    too_long = [(i, L) for i, L in enumerate(lengths) if L > max_tokens_per_mb]
+    if pad_multiple < 1:
+        raise ValueError(f"pad_multiple must be >= 1, got {pad_multiple}")
+    too_long = [(i, L) for i, L in enumerate(lengths) if _round_up(L, pad_multiple) > max_tokens_per_mb]
     if too_long:
         i, L = too_long[0]
-        raise ValueError(f"sample {i} has {L} tokens > trainer.max_tokens_per_mb={max_tokens_per_mb}; "
-                         "raise max_tokens_per_mb or lower rollout.max_new_tokens")
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    # Lower bound on the block count from the budget; first-fit over sorted lengths gives a feasible count.
-    n_bins = max(min_microbatches, len(_first_fit_sorted(lengths, order, max_tokens_per_mb)))
-    n_bins = min(n_bins, len(lengths))
-    while True:
-        bins: list[list[int]] = [[] for _ in range(n_bins)]
-        maxes = [0] * n_bins
-        ok = True
-        for i in order:  # longest first
-            L = lengths[i]
-            best, best_cost = -1, math.inf
-            for b in range(n_bins):
-                m = max(maxes[b], L)
-                size = (len(bins[b]) + 1) * m
-                if size > max_tokens_per_mb:
-                    continue
-                cost = size - len(bins[b]) * maxes[b]  # growth of this block's padded size
-                # prefer the block that stays smallest overall, so blocks come out even
-                key = (size, cost)
-                if best < 0 or key < best_cost:
-                    best, best_cost = b, key
-            if best < 0:
-                ok = False
+        raise ValueError(f"sample {i} has {L} tokens > trainer.max_tokens_per_mb={max_tokens_per_mb}"
+                         + (f" (padded to a multiple of {pad_multiple})" if pad_multiple > 1 else "")
+                         + "; raise max_tokens_per_mb or lower rollout.max_new_tokens")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    S = [_round_up(lengths[i], pad_multiple) for i in order]  # non-increasing
+    n, fixed = len(order), overhead * max_tokens_per_mb
+    best = [0.0] + [float("inf")] * n  # best[j]: cost of packing the j longest samples
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j - 1, -1, -1):  # run order[i:j], padded to S[i] (its longest)
+            if (j - i) * S[i] > max_tokens_per_mb:
                 break
-            bins[best].append(i)
-            maxes[best] = max(maxes[best], L)
-        if ok:
-            break
-        n_bins += 1
-    plans = [MicroBatchPlan(sorted(b, key=lambda i: -lengths[i]), maxes[k]) for k, b in enumerate(bins) if b]
-    return plans
+            c = best[i] + (j - i) * S[i] + fixed
+            if c < best[j]:
+                best[j], cut[j] = c, i
+    plans: list[MicroBatchPlan] = []
+    j = n
+    while j > 0:
+        i = cut[j]
+        plans.append(MicroBatchPlan(order[i:j], S[i]))
+        j = i
+    return plans[::-1]
 
 
 def split_minibatches(n_samples: int, n_minibatches: int, group_size: int = 1) -> list[list[int]]:

@@ -99,12 +99,13 @@ def penalise_advantages(mbs, samples, *, coef: float, estimator: str, adv_norm: 
     for mb in mbs:
         mask = mb.loss_mask.bool()
         k = kl_estimate(mb.behave_logp.double(), mb.ref_logp.double(), estimator)
-        per_row = torch.where(mask, k, torch.zeros_like(k)).sum(-1)
+        per_row = torch.where(mask, k, torch.zeros_like(k)).sum(-1).tolist()  # one copy to the host
         for row, i in enumerate(mb.sample_index):
-            kl_sums[i] = float(per_row[row])
+            kl_sums[i] = per_row[row]
     adv = kl_penalised_advantages([s.reward for s in samples], kl_sums, [s.group_id for s in samples], coef,
                                   adv_norm, adv_eps)
     for mb in mbs:
-        new = torch.tensor([adv[i] for i in mb.sample_index], dtype=mb.advantages.dtype).unsqueeze(-1)
+        new = torch.tensor([adv[i] for i in mb.sample_index], dtype=mb.advantages.dtype,
+                           device=mb.advantages.device).unsqueeze(-1)
         mb.advantages = torch.where(mb.loss_mask.bool(), new.expand_as(mb.advantages), torch.zeros_like(mb.advantages))
     return coef * sum(kl_sums) / max(1, len(samples))
