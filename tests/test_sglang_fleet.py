@@ -112,16 +112,23 @@ def test_a_reused_fleet_with_a_stale_update_group_then_resume(user_fleet, tmp_pa
 def test_the_trainer_starts_real_sglang_itself(tmp_path):
     """``rollout.backend=sglang`` with no engine URLs on a CPU machine: the trainer starts SGLang's own
     server (the command line launch/ writes for GPU nodes, plus the CPU flags), trains a few steps of the
-    demo against it (disk sync) and stops it."""
+    demo against it (disk sync) and stops it. With ``loss.mismatch_metrics`` in recompute mode it reports
+    the engine/trainer mismatch (issue 25): step 1's tokens all come from the weights the step starts
+    from, so its d0 bucket is real SGLang's fp32 log-probs against the trainer's at the same weights."""
     from real_sglang import require_sglang
 
     require_sglang()
     run = tmp_path / "run"
     env = subprocess_env(A3PO_NO_PROGRESS="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "megatron_a3po.trainer", "--recipe", "demo_cpu", "--run-dir", str(run), *SHORT,
-           "trainer.steps=3"]
+           "trainer.steps=3", "trainer.mode=recompute", "loss.mismatch_metrics=true"]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     _check(r, run, 3)
+    first = _steps(run)[0]["stats"]
+    assert first["mismatch/token_frac/d0"] == 1.0  # step 1: every token from version 0, the step's weights
+    # fp32 SGLang vs the trainer at the same weights: rounding, orders of magnitude below one version of
+    # policy drift (docs/rollout.md's table: mean |diff| ~1e-7)
+    assert abs(first["mismatch/k1/d0"]) < 1e-4 and 0.0 <= first["mismatch/k3/d0"] < 1e-6, first
     logs = list((run / "engines").glob("engine-*.log"))
     assert len(logs) == 1 and "sglang" in logs[0].read_text(errors="replace").lower()
     recs = _steps(run)
