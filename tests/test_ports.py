@@ -79,10 +79,10 @@ def test_router_starts_again_when_its_port_is_taken(race, engine):
         rp.stop()
 
 
-def test_weight_group_store_is_bound_before_the_engines_are_told(race, engine):
+def test_weight_group_store_is_bound_before_the_engines_are_told(race, engine, tmp_path):
     """The trainer's NCCL transport (gloo on CPU), as trainer/fleet.py makes it, forms its group."""
     rc = RolloutCfg(weight_sync="nccl", engine_urls=[engine.url])
-    transport = trainer_fleet.RolloutSide._transport(SimpleNamespace(rc=rc))
+    transport = trainer_fleet.RolloutSide._transport(SimpleNamespace(rc=rc, run_dir=tmp_path))
     transport.master_address = "127.0.0.1"
 
     async def form():

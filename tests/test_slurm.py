@@ -144,7 +144,9 @@ def _logs(rec: dict, group: int) -> str:
 
 def _both_logs(env, job_id: str) -> str:
     rec = _record(env, job_id)
-    return f"trainer:\n{_logs(rec, 0)[-3000:]}\nfleet:\n{_logs(rec, 1)[-3000:]}"
+    trainer = _logs(rec, 0)
+    errors = "\n".join(ln for ln in trainer.splitlines() if ln.startswith("error:"))  # the trainer's own
+    return f"trainer errors:\n{errors}\ntrainer:\n{trainer[-3000:]}\nfleet:\n{_logs(rec, 1)[-3000:]}"
 
 
 @pytest.mark.slow

@@ -46,10 +46,12 @@ def check_engines(urls: list[str], timeout: float = 5.0, router_url: str | None 
     the router answers ``GET /workers`` (its own /health says 200 with no live worker)."""
     import httpx
 
+    from megatron_a3po.platform.keys import auth_headers
+
     for u, path in [(u, "/model_info") for u in urls] + ([(router_url, "/workers")] if router_url else []):
         key = "rollout.router_url" if path == "/workers" else "rollout.engine_urls"
         try:
-            r = httpx.get(u.rstrip("/") + path, timeout=timeout)
+            r = httpx.get(u.rstrip("/") + path, timeout=timeout, headers=auth_headers())
         except httpx.HTTPError as e:
             raise PreflightError(f"{key}: {u} unreachable ({type(e).__name__}: {e})") from None
         if r.status_code != 200:

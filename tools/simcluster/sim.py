@@ -203,7 +203,7 @@ def _spawned_rank(spec) -> dict:
 
     q = queue.Queue()
     lr = spec.local_rank(spec.rank)  # run_distributed starts the ranks of one node: rank = local rank
-    procs._entry(lr, spec.gpus_per_node, 1, "nccl", _probe_collective, (), {}, q, {})
+    procs._entry(lr, spec.gpus_per_node, 1, "nccl", _probe_collective, (), {}, q, {}, 60.0)
     rank, ok, payload = q.get_nowait()
     if not ok:
         raise RuntimeError(payload.strip().splitlines()[-1])
