@@ -268,7 +268,7 @@ def test_kill_restart_stop_and_lose_all_engines_behind_the_real_router(dirs, tmp
 def test_trainer_behind_the_real_router_kill_restart_stop_then_lose_all_engines(tmp_path):
     """The real training loop (trainer CLI, two CPU engines behind sglang-router, hang timeout 5 s):
     SIGKILL engine A mid-run (training goes on); restart it on its port (it serves only once synced to
-    the trainer's version); SIGSTOP engine B for 60 s (dropped within the timeout; no step meanwhile
+    the trainer's version); SIGSTOP engine B for 20 s (dropped within the timeout; no step meanwhile
     takes longer than the timeout plus a normal step; A is never marked unavailable); SIGCONT (B synced
     before it serves); then kill both: one clear error naming the engines' logs and trainer.resume=true.
     Throughout: no group trained twice, the staleness bound holds."""
@@ -347,12 +347,12 @@ def test_trainer_behind_the_real_router_kill_restart_stop_then_lose_all_engines(
         v_a, v_b = served_version(url_a), served_version(url_b)
         assert abs(int(v_a) - int(v_b)) <= 1 and int(v_a) >= n + 3, (v_a, v_b)  # an update may be under way
 
-        # SIGSTOP B for 60 s: dropped within the hang timeout, training goes on with A
+        # SIGSTOP B for 20 s (4x the hang timeout): dropped within it, training goes on with A
         n_before = len(steps())
         b.send_signal(signal.SIGSTOP)
         t_stop, t_hung = time.monotonic(), None
         try:
-            while time.monotonic() - t_stop < 60:
+            while time.monotonic() - t_stop < 20:
                 if t_hung is None and events(url_b, "hung"):
                     t_hung = time.monotonic() - t_stop
                 time.sleep(0.2)
@@ -361,10 +361,10 @@ def test_trainer_behind_the_real_router_kill_restart_stop_then_lose_all_engines(
             b.send_signal(signal.SIGCONT)
         assert t_hung is not None and t_hung <= HANG + 5.0, (t_hung, "".join(out_lines)[-3000:])
         wait_for(lambda: len(events(url_b, "rejoined")) >= 1, "B rejoined after SIGCONT", timeout=300)
-        assert len(during) >= 10, f"only {len(during)} steps in the 60 s B was stopped"
+        assert len(during) >= 3, f"only {len(during)} steps in the 20 s B was stopped"
         # no step waited longer than the hang timeout because of B (plus a normal step's time, 5 s)
         worst = max(r["stats"]["time/step"] for r in during)
-        print(f"B stopped 60 s: hung after {t_hung:.1f}s, {len(during)} steps meanwhile, the longest {worst:.2f}s")
+        print(f"B stopped 20 s: hung after {t_hung:.1f}s, {len(during)} steps meanwhile, the longest {worst:.2f}s")
         assert worst <= HANG + 5.0, f"a step took {worst:.1f}s while B was stopped (hang timeout {HANG}s)"
         # A (healthy) was never marked unavailable, hung or dropped after its rejoin
         i_rejoin = next(i for i, x in enumerate(out_lines) if url_a in x and "rejoined" in x)
