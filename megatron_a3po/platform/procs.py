@@ -47,7 +47,7 @@ def die_with_parent():
         import signal
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except Exception:
+    except Exception:  # noqa: BLE001 - not Linux / no libc: the parent's own cleanup still runs
         pass
 
 
@@ -95,7 +95,7 @@ def _entry(rank, world_size, port, backend, fn, args, kwargs, queue, env, pg_tim
             from megatron.core import parallel_state
 
             parallel_state.destroy_model_parallel()
-        except Exception:
+        except Exception:  # noqa: BLE001 - teardown, best effort: the process group is destroyed below
             pass
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -143,7 +143,7 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args, backend: str
             results[rank] = payload
     finally:
         # after a failure, the other ranks get a few seconds to stop on their own (a rank that waited in a
-        # collective for the failed one may be reporting that failure, see trainer/loop.py _on_rank0)
+        # collective for the failed one may be reporting that failure, see platform/ranks.py on_rank0)
         until = time.monotonic() + 5
         for p in procs:
             p.join(timeout=max(0.1, until - time.monotonic()))
