@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from launch.arch import GPU_MEMORY_GB, Arch, ArchError, memory_estimate, resolve_arch
-from megatron_a3po.models import LayoutError, layout_errors  # noqa: F401 - LayoutError: launch's errors too
+from megatron_a3po.models import LayoutError, layout_errors  # LayoutError: launch's errors too
 
 
 @dataclass(frozen=True)

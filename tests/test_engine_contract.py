@@ -18,7 +18,7 @@ import pytest
 
 from megatron_a3po.engine.launch import launch_engine
 from megatron_a3po.rollout import ControllerConfig, DiskTransport, NcclTransport, RolloutManager
-from real_sglang import loads, reset, wait_running
+from real_sglang import reset, wait_running
 from rollout_util import toy_prompts, toy_task, tokenizer
 
 SGLANG = "0.5.23"

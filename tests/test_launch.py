@@ -17,9 +17,9 @@ import pytest
 
 pytest.importorskip("nemo_run")
 
-from launch import health  # noqa: E402
-from launch.fleet import Engine, router_command, server_command  # noqa: E402
-from launch.run import main as launch_main  # noqa: E402
+from launch import health
+from launch.fleet import Engine, router_command, server_command
+from launch.run import main as launch_main
 
 IMAGE = "registry.example.com/a3po/train:25.01"
 MOUNTS = ["/lustre/data:/data", "/lustre/models:/models"]
@@ -350,7 +350,7 @@ def test_server_and_router_commands():
 
 
 class _Health(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):  # noqa: N802
+    def do_GET(self):
         self.send_response(200 if self.path == "/health" else 404)
         self.end_headers()
 
