@@ -5,10 +5,12 @@ Expectations are written out here from the recipes' intended layouts (not read f
 
 from __future__ import annotations
 
+import functools
 import http.server
 import os
 import re
 import shlex
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -20,6 +22,7 @@ pytest.importorskip("nemo_run")
 from launch import health
 from launch.fleet import Engine, router_command, server_command
 from launch.run import main as launch_main
+from megatron_a3po.engine.launch import sglang_command, sglang_env, sglang_python
 
 IMAGE = "registry.example.com/a3po/train:25.01"
 MOUNTS = ["/lustre/data:/data", "/lustre/models:/models"]
@@ -347,6 +350,46 @@ def test_server_and_router_commands():
     flags = dict(zip(r[3:i:2], r[4:i:2])) | dict(zip(r[i + 3::2], r[i + 4::2]))
     assert flags == {"--host": "0.0.0.0", "--port": "30080", "--policy": "cache_aware",
                      "--prometheus-host": "127.0.0.1", "--prometheus-port": "30081"}
+
+
+@functools.cache
+def _cli_flags(python: str, module: str) -> set[str]:
+    """The options ``python -m module --help`` lists (run once per test session)."""
+    from conftest import subprocess_env
+
+    env = subprocess_env(OMP_NUM_THREADS="1", **sglang_env(cpu=True))
+    out = subprocess.run([python, "-m", module, "--help"], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", out.stdout))
+
+
+def _flags(cmd: list[str]) -> set[str]:
+    return {a for a in cmd if a.startswith("--")}
+
+
+def test_router_command_flags_exist_on_the_real_router():
+    r = router_command(["http://a:1", "http://b:2"], port=30080, policy="cache_aware", host="0.0.0.0",
+                       prometheus_port=30081, python=sys.executable)
+    assert _flags(r) - _cli_flags(sys.executable, "sglang_router.launch_router") == set()
+
+
+def test_server_command_flags_exist_on_the_real_sglang_server():
+    """Every flag the launcher gives SGLang (a GPU node's command, and the CPU flags the trainer adds here)
+    is one ``sglang.launch_server --help`` lists; the CPU engine's command parses with its own parser."""
+    python = sglang_python()
+    if python is None:
+        pytest.skip("no SGLang environment (scripts/sglang_env.sh builds it; $A3PO_SGLANG_VENV)")
+    e = Engine.parse("3:1:4:30002")
+    gpu = server_command("sglang", "/models/q", e, engine_tp=4, bind_host="0.0.0.0", python=python,
+                         mem_fraction_static=0.8, extra=["--random-seed", "1"])
+    cpu = sglang_command("/m", port=30002, cpu=True, python=python)
+    assert (_flags(gpu) | _flags(cpu)) - _cli_flags(python, "sglang.launch_server") == set()
+    from megatron_a3po.engine.server import parse_args
+
+    ours = server_command("cpu", "/m", e, engine_tp=1, bind_host="127.0.0.1", python="py", log_dir="/logs")
+    a = parse_args(ours[3:])
+    assert (a.model_path, a.port, a.host, a.weight_version, a.version_log) == ("/m", 30002, "127.0.0.1", "0",
+                                                                               "/logs/engine-3.jsonl")
 
 
 class _Health(http.server.BaseHTTPRequestHandler):
