@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launch.health import healthy, split_command
-from megatron_a3po.platform.procs import free_port
+from megatron_a3po.platform.procs import free_port, stop_processes
 from launch.keyed import keyed_command
 from megatron_a3po.engine.launch import sglang_command
 from megatron_a3po.rollout.router import router_command
@@ -83,8 +83,7 @@ def my_node_index(hosts: list[str], explicit: int | None) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    argv, extra = split_command(argv)
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m launch.fleet", description=__doc__.splitlines()[0])
     ap.add_argument("--backend", choices=["sglang", "cpu"], default="sglang")
     ap.add_argument("--model-path", required=True)
@@ -102,6 +101,12 @@ def main(argv=None) -> int:
     ap.add_argument("--stop-file", default=None)
     ap.add_argument("--engine-log-dir", default=None, help="CPU engines: append each served request to "
                                                            "DIR/engine-INDEX.jsonl")
+    return ap
+
+
+def main(argv=None) -> int:
+    argv, extra = split_command(argv)
+    ap = _parser()
     args = ap.parse_args(argv)
 
     hosts = [h for h in args.hosts.split(",") if h]
@@ -162,15 +167,7 @@ def main(argv=None) -> int:
                 router_pending = False
             time.sleep(1.0)
     finally:
-        for _, p in procs:
-            if p.poll() is None:
-                p.terminate()
-        deadline = time.monotonic() + 30
-        for _, p in procs:
-            try:
-                p.wait(timeout=max(deadline - time.monotonic(), 0.1))
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_processes([p for _, p in procs], timeout=30)
     return code
 
 

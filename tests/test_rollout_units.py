@@ -46,15 +46,10 @@ def test_batch_normalise_is_token_weighted():
     assert batch_normalise([0.0, 0.0], [3, 1]) == [0.0, 0.0]
 
 
-def test_batch_padding_and_staleness():
+def test_batch_staleness():
     s1 = Sample(0, 0, 0, [1, 2], [3, 4, 5], [-0.1, -0.2, -0.3], [4, 5, 5], "stop", 1.0, 0.5)
     s2 = Sample(0, 0, 1, [1, 2], [6], [-0.4], [5], "length", 0.0, -0.5)
     b = Batch([[s1, s2]], version=6)
-    t = b.to_padded(pad_id=0)
-    assert t["input_ids"].tolist() == [[1, 2, 3, 4, 5], [1, 2, 6, 0, 0]]
-    assert t["loss_mask"].tolist() == [[0, 0, 1, 1, 1], [0, 0, 1, 0, 0]]
-    assert t["versions"].tolist() == [[-1, -1, 4, 5, 5], [-1, -1, 5, -1, -1]]
-    assert np.allclose(t["behave_logprobs"][0, 2:].numpy(), [-0.1, -0.2, -0.3])
     assert b.staleness() == [2, 1, 1, 1] and b.num_tokens == 4
 
 

@@ -53,15 +53,25 @@ def die_with_parent():
 
 def stop_process(proc, timeout: float = 10.0):
     """SIGTERM a ``subprocess.Popen`` (by its pid), SIGKILL it if it has not exited after ``timeout``."""
-    import subprocess
+    stop_processes([proc], timeout)
 
-    if proc.poll() is None:
-        proc.terminate()
+
+def stop_processes(procs, timeout: float = 10.0) -> None:
+    """SIGTERM every ``subprocess.Popen`` of ``procs`` still running, all at once; SIGKILL each one that has
+    not exited ``timeout`` seconds later."""
+    import subprocess
+    import time
+
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    deadline = time.monotonic() + timeout
+    for p in procs:
         try:
-            proc.wait(timeout=timeout)
+            p.wait(timeout=max(deadline - time.monotonic(), 0.1))
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=30)
+            p.kill()
+            p.wait(timeout=30)
 
 
 class WorkerError(RuntimeError):
