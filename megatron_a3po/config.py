@@ -500,7 +500,7 @@ PG_MARGIN_S = 300.0
 
 @dataclass(frozen=True)
 class Timeouts:
-    rollout_wait_s: float  # each wait of rank 0 for its fleet (trainer/fleet.py RolloutSide)
+    rollout_wait_s: float  # each wait of rank 0 for its fleet (trainer/rollout_side.py RolloutSide)
     pg_timeout_s: float  # every torch.distributed group of the trainer (platform.init_distributed)
 
 

@@ -20,7 +20,7 @@ import pytest
 pytest.importorskip("nemo_run")
 
 from launch import health
-from launch.fleet import Engine, router_command, server_command
+from launch.supervisor import Engine, router_command, server_command
 from launch.run import main as launch_main
 from megatron_a3po.engine.launch import sglang_command, sglang_env, sglang_python
 
@@ -125,8 +125,8 @@ def test_slurm_dryrun_sbatch(recipe, home, capsys):
         assert re.search(rf"^a3po_rollout_host_{k}=", text, re.M)
     assert not re.search(rf"^a3po_rollout_host_{rn}=", text, re.M)
 
-    # rollout group: one launch.fleet per node with one SGLang engine spec per engine
-    fleet = _argv_after(sruns[1], "python -m launch.fleet ")
+    # rollout group: one launch.supervisor per node with one SGLang engine spec per engine
+    fleet = _argv_after(sruns[1], "python -m launch.supervisor ")
     assert fleet[fleet.index("--backend") + 1] == "sglang"
     assert fleet[fleet.index("--engine-tp") + 1] == str(etp)
     specs = [fleet[i + 1] for i, a in enumerate(fleet) if a == "--engine"]
@@ -268,7 +268,7 @@ def test_slurm_dryrun_cpu_cluster(home, tmp_path, capsys):
         assert not any(x.startswith(("gpus-per-node", "exclusive")) for x in g), g
     sruns = _srun_lines(text)
     assert len(sruns) == 2 and "--container-image" not in text
-    fleet = _argv_after(sruns[1], "python -m launch.fleet ")
+    fleet = _argv_after(sruns[1], "python -m launch.supervisor ")
     assert fleet[fleet.index("--backend") + 1] == "cpu"
     assert fleet[fleet.index("--model-path") + 1] == str(run_dir / "init_hf")
     assert fleet[fleet.index("--bind-host") + 1] == "127.0.0.1"
@@ -301,7 +301,7 @@ def test_cluster_file_sections_reach_the_trainer_typed(home, tmp_path, capsys, m
                          "--packager", "none", "--job-dir", str(tmp_path / "jobs"), f"trainer.log_dir={tmp_path / 'run'}",
                          "trainer.steps=3"], capsys)
     sruns = _srun_lines(text)
-    fleet = _argv_after(sruns[1], "python -m launch.fleet ")
+    fleet = _argv_after(sruns[1], "python -m launch.supervisor ")
     assert fleet[fleet.index("--") + 1:][:2] == ["--chunked-prefill-size", "4096"]  # every engine's extra flags
     code_dir = Path(shlex.split(sruns[0])[shlex.split(sruns[0]).index("--chdir") + 1])  # srun's working dir
     code_dir.mkdir(parents=True, exist_ok=True)
@@ -445,7 +445,7 @@ def test_local_dryrun_cpu_fleet(home, tmp_path, capsys):
     assert rc == 0, out.err
     lines = out.out.splitlines()
     tr = shlex.split(next(ln for ln in lines if " -m launch.health " in ln))
-    fl = shlex.split(next(ln for ln in lines if " -m launch.fleet " in ln))
+    fl = shlex.split(next(ln for ln in lines if " -m launch.supervisor " in ln))
     assert fl[fl.index("--backend") + 1] == "cpu" and fl[fl.index("--model-path") + 1] == str(d)
     assert [fl[i + 1] for i, a in enumerate(fl) if a == "--engine"] == ["0:0:-1:30000", "1:0:-1:30001"]
     assert "--router-port" not in fl  # no router on CPU
@@ -482,7 +482,7 @@ def test_local_launch_demo(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# launch.fleet against fake sglang / sglang_router modules (records its argv, serves /health)
+# launch.supervisor against fake sglang / sglang_router modules (records its argv, serves /health)
 
 _FAKE_SERVER = r'''
 import http.server, json, os, sys
@@ -512,7 +512,7 @@ def _fake_modules(root: Path) -> Path:
 def _fleet(args, env):
     import subprocess
 
-    return subprocess.Popen([sys.executable, "-m", "launch.fleet", *args], env=env,
+    return subprocess.Popen([sys.executable, "-m", "launch.supervisor", *args], env=env,
                             cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 

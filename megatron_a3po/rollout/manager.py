@@ -7,7 +7,7 @@ Typical trainer loop (disk weight sync)::
 
     from megatron_a3po.rollout import RolloutManager
 
-    rm = RolloutManager(urls, prompts, task, tok, ControllerConfig(...))   # see trainer/fleet.py
+    rm = RolloutManager(urls, prompts, task, tok, ControllerConfig(...))   # see trainer/rollout_side.py
     rm.start()                                  # health-checks servers, starts generating at version 0
     if resume: rm.load_state_dict(saved["rollout"])          # (before start())
     for step in range(steps):

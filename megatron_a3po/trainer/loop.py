@@ -83,7 +83,7 @@ def build_actor(recipe, hf_config, *, hf_dir: str | None = None, mcore_dir: str 
 
 def build_rollout_side(recipe, *, run_dir: Path, tokenizer_dir: str):
     """Rank 0's rollout side, given its sections of the recipe."""
-    from megatron_a3po.trainer.fleet import RolloutSide, controller_config
+    from megatron_a3po.trainer.rollout_side import RolloutSide, controller_config
 
     lc = recipe.loss
     ctl = controller_config(recipe.rollout, seed=recipe.trainer.seed, shuffle=recipe.data.shuffle,

@@ -1,6 +1,6 @@
 """The two halves of every exchange between the trainer ranks and the rollout side.
 
-Global rank 0 (``Lead``) owns the rollout side (trainer/fleet.py ``RolloutSide``), the staleness bound, the
+Global rank 0 (``Lead``) owns the rollout side (trainer/rollout_side.py ``RolloutSide``), the staleness bound, the
 evaluation schedule and the metric loggers; every other rank holds a ``Follower``. The training recipe
 (trainer/loop.py) picks one of the two once, at setup, and calls the same method on every rank at the
 same point: where the exchange is collective (a batch, a weight push, a checkpoint's rollout state),
