@@ -42,18 +42,6 @@ class Layout:
     memory: str | None = None
 
 
-@dataclass
-class _Placement:
-    """What an executor's rules place: the trainer's ranks per node and DP, the engines, the router."""
-
-    procs: int
-    dp: int
-    gpu: bool
-    engines: list[EngineSlot] = field(default_factory=list)
-    rollout_nodes: int = 0
-    router_port: int | None = None
-
-
 def plan_layout(recipe, executor: str, *, local_gpus: int | None = None) -> Layout:
     """Check the recipe's layout for ``executor`` ("slurm" or "local") and place every process.
 
@@ -77,12 +65,12 @@ def plan_layout(recipe, executor: str, *, local_gpus: int | None = None) -> Layo
         raise LayoutError(f"--executor {executor!r}: expected local or slurm")
 
     # --- batch: every data-parallel rank needs sequences in every PPO minibatch
-    errors += layout_errors(arch, tp=1, pp=1, dp=pl.dp, batch_seqs=ro.batch_prompts * ro.n_samples,
+    errors += layout_errors(arch, tp=1, pp=1, dp=pl["dp"], batch_seqs=ro.batch_prompts * ro.n_samples,
                             n_minibatches=tr.ppo_n_minibatches)
 
     mem = None
-    if arch.vocab_size and pl.gpu:
-        est = memory_estimate(arch, tp, pp, pl.dp, tr.max_tokens_per_mb)
+    if arch.vocab_size and pl["gpu"]:
+        est = memory_estimate(arch, tp, pp, pl["dp"], tr.max_tokens_per_mb)
         mem = est.describe()
         if est.total_gb > GPU_MEMORY_GB:
             errors.append(f"the trainer needs {mem} per GPU: {est.total_gb - GPU_MEMORY_GB:.1f} GB more than the "
@@ -91,17 +79,18 @@ def plan_layout(recipe, executor: str, *, local_gpus: int | None = None) -> Layo
     if errors:
         raise LayoutError("invalid launch layout for recipe {!r} ({} executor):\n  - {}".format(
             recipe.name, executor, "\n  - ".join(errors)))
-    return Layout(executor, arch, recipe.cluster.trainer_nodes if executor == "slurm" else 1, pl.procs, tp, pp,
-                  pl.dp, ro.engine_tp, pl.engines, pl.rollout_nodes, pl.router_port, pl.gpu, mem)
+    return Layout(executor, arch, recipe.cluster.trainer_nodes if executor == "slurm" else 1, tp=tp, pp=pp,
+                  engine_tp=ro.engine_tp, memory=mem, **pl)
 
 
 def _dp_of(world: int, tp: int, pp: int) -> int:
     return max(world // (tp * pp), 1)
 
 
-def _slurm_placement(recipe, errors: list[str]) -> _Placement:
+def _slurm_placement(recipe, errors: list[str]) -> dict:
     """A heterogeneous Slurm job: trainer nodes, then rollout nodes (GPU nodes, or CPU nodes with one
-    trainer rank and one CPU engine each); appends what is wrong to ``errors``."""
+    trainer rank and one CPU engine each); returns the ``Layout`` fields it places, appends what is wrong
+    to ``errors``."""
     c, par, ro = recipe.cluster, recipe.parallel, recipe.rollout
     tp, pp = par.tp, par.pp
     g = c.gpus_per_node
@@ -132,15 +121,15 @@ def _slurm_placement(recipe, errors: list[str]) -> _Placement:
     for key in ("account",) + (() if cpu else ("container_image",)):
         if not getattr(c, key):
             errors.append(f"cluster.{key} is not set (recipe, --cluster FILE or --{key.replace('_', '-')})")
-    pl = _Placement(procs=slots, dp=dp, gpu=not cpu)
+    pl = dict(trainer_procs_per_node=slots, dp=dp, gpu=not cpu, engines=[], rollout_nodes=0, router_port=None)
     if c.rollout_nodes < 1:
         errors.append(f"cluster.rollout_nodes={c.rollout_nodes}: the rollout fleet needs at least one node")
     else:
-        pl.engines = _slurm_engines(recipe, slots, cpu, errors)
-        pl.rollout_nodes = c.rollout_nodes
+        pl["engines"] = _slurm_engines(recipe, slots, cpu, errors)
+        pl["rollout_nodes"] = c.rollout_nodes
         if c.use_router:
-            pl.router_port = c.router_port
-            n_ports = max(len(pl.engines), 1)
+            pl["router_port"] = c.router_port
+            n_ports = max(len(pl["engines"]), 1)
             if c.engine_port_base <= c.router_port < c.engine_port_base + n_ports:
                 errors.append(f"cluster.router_port={c.router_port} collides with the engine ports "
                               f"{c.engine_port_base}..{c.engine_port_base + n_ports - 1} "
@@ -185,9 +174,9 @@ def _slurm_engines(recipe, slots: int, cpu: bool, errors: list[str]) -> list[Eng
     return []
 
 
-def _local_placement(recipe, local_gpus: int | None, errors: list[str]) -> _Placement:
+def _local_placement(recipe, local_gpus: int | None, errors: list[str]) -> dict:
     """This machine: the trainer's ranks on its GPUs (or one rank per model shard on a CPU), the engines on
-    the GPUs after them; appends what is wrong to ``errors``."""
+    the GPUs after them; returns the ``Layout`` fields it places, appends what is wrong to ``errors``."""
     c, par, ro = recipe.cluster, recipe.parallel, recipe.rollout
     tp, pp = par.tp, par.pp
     if local_gpus is None:
@@ -208,7 +197,8 @@ def _local_placement(recipe, local_gpus: int | None, errors: list[str]) -> _Plac
     if procs % (tp * pp) != 0:
         errors.append(f"trainer ranks on this machine = {procs} is not a multiple of parallel.tp x "
                       f"parallel.pp = {tp * pp}")
-    pl = _Placement(procs=procs, dp=_dp_of(procs, tp, pp), gpu=gpu)
+    pl = dict(trainer_procs_per_node=procs, dp=_dp_of(procs, tp, pp), gpu=gpu, engines=[], rollout_nodes=0,
+              router_port=None)
     external = bool(ro.engine_urls) or ro.router_url is not None
     if external or recipe.model.hf_path is None:
         return pl
@@ -221,12 +211,12 @@ def _local_placement(recipe, local_gpus: int | None, errors: list[str]) -> _Plac
             errors.append(f"this machine has {local_gpus} GPUs but the trainer ({procs}) + "
                           f"rollout.num_engines x rollout.engine_tp ({ro.num_engines} x {et}) need {need}; "
                           "lower cluster.gpus_per_node or rollout.num_engines")
-        pl.engines = [EngineSlot(i, 0, procs + i * et, c.engine_port_base + i) for i in range(ro.num_engines)]
+        pl["engines"] = [EngineSlot(i, 0, procs + i * et, c.engine_port_base + i) for i in range(ro.num_engines)]
         if c.use_router:
-            pl.router_port = c.router_port
+            pl["router_port"] = c.router_port
     else:
         if et != 1:
             errors.append(CPU_ENGINE_TP.format(et=et))
-        pl.engines = [EngineSlot(i, 0, -1, c.engine_port_base + i) for i in range(ro.num_engines)]
-    pl.rollout_nodes = 1 if pl.engines else 0
+        pl["engines"] = [EngineSlot(i, 0, -1, c.engine_port_base + i) for i in range(ro.num_engines)]
+    pl["rollout_nodes"] = 1 if pl["engines"] else 0
     return pl
