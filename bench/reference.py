@@ -62,7 +62,7 @@ def main(argv=None) -> dict:
     for placement in ("device", "host"):
         ref = ReferencePolicy([model], placement)
 
-        def swap():
+        def swap(ref=ref):
             with ref.swapped_in():
                 pass
 

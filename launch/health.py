@@ -5,7 +5,7 @@
 
 Exit status: the command's; 3 when a server did not become healthy in time (nothing is started).
 With ``--stop-file`` the file is created when the command ends, holding its exit status; it tells
-``launch.fleet`` to stop its servers (local launches; on Slurm the job ends anyway).
+``launch.supervisor`` to stop its servers (local launches; on Slurm the job ends anyway).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@
 
 Slurm: one heterogeneous job. Group 0 (``cluster.trainer_nodes`` nodes) runs the trainer under torchrun
 (one rank per GPU, static rendezvous on the group's head node); group 1 (``cluster.rollout_nodes`` nodes)
-runs ``launch.fleet``: ``rollout.num_engines`` SGLang servers of ``rollout.engine_tp`` GPUs each on
+runs ``launch.supervisor``: ``rollout.num_engines`` SGLang servers of ``rollout.engine_tp`` GPUs each on
 disjoint GPUs (on CPU nodes, ``cluster.gpus_per_node=0``: one CPU engine per node), plus sglang-router on
 the first rollout node. Without ``--detach`` the launcher waits for the job, streams its logs and exits
 with the trainer's status; ``python -m launch.status JOB_ID`` shows a submitted job (launch/status.py).
@@ -228,7 +228,7 @@ def build_slurm(run, recipe, layout, args):
     t_args = ["--expand-env", *t_args]
     trainer = run.Script(path="launch.health", entrypoint="python", m=True,
                          args=[shlex.quote(a) if a == NODE_RANK_ARG else sh(a) for a in t_args])
-    fleet = run.Script(path="launch.fleet", entrypoint="python", m=True, args=[sh(a) for a in f_args])
+    fleet = run.Script(path="launch.supervisor", entrypoint="python", m=True, args=[sh(a) for a in f_args])
 
     if args.ssh:
         user, _, host = args.ssh.rpartition("@")
@@ -287,7 +287,7 @@ def build_local(run, recipe, layout, exp_dir: str):
         f_args = fleet_args(recipe, layout, backend="sglang" if layout.gpu else "cpu",
                             model_path=recipe.model.hf_path, hosts=hosts,
                             bind_host="127.0.0.1", stop_file=stop_file, health_timeout=c.health_timeout_s)
-        tasks.append(run.Script(path="launch.fleet", entrypoint=sys.executable, m=True, args=f_args))
+        tasks.append(run.Script(path="launch.supervisor", entrypoint=sys.executable, m=True, args=f_args))
         executors.append(run.LocalExecutor(ntasks_per_node=1, env_vars=env))
     # Not ``--standalone``: its rendezvous and agent stores listen on every interface. A file store for
     # the rendezvous, no shared agent store and MASTER_ADDR 127.0.0.1: rank 0's own store (see

@@ -350,6 +350,28 @@ class EvalCfg(_Strict):
         return self
 
 
+class WandbCfg(_Strict):
+    """A Weights & Biases run beside TensorBoard (trainer/metric_log.py ``Wandb``; needs the ``wandb`` extra).
+    The whole recipe is the run's config; a resumed run continues the same run (its id is kept in the run
+    dir)."""
+
+    project: str = "megatron-a3po"
+    entity: str | None = None
+    name: str | None = None  # None: <recipe name>-<run dir name>
+    group: str | None = None  # e.g. one group per study, to compare its runs
+    tags: list[str] = []
+    # online: to the server (WANDB_API_KEY or `wandb login`); offline: under <run_dir>/wandb, for
+    # `wandb sync` later (clusters without internet access)
+    mode: Literal["online", "offline"] = "online"
+
+
+class LoggingCfg(_Strict):
+    """Where the metrics go besides steps.jsonl, TensorBoard (<run_dir>/tb) and summary.json, which are
+    always written. ``wandb``: absent or null for none."""
+
+    wandb: WandbCfg | None = None
+
+
 class ClusterCfg(_Strict):
     """Where a launch puts things; read by launch/ only (the trainer ignores this section).
 
@@ -421,6 +443,7 @@ class Recipe(_Strict):
     audit: AuditCfg = AuditCfg()
     adaptive_staleness: AdaptiveStalenessCfg = AdaptiveStalenessCfg()
     replay: ReplayCfg = ReplayCfg()
+    logging: LoggingCfg = LoggingCfg()
 
     @model_validator(mode="after")
     def _combinations(self):
@@ -464,7 +487,7 @@ class Recipe(_Strict):
 # ---------------------------------------------------------------------------------------------
 # Timeouts that must be ordered (docs/rollout.md, "Bounds"). While trainer rank 0 waits on its fleet, the
 # other ranks wait in a collective for it. Each wait of rank 0 ends, with a clear error that rank 0 then
-# hands to the other ranks in that collective (trainer/loop.py _on_rank0), before the collective's own
+# hands to the other ranks in that collective (platform/ranks.py on_rank0), before the collective's own
 # timeout could fire (on NCCL the watchdog kills the process: SIGABRT, no message).
 
 # rank 0 starting the fleet before the first step: CPU engines up (engine/launch.py, 300 s), their router
@@ -477,7 +500,7 @@ PG_MARGIN_S = 300.0
 
 @dataclass(frozen=True)
 class Timeouts:
-    rollout_wait_s: float  # each wait of rank 0 for its fleet (trainer/fleet.py RolloutSide)
+    rollout_wait_s: float  # each wait of rank 0 for its fleet (trainer/rollout_side.py RolloutSide)
     pg_timeout_s: float  # every torch.distributed group of the trainer (platform.init_distributed)
 
 

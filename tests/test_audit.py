@@ -244,10 +244,10 @@ def test_after_step_hands_the_audits_cap_to_the_bound_and_the_record():
     b = StalenessBound(4, applied.append)  # the audit's tighten only: no adaptive controller
     act = {"step": 7, "source": "audit", "action": "tighten", "bucket": "d3", "error": 0.4, "max_staleness": 2}
     stats = {"_audit_actions": [act], "_staleness_cap": 2, M.AUDIT_ERR: 0.4}
-    rec = after_step(b, 7, stats)
-    assert applied == [2] and stats[M.STALENESS_BOUND] == 2.0
+    rec, logged = after_step(b, 7, stats)
+    assert applied == [2] and logged[M.STALENESS_BOUND] == 2.0
     assert rec["actions"][0] == act and rec["actions"][1]["source"] == "staleness_bound"
     assert rec["actions"][1]["by"] == "audit" and (rec["actions"][1]["was"], rec["actions"][1]["max_staleness"]) == (4, 2)
-    assert "_audit_actions" not in stats and "_staleness_cap" not in stats  # nothing private reaches the logs
-    assert after_step(b, 8, {}) == {} and applied == [2]  # the cap stays
-    assert after_step(None, 9, {"_audit_actions": [act]}) == {"actions": [act]}  # warn/recompute: no bound
+    assert stats == {"_audit_actions": [act], "_staleness_cap": 2, M.AUDIT_ERR: 0.4}  # read, not taken out
+    assert after_step(b, 8, {}) == ({}, {M.STALENESS_BOUND: 2.0}) and applied == [2]  # the cap stays
+    assert after_step(None, 9, {"_audit_actions": [act]}) == ({"actions": [act]}, {})  # warn/recompute: no bound

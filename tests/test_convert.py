@@ -2,7 +2,6 @@
 safetensors files. Several checks share one spawned run per layout to keep the suite short."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys

@@ -55,7 +55,12 @@ def test_evaluate_scores_with_the_task_and_leaves_the_controller_alone(n):
     ctl = Controller(fleet, prompts, task, tok, ControllerConfig(n_samples=4, batch_groups=2, seed=3))
     before = (ctl.state_dict(), dict(ctl.counters), ctl.served_version, ctl.trainer_version, list(ctl.ready))
     cfg = EvalConfig(n_samples=n, temperature=0.0 if n == 1 else 1.0, max_new_tokens=8)
-    res = asyncio.run(evaluate(fleet, prompts[5:15], task, tok, cfg, version=5))
+    # as RolloutManager.start_eval runs it: on the controller's own fleet, task, tokenizer and reward workers
+    try:
+        res = asyncio.run(evaluate(ctl.fleet, prompts[5:15], ctl.task, ctl.tokenizer, cfg, version=5,
+                                   scorer=ctl.workflow.scorer))
+    finally:
+        ctl.workflow.close()  # the controller's reward workers, which the evaluation started
     # the training controller saw nothing: cursor, counters, versions, ready groups
     assert (ctl.state_dict(), dict(ctl.counters), ctl.served_version, ctl.trainer_version, list(ctl.ready)) == before
     assert len(res.samples) == 10 * n and res.metrics["eval/mixed_version_samples"] == 0

@@ -5,10 +5,12 @@ Expectations are written out here from the recipes' intended layouts (not read f
 
 from __future__ import annotations
 
+import functools
 import http.server
 import os
 import re
 import shlex
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -17,9 +19,10 @@ import pytest
 
 pytest.importorskip("nemo_run")
 
-from launch import health  # noqa: E402
-from launch.fleet import Engine, router_command, server_command  # noqa: E402
-from launch.run import main as launch_main  # noqa: E402
+from launch import health
+from launch.supervisor import Engine, router_command, server_command
+from launch.run import main as launch_main
+from megatron_a3po.engine.launch import sglang_command, sglang_env, sglang_python
 
 IMAGE = "registry.example.com/a3po/train:25.01"
 MOUNTS = ["/lustre/data:/data", "/lustre/models:/models"]
@@ -122,8 +125,8 @@ def test_slurm_dryrun_sbatch(recipe, home, capsys):
         assert re.search(rf"^a3po_rollout_host_{k}=", text, re.M)
     assert not re.search(rf"^a3po_rollout_host_{rn}=", text, re.M)
 
-    # rollout group: one launch.fleet per node with one SGLang engine spec per engine
-    fleet = _argv_after(sruns[1], "python -m launch.fleet ")
+    # rollout group: one launch.supervisor per node with one SGLang engine spec per engine
+    fleet = _argv_after(sruns[1], "python -m launch.supervisor ")
     assert fleet[fleet.index("--backend") + 1] == "sglang"
     assert fleet[fleet.index("--engine-tp") + 1] == str(etp)
     specs = [fleet[i + 1] for i, a in enumerate(fleet) if a == "--engine"]
@@ -265,7 +268,7 @@ def test_slurm_dryrun_cpu_cluster(home, tmp_path, capsys):
         assert not any(x.startswith(("gpus-per-node", "exclusive")) for x in g), g
     sruns = _srun_lines(text)
     assert len(sruns) == 2 and "--container-image" not in text
-    fleet = _argv_after(sruns[1], "python -m launch.fleet ")
+    fleet = _argv_after(sruns[1], "python -m launch.supervisor ")
     assert fleet[fleet.index("--backend") + 1] == "cpu"
     assert fleet[fleet.index("--model-path") + 1] == str(run_dir / "init_hf")
     assert fleet[fleet.index("--bind-host") + 1] == "127.0.0.1"
@@ -298,7 +301,7 @@ def test_cluster_file_sections_reach_the_trainer_typed(home, tmp_path, capsys, m
                          "--packager", "none", "--job-dir", str(tmp_path / "jobs"), f"trainer.log_dir={tmp_path / 'run'}",
                          "trainer.steps=3"], capsys)
     sruns = _srun_lines(text)
-    fleet = _argv_after(sruns[1], "python -m launch.fleet ")
+    fleet = _argv_after(sruns[1], "python -m launch.supervisor ")
     assert fleet[fleet.index("--") + 1:][:2] == ["--chunked-prefill-size", "4096"]  # every engine's extra flags
     code_dir = Path(shlex.split(sruns[0])[shlex.split(sruns[0]).index("--chdir") + 1])  # srun's working dir
     code_dir.mkdir(parents=True, exist_ok=True)
@@ -349,8 +352,48 @@ def test_server_and_router_commands():
                      "--prometheus-host": "127.0.0.1", "--prometheus-port": "30081"}
 
 
+@functools.cache
+def _cli_flags(python: str, module: str) -> set[str]:
+    """The options ``python -m module --help`` lists (run once per test session)."""
+    from conftest import subprocess_env
+
+    env = subprocess_env(OMP_NUM_THREADS="1", **sglang_env(cpu=True))
+    out = subprocess.run([python, "-m", module, "--help"], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", out.stdout))
+
+
+def _flags(cmd: list[str]) -> set[str]:
+    return {a for a in cmd if a.startswith("--")}
+
+
+def test_router_command_flags_exist_on_the_real_router():
+    r = router_command(["http://a:1", "http://b:2"], port=30080, policy="cache_aware", host="0.0.0.0",
+                       prometheus_port=30081, python=sys.executable)
+    assert _flags(r) - _cli_flags(sys.executable, "sglang_router.launch_router") == set()
+
+
+def test_server_command_flags_exist_on_the_real_sglang_server():
+    """Every flag the launcher gives SGLang (a GPU node's command, and the CPU flags the trainer adds here)
+    is one ``sglang.launch_server --help`` lists; the CPU engine's command parses with its own parser."""
+    python = sglang_python()
+    if python is None:
+        pytest.skip("no SGLang environment (scripts/sglang_env.sh builds it; $A3PO_SGLANG_VENV)")
+    e = Engine.parse("3:1:4:30002")
+    gpu = server_command("sglang", "/models/q", e, engine_tp=4, bind_host="0.0.0.0", python=python,
+                         mem_fraction_static=0.8, extra=["--random-seed", "1"])
+    cpu = sglang_command("/m", port=30002, cpu=True, python=python)
+    assert (_flags(gpu) | _flags(cpu)) - _cli_flags(python, "sglang.launch_server") == set()
+    from megatron_a3po.engine.server import parse_args
+
+    ours = server_command("cpu", "/m", e, engine_tp=1, bind_host="127.0.0.1", python="py", log_dir="/logs")
+    a = parse_args(ours[3:])
+    assert (a.model_path, a.port, a.host, a.weight_version, a.version_log) == ("/m", 30002, "127.0.0.1", "0",
+                                                                               "/logs/engine-3.jsonl")
+
+
 class _Health(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):  # noqa: N802
+    def do_GET(self):
         self.send_response(200 if self.path == "/health" else 404)
         self.end_headers()
 
@@ -402,7 +445,7 @@ def test_local_dryrun_cpu_fleet(home, tmp_path, capsys):
     assert rc == 0, out.err
     lines = out.out.splitlines()
     tr = shlex.split(next(ln for ln in lines if " -m launch.health " in ln))
-    fl = shlex.split(next(ln for ln in lines if " -m launch.fleet " in ln))
+    fl = shlex.split(next(ln for ln in lines if " -m launch.supervisor " in ln))
     assert fl[fl.index("--backend") + 1] == "cpu" and fl[fl.index("--model-path") + 1] == str(d)
     assert [fl[i + 1] for i, a in enumerate(fl) if a == "--engine"] == ["0:0:-1:30000", "1:0:-1:30001"]
     assert "--router-port" not in fl  # no router on CPU
@@ -439,7 +482,7 @@ def test_local_launch_demo(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# launch.fleet against fake sglang / sglang_router modules (records its argv, serves /health)
+# launch.supervisor against fake sglang / sglang_router modules (records its argv, serves /health)
 
 _FAKE_SERVER = r'''
 import http.server, json, os, sys
@@ -469,7 +512,7 @@ def _fake_modules(root: Path) -> Path:
 def _fleet(args, env):
     import subprocess
 
-    return subprocess.Popen([sys.executable, "-m", "launch.fleet", *args], env=env,
+    return subprocess.Popen([sys.executable, "-m", "launch.supervisor", *args], env=env,
                             cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 

@@ -1,6 +1,7 @@
 """The main job (demo recipe, 3 steps) with its output to a pipe: every line is a whole log line (the
 end-of-run table aside), Megatron's known warnings take one line, and the held-out evaluation it logs
-is recomputed from the saved generations with the task's rule written out here."""
+is recomputed from the saved generations with the task's rule written out here. It logs to wandb in
+offline mode too: the keys wandb recorded per step (read from wandb's own run file) are steps.jsonl's."""
 
 import json
 import random
@@ -26,7 +27,9 @@ def test_demo_piped_output_eval_and_cursor(tmp_path):
     cmd = [sys.executable, "-m", "megatron_a3po.trainer", "--recipe", "demo_cpu", "--run-dir", str(run_dir),
            "trainer.steps=3", "trainer.warm_start_steps=2", "rollout.batch_prompts=4", "rollout.n_samples=4",
            "rollout.max_inflight_groups=12", "trainer.ppo_n_minibatches=2", "data.synthetic.num_prompts=400",
-           "trainer.eval_every=2"]
+           "trainer.eval_every=2", "logging.wandb.mode=offline"]
+    for k in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):  # nothing of wandb's outside the test
+        env[k] = str(tmp_path / "wandb_home")
     p = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                        timeout=420)
     out = p.stdout
@@ -63,3 +66,40 @@ def test_demo_piped_output_eval_and_cursor(tmp_path):
     random.Random(1234 * 100003).shuffle(order)
     assert [i for r in records for i in r["prompt_indices"]] == order[:12]
     assert all(r["stats"].get("rollout/groups_dropped_stale", 0) == 0 for r in records)
+
+    # wandb logged, per step, the keys of the step's steps.jsonl stats and of the evaluations that finished
+    # in it (eval/version says which one: the newest); its own keys start with "_"
+    (run_file,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
+    rows = {row["_step"]: row for row in wandb_history(run_file)}
+    assert sorted(rows) == [r["step"] for r in records]
+    for r in records:
+        expected = set(r["stats"]) | {k for e in r.get("eval", []) for k in e if k.startswith("eval/")}
+        expected |= {"eval/version"} if r.get("eval") else set()
+        assert {k for k in rows[r["step"]] if not k.startswith("_")} == expected, r["step"]
+        assert rows[r["step"]]["reward/mean"] == pytest.approx(r["stats"]["reward/mean"])
+
+
+def wandb_history(path: Path) -> list[dict]:
+    """The history rows of a wandb run file (``run-<id>.wandb``: wandb's records, protobuf ``Record``s of
+    wandb's own schema, framed as a LevelDB log: a 7-byte file header, then 32 KiB blocks of chunks, each
+    with a 7-byte header: crc32c, length (2 bytes, little-endian), type 1 full / 2 first / 3 middle /
+    4 last). wandb 0.31 ships no Python reader of these files (its ``wandb sync`` is in Go)."""
+    from wandb.proto.wandb_internal_pb2 import Record
+
+    buf = path.read_bytes()
+    assert buf[:4] == b":W&B", path
+    block, pos, data, rows = 32768, 7, b"", []
+    while pos + 7 <= len(buf):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        n, kind = int.from_bytes(buf[pos + 4:pos + 6], "little"), buf[pos + 6]
+        data += buf[pos + 7:pos + 7 + n]
+        pos += 7 + n
+        if kind in (1, 4):
+            rec = Record()
+            rec.ParseFromString(data)
+            data = b""
+            if rec.WhichOneof("record_type") == "history":
+                rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item})
+    return rows

@@ -21,7 +21,7 @@ from megatron_a3po.engine import launch as engine_launch
 from megatron_a3po.platform import procs
 from megatron_a3po.rollout import router, weights
 from megatron_a3po.rollout.fleet import Fleet
-from megatron_a3po.trainer import fleet as trainer_fleet
+from megatron_a3po.trainer import rollout_side
 from rollout_util import model_dirs
 
 pytestmark = pytest.mark.slow
@@ -41,7 +41,7 @@ def race(monkeypatch):
             taken.append(s)
         return port
 
-    for mod in (procs, engine_launch, router, weights, trainer_fleet):
+    for mod in (procs, engine_launch, router, weights, rollout_side):
         monkeypatch.setattr(mod, "free_port", probed_then_taken, raising=False)
     yield taken
     for s in taken:
@@ -80,9 +80,9 @@ def test_router_starts_again_when_its_port_is_taken(race, engine):
 
 
 def test_weight_group_store_is_bound_before_the_engines_are_told(race, engine, tmp_path):
-    """The trainer's NCCL transport (gloo on CPU), as trainer/fleet.py makes it, forms its group."""
+    """The trainer's NCCL transport (gloo on CPU), as trainer/rollout_side.py makes it, forms its group."""
     rc = RolloutCfg(weight_sync="nccl", engine_urls=[engine.url])
-    transport = trainer_fleet.RolloutSide._transport(SimpleNamespace(rc=rc, run_dir=tmp_path))
+    transport = rollout_side.RolloutSide._transport(SimpleNamespace(rc=rc, run_dir=tmp_path))
     transport.master_address = "127.0.0.1"
 
     async def form():

@@ -6,7 +6,6 @@ the KV cache of the tokens before, as an engine paused in place across an update
 step records against the records of the run it replays, field by field as the JSON holds them."""
 
 import json
-import os
 import subprocess
 import sys
 import threading

@@ -3,6 +3,8 @@ computed here from the values written."""
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 
@@ -13,7 +15,8 @@ TAGS = ["train/time/prox_logp", "train/time/elapsed", "train/entropy/mean", "tra
 FIGS = ["prox_logp_time.png", "total_time.png", "entropy.png", "importance_weight.png", "clipped_tokens.png",
         "reward.png", "staleness.png", "eval_accuracy.png"]
 COLS = {"mean prox time (s/step)": ("train/time/prox_logp", "mean"), "total time (s)": ("train/time/elapsed", "last"),
-        "final reward": ("train/reward/mean", "last20"), "mean reward": ("train/reward/mean", "mean"), "mean entropy": ("train/entropy/mean", "mean"),
+        "final reward": ("train/reward/mean", "last20"), "mean reward": ("train/reward/mean", "mean"),
+        "mean entropy": ("train/entropy/mean", "mean"),
         "mean max IW": ("train/ratio/max", "mean"), "mean min IW": ("train/ratio/min", "mean"),
         "mean clipped tokens": ("train/clip/count", "mean"), "final eval accuracy": ("eval/accuracy", "last"),
         "best eval accuracy": ("eval/accuracy", "max")}
@@ -118,3 +121,12 @@ def test_report_bad_input_writes_nothing(runs, tmp_path, capsys):
     assert report_main(["--runs", f"a={root / 'a'}", "b", "--out", str(out)]) == 2
     assert "NAME=LOGDIR" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_without_matplotlib_the_error_names_the_extra(monkeypatch):
+    """matplotlib is the ``report`` extra: without it, drawing exits with a message saying how to install it."""
+    from tools.report.report import pyplot
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    with pytest.raises(SystemExit, match=r"megatron-a3po\[report\]"):
+        pyplot()

@@ -408,7 +408,6 @@ def test_real_sglang_servers_behind_the_real_router_kill_restart_stop(sglang_mod
     other past the hang timeout (dropped; updates go on with the healthy one, which is never marked
     unavailable), SIGCONT it (synced before it serves). No group lost or delivered twice, the staleness
     bound held on every delivered token."""
-    import os
     import signal
 
     pytest.importorskip("sglang_router")

@@ -146,7 +146,7 @@ def test_recipe_keys_of_the_filters_and_their_errors():
 
     r = load_recipe("demo_cpu", ["rollout.dynamic_sampling=refill", "rollout.overlong_buffer=1",
                                  "rollout.mask_truncated=true"])
-    from megatron_a3po.trainer.fleet import controller_config
+    from megatron_a3po.trainer.rollout_side import controller_config
 
     cc = controller_config(r.rollout, seed=0, shuffle=True, adv_norm="mean", adv_eps=1e-6, adv_batch_norm=False)
     assert (cc.dynamic_sampling, cc.overlong_buffer, cc.ds_max_drops) == ("refill", 1, None)

@@ -46,15 +46,10 @@ def test_batch_normalise_is_token_weighted():
     assert batch_normalise([0.0, 0.0], [3, 1]) == [0.0, 0.0]
 
 
-def test_batch_padding_and_staleness():
+def test_batch_staleness():
     s1 = Sample(0, 0, 0, [1, 2], [3, 4, 5], [-0.1, -0.2, -0.3], [4, 5, 5], "stop", 1.0, 0.5)
     s2 = Sample(0, 0, 1, [1, 2], [6], [-0.4], [5], "length", 0.0, -0.5)
     b = Batch([[s1, s2]], version=6)
-    t = b.to_padded(pad_id=0)
-    assert t["input_ids"].tolist() == [[1, 2, 3, 4, 5], [1, 2, 6, 0, 0]]
-    assert t["loss_mask"].tolist() == [[0, 0, 1, 1, 1], [0, 0, 1, 0, 0]]
-    assert t["versions"].tolist() == [[-1, -1, 4, 5, 5], [-1, -1, 5, -1, -1]]
-    assert np.allclose(t["behave_logprobs"][0, 2:].numpy(), [-0.1, -0.2, -0.3])
     assert b.staleness() == [2, 1, 1, 1] and b.num_tokens == 4
 
 
@@ -78,12 +73,28 @@ def test_data_cursor_wraps_epochs_and_requeue_first():
     assert c.next() == 2
 
 
-def test_engine_cli_help():
+def test_launchers_engine_command_parses_with_the_engines_own_parser(monkeypatch, tmp_path):
+    """The command ``launch_engine`` starts a CPU engine with (captured at Popen, never run) parses with the
+    engine's own argument parser to the values it was given: a flag the engine lacks, or one it reads
+    differently, fails here."""
     import subprocess
-    import sys
 
-    out = subprocess.run([sys.executable, "-m", "megatron_a3po.engine", "--help"], capture_output=True, text=True,
-                         timeout=120)
-    assert out.returncode == 0
-    for flag in ("--model-path", "--port", "--host", "--weight-version", "--version-log", "--enable-test-hooks"):
-        assert flag in out.stdout
+    from megatron_a3po.engine import launch as L
+    from megatron_a3po.engine.server import parse_args
+
+    class Captured(Exception):
+        pass
+
+    def popen(cmd, **kw):
+        raise Captured(cmd)
+
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    with pytest.raises(Captured) as e:
+        L.launch_engine(tmp_path / "model", version="7", version_log=str(tmp_path / "v-{port}.jsonl"), test_hooks=True,
+                        weights_root=tmp_path, threads=2, extra_args=["--max-n", "8"], wait=False)
+    cmd = e.value.args[0]
+    assert cmd[1:3] == ["-m", "megatron_a3po.engine"]
+    a = parse_args(cmd[3:])
+    assert (a.model_path, a.host, a.weight_version, a.threads) == (str(tmp_path / "model"), "127.0.0.1", "7", 2)
+    assert a.version_log == str(tmp_path / f"v-{a.port}.jsonl") and a.port > 0 and a.listen_fd is not None
+    assert a.enable_test_hooks and a.weights_root == str(tmp_path) and a.max_n == 8

@@ -203,7 +203,7 @@ def test_het_job_cancel_resume_and_full_run(slurm, work):
     # placement: trainer ranks on n1/n2 (het group 0), engines on n3/n4 (group 1)
     ranks = dict(re.findall(r"rank (\d) of 2 on node (n\d)", tlog))
     assert ranks == {"0": "n1", "1": "n2"}, tlog[-3000:]
-    engines = dict(re.findall(r"\[launch\.fleet\] node \d \((n\d)\): engine (\d)", flog))
+    engines = dict(re.findall(r"\[launch\.supervisor\] node \d \((n\d)\): engine (\d)", flog))
     assert sorted(engines.items()) == [("n3", "0"), ("n4", "1")], flog[-3000:]
     assert "sglang_router.launch_router" in flog
 
@@ -260,6 +260,6 @@ def test_cluster_file_sections_reach_the_trainer_typed(slurm, work):
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:] + "\n" + _both_logs(env, job)
     assert [x["step"] for x in _steps(run_dir)] == [1, 2]
     flog = _logs(_record(env, job), 1)
-    engines = re.findall(r"\[launch\.fleet\] node \d \(n\d\): engine \d: (.*)", flog)
+    engines = re.findall(r"\[launch\.supervisor\] node \d \(n\d\): engine \d: (.*)", flog)
     assert len(engines) == 2 and all(cmd.endswith(" --max-n 64") for cmd in engines), flog[-3000:]
     assert _wait_gone(env, job, timeout=60) == []

@@ -1,6 +1,5 @@
 """Bad input reaches the user as a clear error before any training starts (the CLI exits 2)."""
 
-import os
 import re
 import subprocess
 import sys
@@ -16,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_missing_checkpoint_path_is_named(tmp_path):
-    r = load_recipe("demo_cpu", [f"model.tiny=null", f"model.mcore_path={tmp_path / 'nope'}"])
+    r = load_recipe("demo_cpu", ["model.tiny=null", f"model.mcore_path={tmp_path / 'nope'}"])
     with pytest.raises(PreflightError, match=r"model.mcore_path=.*nope: directory not found"):
         preflight(r)
     r = load_recipe("demo_cpu", ["model.tiny=null", f"model.hf_path={tmp_path}"])

@@ -31,6 +31,7 @@ from megatron_a3po.models.builder import arch_from_hf, padded_vocab_size
 
 
 from megatron_a3po.convert.distckpt import CheckpointError, load_dist_checkpoint
+from megatron_a3po.platform.ranks import barrier, global_rank, world_size
 
 
 # ------------------------------------------------------------------------------------------ HF files
@@ -68,7 +69,7 @@ class HFReader:
         if key not in self.files:
             try:
                 self.files[key] = self._safe_open(str(path), framework="pt")
-            except Exception as e:  # truncated / corrupt file
+            except Exception as e:  # noqa: BLE001 - truncated / corrupt file: safetensors raises several types
                 raise CheckpointError(f"{path}: cannot read safetensors file ({e})") from None
         return self.files[key]
 
@@ -82,7 +83,7 @@ class HFReader:
         f = self._open(path)
         try:
             return f.get_tensor(name)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - a damaged tensor: safetensors raises several types
             raise CheckpointError(f"{path}: cannot read tensor {name} ({e})") from None
 
 
@@ -202,8 +203,8 @@ def export_hf_weights(model_chunks, hf_config, bucket_bytes: int = 512 << 20, *,
     fam = get_family(arch.family)
     tp_rank, tp = _tp()
     pp = ps.get_pipeline_model_parallel_world_size()
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    me = _rank()
+    world = world_size()
+    me = global_rank()
     tp_group = ps.get_tensor_model_parallel_group()
     pp_group = ps.get_pipeline_model_parallel_group()
     stage = ps.get_pipeline_model_parallel_rank()
@@ -288,10 +289,6 @@ def _fsync(path) -> None:
         os.close(fd)
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
 def save_hf_checkpoint(model_chunks, hf_config, out_dir, *, tokenizer_dir=None, bucket_bytes: int = 512 << 20,
                        max_shard_bytes: int = 2 << 30, dtype: torch.dtype | None = None,
                        overwrite: bool = True, progress=None, fsync: bool = True) -> Path | None:
@@ -302,7 +299,7 @@ def save_hf_checkpoint(model_chunks, hf_config, out_dir, *, tokenizer_dir=None, 
     from safetensors.torch import save_file
 
     out = Path(out_dir)
-    rank0 = _rank() == 0
+    rank0 = global_rank() == 0
     tmp = None
     if rank0:
         if out.exists() and any(out.iterdir()) and not overwrite:
@@ -313,7 +310,6 @@ def save_hf_checkpoint(model_chunks, hf_config, out_dir, *, tokenizer_dir=None, 
             shutil.rmtree(tmp)
         tmp.mkdir()
     try:
-        shards: list[dict[str, torch.Tensor]] = []
         cur: dict[str, torch.Tensor] = {}
         cur_bytes = 0
         weight_map: dict[str, int] = {}
@@ -371,8 +367,7 @@ def save_hf_checkpoint(model_chunks, hf_config, out_dir, *, tokenizer_dir=None, 
     finally:
         if tmp is not None and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
+    barrier()
     return out if rank0 else None
 
 
@@ -382,12 +377,11 @@ def save_mcore_checkpoint(model_chunks, ckpt_dir, *, hf_config=None) -> None:
     from megatron.core import dist_checkpointing
 
     ckpt_dir = Path(ckpt_dir)
-    if _rank() == 0:
+    if global_rank() == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         if hf_config is not None:
             hf_config.save_pretrained(ckpt_dir / "hf_config")
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
+    barrier()
     sd = {}
     for i, m in enumerate(model_chunks):
         sd.update(m.sharded_state_dict(prefix=f"model{i}." if len(model_chunks) > 1 else ""))

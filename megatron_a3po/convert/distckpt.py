@@ -116,7 +116,7 @@ def load_dist_checkpoint(sharded_sd: dict, path) -> dict:
     verify_dist_checkpoint(path)
     try:
         return dist_checkpointing.load(tensors_only(sharded_sd), str(path))
-    except Exception as e:  # noqa: BLE001 - mismatched shapes/keys: a checkpoint of another model
+    except Exception as e:
         msg = str(e).splitlines()[0][:400] if str(e) else type(e).__name__
         raise CheckpointError(f"{path}: does not match this model ({type(e).__name__}: {msg})") from e
 

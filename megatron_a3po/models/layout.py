@@ -1,6 +1,7 @@
-"""The one layout validator: which parallel layouts a model and a batch allow. Every rule is written here
-once, and every message names the recipe key it is about; the preflight (megatron_a3po.trainer), the model
-builder, the converter CLI and the launcher (launch/) all call it.
+"""The one layout validator: which parallel layouts a model and a batch allow. Every rule of the model and
+the batch is written here once, and every message names the recipe key it is about; the preflight
+(megatron_a3po.trainer), the model builder, the converter CLI and the launcher (launch/) all call it. The
+rules of a cluster (nodes, GPUs per node, ports, executors) are the launcher's (launch/layout.py).
 
     layout_errors(arch, tp=, pp=, ...)   every broken rule, as messages (the launcher lists them all)
     check_layout(arch, tp=, pp=, ...)    the same, raised as one ``LayoutError``

@@ -245,7 +245,3 @@ def _wrap(table) -> list[str]:
             setattr(owner, attr, wrapper(fn))
         _applied.append(key)
     return list(_applied)
-
-
-def patched_modules() -> list[str]:
-    return list(_applied)

@@ -19,13 +19,6 @@ def new_key() -> str:
     return secrets.token_urlsafe(32)
 
 
-def ensure_api_key() -> str:
-    """This process's key (generated and put in the environment, for children too, if none is set)."""
-    if not os.environ.get(API_KEY_ENV):
-        os.environ[API_KEY_ENV] = new_key()
-    return os.environ[API_KEY_ENV]
-
-
 def auth_headers(key: str | None = None) -> dict[str, str]:
     """Headers for a request to a rollout server: ``key``, else $A3PO_API_KEY, else none. (A run uses
     one api key for every route; a server that also has an admin key wants that one on control routes.)"""

@@ -47,21 +47,31 @@ def die_with_parent():
         import signal
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except Exception:
+    except Exception:  # noqa: BLE001 - not Linux / no libc: the parent's own cleanup still runs
         pass
 
 
 def stop_process(proc, timeout: float = 10.0):
     """SIGTERM a ``subprocess.Popen`` (by its pid), SIGKILL it if it has not exited after ``timeout``."""
-    import subprocess
+    stop_processes([proc], timeout)
 
-    if proc.poll() is None:
-        proc.terminate()
+
+def stop_processes(procs, timeout: float = 10.0) -> None:
+    """SIGTERM every ``subprocess.Popen`` of ``procs`` still running, all at once; SIGKILL each one that has
+    not exited ``timeout`` seconds later."""
+    import subprocess
+    import time
+
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    deadline = time.monotonic() + timeout
+    for p in procs:
         try:
-            proc.wait(timeout=timeout)
+            p.wait(timeout=max(deadline - time.monotonic(), 0.1))
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=30)
+            p.kill()
+            p.wait(timeout=30)
 
 
 class WorkerError(RuntimeError):
@@ -95,7 +105,7 @@ def _entry(rank, world_size, port, backend, fn, args, kwargs, queue, env, pg_tim
             from megatron.core import parallel_state
 
             parallel_state.destroy_model_parallel()
-        except Exception:
+        except Exception:  # noqa: BLE001 - teardown, best effort: the process group is destroyed below
             pass
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -143,7 +153,7 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args, backend: str
             results[rank] = payload
     finally:
         # after a failure, the other ranks get a few seconds to stop on their own (a rank that waited in a
-        # collective for the failed one may be reporting that failure, see trainer/loop.py _on_rank0)
+        # collective for the failed one may be reporting that failure, see platform/ranks.py on_rank0)
         until = time.monotonic() + 5
         for p in procs:
             p.join(timeout=max(0.1, until - time.monotonic()))

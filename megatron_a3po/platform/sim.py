@@ -794,7 +794,7 @@ def activate() -> SimCuda:
 
     SIM_CUDA = SimCuda()
     D._sim = SIM_CUDA
-    import torch._subclasses.fake_tensor  # noqa: F401 - its device normalisation reads torch.cuda
+    import torch._subclasses.fake_tensor  # its device normalisation reads torch.cuda
 
     for name in MEGATRON_MODULES:
         try:

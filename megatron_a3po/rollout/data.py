@@ -92,7 +92,7 @@ def _load_dataset(src: DataSource, key: str, cols: dict[str, str]):
         try:
             return datasets.load_dataset("parquet" if suffix == ".parquet" else "json", data_files=str(p),
                                          split="train")
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise DataError(f"{key}.path: {p}: cannot load with datasets: {e}") from e
     if p.is_dir() and ((p / "dataset_dict.json").exists() or (p / "state.json").exists()):
         ds = datasets.load_from_disk(str(p))  # a save_to_disk directory
@@ -120,7 +120,7 @@ def _load_dataset(src: DataSource, key: str, cols: dict[str, str]):
     except ConnectionError as e:
         raise DataError(f"{key}.path: {where} is not a local file or directory, and the hub cannot be "
                         f"reached ({e}); point {key}.path at a local copy") from None
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise DataError(f"{key}: {where}: cannot load with datasets: {type(e).__name__}: {e}") from e
 
 

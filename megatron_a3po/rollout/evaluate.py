@@ -3,7 +3,7 @@
 Eval requests go straight to the fleet (``Fleet.generate``): the controller never admits them, so they
 never count in its staleness accounting, never move its data cursor and never reach a training batch.
 The trainer starts an evaluation right after a weight push and lets training go on; the next weight
-update waits for it to finish (``trainer/fleet.py``), so every eval token comes from the one version
+update waits for it to finish (``trainer/rollout_side.py``), so every eval token comes from the one version
 being evaluated (counted otherwise, ``mixed_version_samples``).
 
 Metrics of one evaluation (``EvalResult.metrics``), over ``n_prompts`` prompts x ``n_samples`` samples:
@@ -58,7 +58,7 @@ def eval_metrics(rewards_by_prompt: list[list[float]]) -> dict:
 
 
 def _no_wait():
-    """An evaluation has no admission gate: it runs between two weight updates (trainer/fleet.py)."""
+    """An evaluation has no admission gate: it runs between two weight updates (trainer/rollout_side.py)."""
     return asyncio.sleep(0)
 
 

@@ -7,14 +7,14 @@ Typical trainer loop (disk weight sync)::
 
     from megatron_a3po.rollout import RolloutManager
 
-    rm = RolloutManager(urls, prompts, task, tok, ControllerConfig(...))   # see trainer/fleet.py
+    rm = RolloutManager(urls, prompts, task, tok, ControllerConfig(...))   # see trainer/rollout_side.py
     rm.start()                                  # health-checks servers, starts generating at version 0
     if resume: rm.load_state_dict(saved["rollout"])          # (before start())
     for step in range(steps):
         batch = rm.get_batch(batch_prompts, current_version=step, timeout=600)
-        ...train on batch (batch.to_padded() gives tensors; per-token versions in batch)...
+        ...train on batch (trainer/batch.py collate packs it; per-token versions in batch)...
         save_hf(model, d := f"{run}/hf/v{step + 1}")
-        rm.update_weights(step + 1, hf_dir=d)   # pause(abort) -> load -> continue, on every server
+        rm.update_weights(step + 1, hf_dir=d)   # pause -> load -> continue, on every server
         log(rm.metrics())
         saved["rollout"] = rm.state_dict()
     rm.close()
@@ -164,10 +164,6 @@ class RolloutManager:
                 self._call(t.destroy(self.fleet), timeout=timeout)
             except Exception as e:  # noqa: BLE001 - shutting down: the servers drop it with their process
                 log.warning("destroying the weight-update group failed: %s", e)
-
-    def set_version(self, version: int):
-        """Tell the controller the trainer's version (admission uses it); get_batch also does this."""
-        self._call(self._run(self.controller.set_version, int(version)))
 
     def set_max_staleness(self, n: int) -> int:
         """Move the controller's admission bound (never above the configured one); returns the bound."""

@@ -70,35 +70,6 @@ class Batch:
         """Per-token staleness ``version - token_version`` over the whole batch."""
         return [self.version - v for s in self.samples for v in s.versions]
 
-    def to_padded(self, pad_id: int = 0):
-        """Right-padded tensors for the trainer: dict of
-        input_ids [B, L] (prompt + response), loss_mask [B, L] (1 on response tokens),
-        behave_logprobs [B, L], versions [B, L] (-1 off-response), advantages [B], rewards [B],
-        prompt_lens [B], response_lens [B]. Position t of behave_logprobs/loss_mask refers to token t
-        (predicted from position t-1)."""
-        import torch
-
-        ss = self.samples
-        L = max(len(s.prompt_ids) + len(s.response_ids) for s in ss)
-        B = len(ss)
-        ids = torch.full((B, L), pad_id, dtype=torch.long)
-        mask = torch.zeros((B, L), dtype=torch.float32)
-        lp = torch.zeros((B, L), dtype=torch.float32)
-        ver = torch.full((B, L), -1, dtype=torch.long)
-        for i, s in enumerate(ss):
-            p, r = len(s.prompt_ids), len(s.response_ids)
-            ids[i, :p + r] = torch.tensor(s.prompt_ids + s.response_ids)
-            mask[i, p:p + r] = 1
-            lp[i, p:p + r] = torch.tensor(s.behave_logprobs, dtype=torch.float32)
-            ver[i, p:p + r] = torch.tensor(s.versions)
-        return {
-            "input_ids": ids, "loss_mask": mask, "behave_logprobs": lp, "versions": ver,
-            "advantages": torch.tensor([s.advantage for s in ss], dtype=torch.float32),
-            "rewards": torch.tensor([s.reward for s in ss], dtype=torch.float32),
-            "prompt_lens": torch.tensor([len(s.prompt_ids) for s in ss]),
-            "response_lens": torch.tensor([len(s.response_ids) for s in ss]),
-        }
-
 
 def group_advantages(rewards: list[float], norm: str = "mean_std", eps: float = ADV_EPS) -> list[float]:
     """GRPO advantages of one group: rewards minus the group mean, divided (``mean_std*``) by std + eps."""

@@ -24,9 +24,9 @@ from megatron_a3po import metrics as M
 from megatron_a3po.config import LossCfg, ParallelCfg, TrainerCfg
 from megatron_a3po.platform import comm_device, device, synchronize, to_host
 from megatron_a3po.platform.gpu import IntervalTimer
-from megatron_a3po.trainer.batch import MicroBatch, TrainSample, collate
+from megatron_a3po.trainer.batch import MicroBatch, TrainSample, collate, dp_split
 from megatron_a3po.trainer.optim import build_optimizer, lr_at
-from megatron_a3po.trainer.packing import dp_shares, pack_microbatches, plan_data_parallel
+from megatron_a3po.trainer.packing import dp_shares, pack_microbatches
 
 log = logging.getLogger("megatron_a3po.trainer.actor")
 
@@ -166,20 +166,17 @@ class Actor:
             for mb, o in zip(mbs, out):
                 setattr(mb, attr, o["logp"])
 
-    def dp_share(self, samples: list[TrainSample], group_size: int) -> list[list[TrainSample]]:
-        """This DP rank's share of each minibatch of a whole batch (the same plan on every rank)."""
+    def train_step(self, samples: list[TrainSample], current_version: int, group_size: int) -> dict:
+        """One PPO step on a whole batch, given on every rank (benchmarks and tests; the trainer deals the
+        groups from rank 0, trainer/loop.py): each DP rank trains on its share (``dp_split``)."""
         if len(samples) % group_size:
             raise ValueError(f"{len(samples)} samples is not a whole number of groups of {group_size}")
         groups = [samples[i:i + group_size] for i in range(0, len(samples), group_size)]
         ps = _ps()
-        plan = plan_data_parallel([sum(s.length for s in g) for g in groups], self.tc.ppo_n_minibatches,
-                                  ps.get_data_parallel_world_size())
-        r = ps.get_data_parallel_rank()
-        return [[s for gi in mb[r] for s in groups[gi]] for mb in plan]
-
-    def train_step(self, samples: list[TrainSample], current_version: int, group_size: int) -> dict:
-        """One PPO step on a whole batch (the same on every rank): each DP rank trains on its share."""
-        return self.train_share(self.dp_share(samples, group_size), current_version)
+        per_dp = dp_split(groups, [sum(s.length for s in g) for g in groups], self.tc.ppo_n_minibatches,
+                          ps.get_data_parallel_world_size())
+        share = per_dp[ps.get_data_parallel_rank()]
+        return self.train_share([[s for g in mb for s in g] for mb in share], current_version)
 
     def train_share(self, shares: list[list[TrainSample]], current_version: int) -> dict:
         """One PPO step (one optimizer update per entry of ``shares``: this DP rank's samples of each
@@ -191,10 +188,6 @@ class Actor:
         mode = tc.mode
         t_step = time.perf_counter()
         minibatches = [self._microbatches(share, list(range(len(share)))) for share in shares]
-        # what this rank packed, per minibatch (tests check the work split)
-        self.last_packed = [{"group_ids": sorted({share[i].group_id for m in mbs for i in m.sample_index}),
-                             "tokens": sum(share[i].length for m in mbs for i in m.sample_index)}
-                            for share, mbs in zip(shares, minibatches)]
         times = defaultdict(float)
         prox_timer = IntervalTimer()  # the loss's proximal step, timed with device events
         t_recompute = 0.0
@@ -256,7 +249,7 @@ class Actor:
         stats[M.TIME_FWD_BWD] = times["fwd_bwd"]
         stats[M.TIME_OPT] = times["opt"]
         stats["time/train"] = time.perf_counter() - t_step
-        stats["tokens/trained"] = sum(g[2] for g in gathered)
+        stats["_tokens_trained"] = sum(g[2] for g in gathered)  # private: the trainer logs tokens per second
         if self.reference is not None:
             stats[M.TIME_REF] = ref_s
             pens = [g[3] for g in gathered if g[3] is not None]

@@ -43,10 +43,10 @@ import random
 import time
 
 import torch
-import torch.distributed as dist
 
 from megatron_a3po import metrics as M
 from megatron_a3po.platform import synchronize
+from megatron_a3po.platform.ranks import broadcast_object
 
 log = logging.getLogger("megatron_a3po.trainer.audit")
 
@@ -70,17 +70,17 @@ def build_auditor(recipe) -> "Auditor | None":
                    max_staleness=recipe.rollout.max_staleness, drift=ad.enabled)
 
 
-def after_step(bound, step: int, stats: dict) -> dict:
-    """Rank 0, after a step: take the audit's actions and cap out of ``stats``, let the staleness bound
-    (rollout/staleness.py; None: not in use) follow them and the drift signal, add its stats to ``stats``;
-    returns what the step's record gets (``{"actions": [...]}`` when something acted)."""
-    actions = stats.pop("_audit_actions", None) or []
+def after_step(bound, step: int, stats: dict) -> tuple[dict, dict]:
+    """Rank 0, after a step: read the audit's actions and cap (the private ``_audit_actions`` /
+    ``_staleness_cap`` of ``stats``, left in place: private stats never reach the logs), let the staleness
+    bound (rollout/staleness.py; None: not in use) follow them and the drift signal. Returns (what the
+    step's record gets: ``{"actions": [...]}`` when something acted, the bound's stats to log)."""
+    actions = list(stats.get("_audit_actions") or [])
+    extra = {}
     if bound is not None:
         extra, changes = bound.update(step, stats)
-        stats.update(extra)
         actions += changes
-    stats.pop("_staleness_cap", None)
-    return {"actions": actions} if actions else {}
+    return ({"actions": actions} if actions else {}), extra
 
 
 class AuditPolicy:
@@ -304,8 +304,6 @@ class StepAudit:
                 out[M.AUDIT_ACTIONS] = float(len(actions))
                 if a.policy.cap is not None:
                     out["_staleness_cap"] = a.policy.cap
-        if self.measuring and dist.is_initialized() and dist.get_world_size() > 1:
-            box = [dict(a.policy.fallback)]
-            dist.broadcast_object_list(box, src=0)
-            a.policy.fallback = box[0]
+        if self.measuring:
+            a.policy.fallback = broadcast_object(dict(a.policy.fallback))
         return out

@@ -38,6 +38,17 @@ class TrainSample:
         return len(self.prompt_ids) + len(self.response_ids)
 
 
+def dp_split(groups: list, tokens: list[int], n_minibatches: int, dp: int) -> list[list[list]]:
+    """``per_dp[r][k]``: the prompt groups data-parallel rank ``r`` trains on in minibatch ``k``, by the
+    plan of ``packing.plan_data_parallel`` (contiguous minibatches of whole groups, each minibatch's groups
+    dealt to the ranks by ``tokens``, one count per group). The one data-parallel split: the trainer deals
+    rank 0's batch with it (trainer/loop.py), ``Actor.train_step`` takes its own rank's share."""
+    from megatron_a3po.trainer.packing import plan_data_parallel
+
+    plan = plan_data_parallel(tokens, n_minibatches, dp)
+    return [[[groups[g] for g in mb[r]] for mb in plan] for r in range(dp)]
+
+
 @dataclass
 class MicroBatch:
     tokens: torch.Tensor  # [b, S] int64

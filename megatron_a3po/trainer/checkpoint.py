@@ -29,23 +29,14 @@ import shutil
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from megatron_a3po.convert.distckpt import CheckpointError, load_dist_checkpoint, verify_dist_checkpoint
 from megatron_a3po.io import atomic_write_text
+from megatron_a3po.platform.ranks import barrier, global_rank
 
 # the fields of the HF config that fix every tensor's shape: a checkpoint must match them all
 ARCH_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                "num_attention_heads", "num_key_value_heads", "tie_word_embeddings")
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier():
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
 
 
 def rng_state() -> dict:
@@ -90,24 +81,24 @@ def save_checkpoint(save_dir, step: int, actor, state: dict) -> Path:
     name = f"step_{step:06d}"
     final = save_dir / name
     tmp = save_dir / f".tmp-{name}"
-    if _rank() == 0:
+    if global_rank() == 0:
         if tmp.exists():
             shutil.rmtree(tmp)
         (tmp / "optim").mkdir(parents=True)
-    _barrier()
+    barrier()
     save_mcore_checkpoint(actor._bare_chunks(), str(tmp / "model"))
     osd = actor.optim.sharded_state_dict(_model_sharded_state_dict(actor))
     with _in_process_results_queue():
         dist_checkpointing.save(osd, str(tmp / "optim"), async_sharded_save=False)
     state = dict(state, model=model_arch(actor.hf_config), layout=layout())
-    _barrier()
-    if _rank() == 0:
+    barrier()
+    if global_rank() == 0:
         atomic_write_text(tmp / "state.json", json.dumps(state))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
         atomic_write_text(save_dir / "latest", name)
-    _barrier()
+    barrier()
     return final
 
 

@@ -9,6 +9,9 @@ class PreflightError(ValueError):
     pass
 
 
+WANDB_HINT = "pip install 'megatron-a3po[wandb]' (or remove logging.wandb)"
+
+
 def _arch(recipe) -> dict:
     """The recipe's model as the checkpoint's state.json records it (HF config names; see
     trainer.checkpoint.ARCH_FIELDS), read through the one reader, ``models.arch_of_model_cfg``."""
@@ -79,5 +82,10 @@ def preflight(recipe) -> None:
         raise PreflightError(f"data.train_path is required for data.task={d.task}")
     if recipe.trainer.resume and recipe.trainer.save_dir and not Path(recipe.trainer.save_dir).exists():
         raise PreflightError(f"trainer.resume=true but trainer.save_dir={recipe.trainer.save_dir} does not exist")
+    if recipe.logging.wandb is not None:
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise PreflightError(f"logging.wandb is set but wandb is not installed: {WANDB_HINT}")
     if recipe.rollout.engine_urls or recipe.rollout.router_url:
         check_engines(list(recipe.rollout.engine_urls), router_url=recipe.rollout.router_url)

@@ -32,7 +32,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tools.report.report import ReportError, load_sweep
+from tools.report.report import ReportError, load_sweep, pyplot
 
 METRICS = ("final reward", "mean reward")
 Z_ALPHA, Z_POWER = 1.959964, 0.841621  # two-sided 5%, 80% power
@@ -128,11 +128,7 @@ def markdown(res: dict, a: dict, b: dict) -> str:
 
 
 def plot(path: Path, res: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.2, 5), dpi=110)
     lo, hi = 1.0, 0.0
     for ms, row in res.items():

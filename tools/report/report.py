@@ -24,8 +24,9 @@ Table (summary.md, also summary.json with every run's numbers): per group, the m
 step, the total training time (last train/time/elapsed), the final reward (mean train/reward/mean over
 the last 20 logged steps, all of them if fewer), the mean reward over all logged steps, the stability
 (see ``max_drop``), and the means over all logged steps of entropy, max / min importance weight,
-clipped tokens and staleness, and the final and best held-out eval accuracy (eval/accuracy). A tag a run did not log shows as "n/a" in the table, with a note naming
-the tag; in a figure that run is simply absent (and a figure no run has data for says so).
+clipped tokens and staleness, and the final and best held-out eval accuracy (eval/accuracy). A tag a run
+did not log shows as "n/a" in the table, with a note naming the tag; in a figure that run is simply absent
+(and a figure no run has data for says so).
 
 When a tag has several values for one step (a resumed run), the one written last wins.
 Nothing is written unless every run loads: files go to a temp directory first and are then moved
@@ -322,12 +323,21 @@ def summary_markdown(groups: list[Group], notes) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _axes():
-    import matplotlib
-
+def pyplot():
+    """matplotlib's pyplot (headless); without matplotlib, exits naming the extra that installs it."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("error: tools.report draws its figures with matplotlib, which is not installed: "
+                         "pip install 'megatron-a3po[report]'") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _axes():
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     return plt, fig, ax
 

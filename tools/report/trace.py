@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from megatron_a3po import metrics as M
+from tools.report.report import pyplot
 
 BUCKET_COLORS = {"d1": "tab:gray", "d2": "tab:blue", "d3": "tab:orange", "d4+": "tab:red"}
 
@@ -29,17 +30,8 @@ def load(run_dir) -> list[dict]:
     return [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def audit_figure(recs: list[dict], path: Path, threshold: float | None, title: str) -> None:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.2), dpi=110)
     for b, color in BUCKET_COLORS.items():
         key = M.AUDIT_ERR_BUCKET.format(bucket=b)
@@ -76,7 +68,7 @@ def audit_figure(recs: list[dict], path: Path, threshold: float | None, title: s
 
 
 def staleness_figure(recs: list[dict], path: Path, band: tuple[float, float] | None, title: str) -> None:
-    plt = _plt()
+    plt = pyplot()
     fig, (ax, ax3) = plt.subplots(2, 1, figsize=(8, 5.2), dpi=110, sharex=True, height_ratios=[1, 1.3])
     steps = [r["step"] for r in recs]
     ax.step(steps, [r["stats"].get(M.STALENESS_BOUND) for r in recs], where="post", color="black",

@@ -40,7 +40,7 @@ Ctrl-C or SIGTERM stops the runs in progress (SIGTERM to each trainer; its engin
 Why a plain subprocess loop, not nemo-run's LocalExecutor: every run is one local command (the trainer
 starts its own engine), the limit of concurrent runs is a thread pool's size, and skip/resume is
 decided here from the run directory in any case. nemo-run would add an experiment directory per
-launch and, as an optional extra, a ~0.5 GB install (spec/nemo_run.md) for no extra function here.
+launch and, as an optional extra, a ~0.5 GB install (the `launch` extra) for no extra function here.
 
 Run summary (``run_summary.json``, schema ``a3po.sweep.run/1``): group, seed, recipe, overrides, a few
 resolved config values (mode, eps_clip, max_staleness, ...), the headline numbers of tools/report
@@ -443,13 +443,9 @@ class Sweep:
 
 def _terminate(proc: subprocess.Popen) -> None:
     """SIGTERM the run (its engines die with it: PR_SET_PDEATHSIG), SIGKILL if it lingers."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=30)
+    from megatron_a3po.platform.procs import stop_process
+
+    stop_process(proc, timeout=30)
 
 
 def export(runs: list[RunSpec], out: Path, dest: Path) -> int:

@@ -1,6 +1,6 @@
 """Start this node's share of the rollout fleet and supervise it.
 
-    python -m launch.fleet --backend sglang --model-path M --engine-tp 2 \
+    python -m launch.supervisor --backend sglang --model-path M --engine-tp 2 \
         --hosts node17,node18 --engine 0:0:0:30000 --engine 1:0:2:30001 ... \
         [--router-port 30080 --router-policy cache_aware] [--stop-file F] [-- extra server flags]
 
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launch.health import healthy, split_command
-from megatron_a3po.platform.procs import free_port
+from megatron_a3po.platform.procs import free_port, stop_processes
 from launch.keyed import keyed_command
 from megatron_a3po.engine.launch import sglang_command
 from megatron_a3po.rollout.router import router_command
@@ -83,9 +83,8 @@ def my_node_index(hosts: list[str], explicit: int | None) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    argv, extra = split_command(argv)
-    ap = argparse.ArgumentParser(prog="python -m launch.fleet", description=__doc__.splitlines()[0])
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m launch.supervisor", description=__doc__.splitlines()[0])
     ap.add_argument("--backend", choices=["sglang", "cpu"], default="sglang")
     ap.add_argument("--model-path", required=True)
     ap.add_argument("--engine-tp", type=int, default=1)
@@ -102,6 +101,12 @@ def main(argv=None) -> int:
     ap.add_argument("--stop-file", default=None)
     ap.add_argument("--engine-log-dir", default=None, help="CPU engines: append each served request to "
                                                            "DIR/engine-INDEX.jsonl")
+    return ap
+
+
+def main(argv=None) -> int:
+    argv, extra = split_command(argv)
+    ap = _parser()
     args = ap.parse_args(argv)
 
     hosts = [h for h in args.hosts.split(",") if h]
@@ -127,7 +132,7 @@ def main(argv=None) -> int:
                              mem_fraction_static=args.mem_fraction_static, extra=extra, log_dir=args.engine_log_dir)
         if args.backend != "cpu":  # the CPU engine reads $A3PO_API_KEY itself; SGLang takes a flag
             cmd = keyed_command(cmd)
-        print(f"[launch.fleet] node {node} ({os.environ.get('SLURMD_NODENAME') or socket.gethostname()}): "
+        print(f"[launch.supervisor] node {node} ({os.environ.get('SLURMD_NODENAME') or socket.gethostname()}): "
               f"engine {e.index}: {' '.join(cmd)}", flush=True)
         procs.append((f"engine {e.index}", subprocess.Popen(cmd)))
 
@@ -143,13 +148,13 @@ def main(argv=None) -> int:
             dead = [(n, p) for n, p in procs if p.poll() is not None]
             if dead:
                 name, p = dead[0]
-                print(f"[launch.fleet] {name} exited with status {p.returncode}; stopping the fleet", flush=True)
+                print(f"[launch.supervisor] {name} exited with status {p.returncode}; stopping the fleet", flush=True)
                 code = p.returncode or 1
                 break
             if router_pending:
                 down = [u for u in worker_urls if not healthy(u)]
                 if down and time.monotonic() > router_deadline:
-                    print(f"[launch.fleet] engines not healthy after {args.health_timeout:.0f}s: "
+                    print(f"[launch.supervisor] engines not healthy after {args.health_timeout:.0f}s: "
                           f"{', '.join(down)}", file=sys.stderr, flush=True)
                     code = 3
                     break
@@ -157,20 +162,12 @@ def main(argv=None) -> int:
                 cmd = keyed_command(router_command(worker_urls, port=args.router_port, policy=args.router_policy,
                                                    host=args.bind_host,
                                                    prometheus_port=args.router_prometheus_port or free_port()))
-                print(f"[launch.fleet] router: {' '.join(cmd)}", flush=True)
+                print(f"[launch.supervisor] router: {' '.join(cmd)}", flush=True)
                 procs.append(("router", subprocess.Popen(cmd)))
                 router_pending = False
             time.sleep(1.0)
     finally:
-        for _, p in procs:
-            if p.poll() is None:
-                p.terminate()
-        deadline = time.monotonic() + 30
-        for _, p in procs:
-            try:
-                p.wait(timeout=max(deadline - time.monotonic(), 0.1))
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_processes([p for _, p in procs], timeout=30)
     return code
 
 

@@ -274,6 +274,11 @@ class RolloutSide:
             raise self._waited_too_long("the running evaluation", e) from None
         self.eval_wait_s += time.perf_counter() - t0
 
+    def take_eval_wait_s(self) -> float:
+        """Seconds training waited for evaluations to end since the last call."""
+        out, self.eval_wait_s = self.eval_wait_s, 0.0
+        return out
+
     def take_eval_results(self) -> list:
         """Evaluations finished since the last call (``EvalResult``s, oldest first)."""
         if self._eval_future is not None and self._eval_future.done():
