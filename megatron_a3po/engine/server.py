@@ -390,10 +390,15 @@ class Engine:
             return 400, {"success": False, "message": f"load_format={body['load_format']!r} is not supported"}
         with self.update_lock:
             recv = []
-            for n, dt, shp in zip(names, dtypes, shapes):  # receive every tensor before any check can bail out
-                t = torch.empty(shp, dtype=getattr(torch, dt))
-                dist.broadcast(t, src=0, group=self.groups[name])
-                recv.append((n, t))
+            pg = self.groups.get(name)
+            try:
+                for n, dt, shp in zip(names, dtypes, shapes):  # receive every tensor before any check can bail out
+                    t = torch.empty(shp, dtype=getattr(torch, dt))
+                    self._receive(t, pg, name)
+                    recv.append((n, t))
+            except Exception as e:  # noqa: BLE001 - the group broke (a peer died, the trainer gave it up)
+                return 500, {"success": False, "message": f"update_weights_from_distributed: the broadcast on "
+                             f"group {name!r} failed after {len(recv)} of {len(names)} tensors: {e}"}
             params = dict(self.sched.model.named_parameters())
             bad = [n for n, t in recv if n not in params or tuple(params[n].shape) != tuple(t.shape)]
             if bad:
@@ -408,6 +413,22 @@ class Engine:
         return 200, {"success": True, "message": f"Succeeded to update {len(recv)} parameters.",
                      "num_paused_requests": n_ab}
 
+    def _receive(self, t: torch.Tensor, pg, name: str):
+        """One tensor of the trainer's broadcast. A receive whose sender gave the group up (its push failed:
+        a peer died) would wait for gloo's timeout, holding the update lock; it ends as soon as the group
+        is destroyed (``/destroy_weights_update_group``, which the trainer sends before making a new one),
+        as SGLang's NCCL receive ends when the communicator is aborted."""
+        import torch.distributed as dist
+
+        work = dist.broadcast(t, src=0, group=pg, async_op=True)
+        pause = 0.0005
+        while not work.is_completed():
+            if self.groups.get(name) is not pg:
+                raise RuntimeError(f"group {name!r} was destroyed during the receive")
+            time.sleep(pause)
+            pause = min(2 * pause, 0.02)
+        work.wait()
+
     def destroy_group(self, body: dict) -> tuple[int, dict]:
         import torch.distributed as dist
 
@@ -415,7 +436,7 @@ class Engine:
         pg = self.groups.pop(name, None) if isinstance(name, str) else None
         if pg is None:
             return 400, {"success": False, "message": f"group {name!r} does not exist"}
-        dist.destroy_process_group(pg)
+        dist.destroy_process_group(pg)  # returns at once; a receive still pending on it gives up (_receive)
         return 200, {"success": True, "message": "Succeeded to destroy custom process group."}
 
 
