@@ -26,7 +26,8 @@ transport to every server (each call retried), check every server reports the ne
 prompt + partial output with ``max_new_tokens`` reduced; their new tokens carry the new version. If the
 push fails on any server after retries, every server stays paused (none serves mixed weights) and
 ``WeightUpdateError`` is raised (also from later ``get_batch`` calls) until an ``update_weights``
-succeeds.
+succeeds. A streaming push given as a callable (a fresh export per call) is the exception: servers that
+die or hang during it leave the fleet and the others get the weights again from a new export (``_push``).
 
 The controller keeps admission, the staleness bound and the weight updates. Its two helpers: the prompt
 cursor (cursor.py: which prompt comes next, in a seeded per-epoch order, prompts given back first) and

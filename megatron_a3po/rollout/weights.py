@@ -253,10 +253,11 @@ class NcclTransport:
             # pending collective (a push that failed mid-broadcast abandoned its group already)
             dist.destroy_process_group(self.group)
             self.group = None
-        self.stale = False
+        self.stale = True  # until the new group is made (a failed regroup is tried again before the next push)
         self.master_port = None  # a new store on a free port (a store of the old group may linger on its port)
         self.regroups += 1
         await self.init(fleet, servers)
+        self.stale = False
 
     async def init(self, fleet: Fleet, servers=None):
         """Make the update group with ``servers`` (default: the fleet): this process's store listens first
@@ -325,23 +326,41 @@ class NcclTransport:
             await asyncio.gather(*(_begin_session(fleet, s) for s in servers))
             for bucket, last in _with_last(buckets(named_tensors, self.bucket_bytes)):
                 body = self.update_body(bucket, version, last, flush_cache)
-                http = asyncio.gather(*(fleet.call_one(s, "/update_weights_from_distributed", body, retries=0,
-                                                       timeout=self.timeout_s) for s in servers),
-                                      return_exceptions=True)
-                bc = asyncio.to_thread(self._broadcast, bucket)
-                res_http, res_bc = await asyncio.gather(http, bc, return_exceptions=True)
-                if isinstance(res_bc, BaseException):
-                    raise FleetError(f"weight broadcast failed: {res_bc}") from res_bc
-                for s, r in zip(servers, res_http):
-                    if isinstance(r, BaseException):
-                        raise r if isinstance(r, ServerCallError) else FleetError(str(r))
-                    if r is None:  # it left the fleet (dead or hung): its part of the broadcast is missing
-                        raise FleetError(f"{s.url} left the fleet during the weight push")
+                await self._bucket(fleet, servers, bucket, body)
         except BaseException:
             self._abandon()
             raise
         finally:
             await _end_sessions(fleet, servers, retries)
+
+    async def _bucket(self, fleet: Fleet, servers, bucket: list, body: dict):
+        """One bucket: its HTTP call to every server and, concurrently, the broadcast. The first failure
+        ends it at once: a server still waiting in the broadcast (its sender failed on another peer) would
+        otherwise hold its HTTP call until the bucket's bound; the pending calls are cancelled, the group is
+        given up (that ends the broadcast's wait on NCCL; on gloo it ends at its deadline), then this raises."""
+        calls = {asyncio.ensure_future(fleet.call_one(s, "/update_weights_from_distributed", body, retries=0,
+                                                      timeout=self.timeout_s)): s for s in servers}
+        bc = asyncio.ensure_future(asyncio.to_thread(self._broadcast, bucket))
+        pending, err = {bc, *calls}, None
+        while pending and err is None:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                e = t.exception()
+                if t is bc and e is not None:
+                    err = FleetError(f"weight broadcast failed: {e}")
+                elif t is not bc and e is not None:
+                    err = e if isinstance(e, ServerCallError) else FleetError(f"{calls[t].url}: {e}")
+                elif t is not bc and t.result() is None:  # it left the fleet (dead or hung): its part is missing
+                    err = FleetError(f"{calls[t].url} left the fleet during the weight push")
+        if err is None:
+            return
+        for t in pending:
+            if t is not bc:
+                t.cancel()
+        if not bc.done():
+            self._abandon()
+            await asyncio.gather(bc, return_exceptions=True)  # bounded by the bucket's deadline
+        raise err
 
     async def destroy(self, fleet: Fleet):
         try:
