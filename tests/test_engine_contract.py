@@ -271,6 +271,31 @@ def test_weight_update_session(engine):
     assert r.status_code == 200 and r.json()["success"], r.text
 
 
+# wrong-typed control bodies (issue 24): (route, body, a field the 400 must name)
+WRONG_TYPED = [
+    ("/update_weight_version", {"new_version": {"x": [1, 2]}, "abort_all_requests": "no"}, "new_version"),
+    ("/update_weights_from_disk", {"model_path": "/nowhere", "weight_version": ["7"], "flush_cache": "false"},
+     "weight_version"),
+]
+
+
+def test_wrong_typed_control_bodies_are_a_400_naming_the_field_and_store_nothing(engine):
+    """As SGLang 0.5.23 answers a body that fails its request model: HTTP 400 ``{"object": "error",
+    "message", "type": "Bad Request", "code": 400}`` naming the field; the version is unchanged and
+    generation is not paused."""
+    url = engine[0].url
+    for path, body, field in WRONG_TYPED:
+        r = httpx.post(f"{url}{path}", json=body, timeout=60)
+        assert r.status_code == 400, (path, r.status_code, r.text)
+        out = r.json()
+        assert out["object"] == "error" and out["code"] == 400 and out["type"] == "Bad Request", r.text
+        assert field in out["message"], r.text
+        assert httpx.get(f"{url}/model_info", timeout=30).json()["weight_version"] == "0"
+    r = httpx.post(f"{url}/generate", json={"input_ids": [5, 6], "sampling_params": {"max_new_tokens": 2}},
+                   timeout=60)
+    assert r.status_code == 200 and len(r.json()["output_ids"]) == 2, r.text
+
+
 def test_n_samples_get_their_own_rids_abort_by_group_rid_does_nothing(engine):
     """``n > 1``: every sample has its own (uuid) rid; aborting by the request's rid does nothing. /ready is
     503 while paused; /health runs a one-token generation, so it waits out the pause and answers 503, and

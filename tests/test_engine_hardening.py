@@ -198,6 +198,50 @@ def test_fuzz_the_openapi_schema_no_5xx_and_still_serving(engine):
     assert r.status_code == 200 and len(r.json()["output_ids"]) == 4, r.text
 
 
+# every control route with wrong-typed fields (strict: SGLang's lax model would take "no" as false)
+CONTROL_POISON = [
+    ("/update_weight_version", {"new_version": {"x": [1, 2]}, "abort_all_requests": "no"},
+     ["new_version", "abort_all_requests"]),
+    ("/update_weight_version", {"new_version": "9", "abort_all_requests": "no"}, ["abort_all_requests"]),
+    ("/update_weights_from_disk", {"model_path": "/x", "weight_version": ["7"], "flush_cache": "false"},
+     ["weight_version", "flush_cache"]),
+    ("/update_weights_from_disk", {"weight_version": "7"}, ["model_path"]),
+    ("/pause_generation", {"mode": 1}, ["mode"]),
+    ("/continue_generation", {"torch_empty_cache": "yes"}, ["torch_empty_cache"]),
+    ("/abort_request", {"rid": 5, "abort_all": "true"}, ["rid", "abort_all"]),
+    ("/init_weights_update_group", {"master_address": "127.0.0.1", "master_port": "29500", "rank_offset": 1.0,
+                                    "world_size": 2, "group_name": "g"}, ["master_port", "rank_offset"]),
+    ("/update_weights_from_distributed", {"names": ["w"], "dtypes": ["float32"], "shapes": [[2, "3"]],
+                                          "group_name": "g", "weight_version": 7}, ["shapes.0.1", "weight_version"]),
+    ("/destroy_weights_update_group", {"group_name": ["g"]}, ["group_name"]),
+    ("/update_weights_from_tensor", {"serialized_named_tensors": "abc"}, ["serialized_named_tensors"]),
+    ("/begin_weight_update", {"selector": True}, ["selector"]),
+    ("/slow_down", {"forward_sleep_time": "1"}, ["forward_sleep_time"]),
+]
+
+
+def test_each_control_route_answers_wrong_types_with_a_400_naming_them_and_stores_nothing(engine):
+    ep, _ = engine
+    httpx.post(f"{ep.url}/continue_generation", json={}, timeout=30)  # after the fuzz: generating again
+    httpx.post(f"{ep.url}/slow_down", json={"forward_sleep_time": None}, timeout=30)
+    before = httpx.get(f"{ep.url}/model_info", timeout=30).json()["weight_version"]
+    for path, body, fields in CONTROL_POISON:
+        r = httpx.post(f"{ep.url}{path}", json=body, timeout=60)
+        assert r.status_code == 400, (path, body, r.status_code, r.text)
+        out = r.json()
+        assert out["object"] == "error" and out["code"] == 400, r.text
+        for f in fields:
+            assert f in out["message"], (path, f, r.text)
+    r = httpx.post(f"{ep.url}/slow_down", content='{"forward_sleep_time": NaN}',
+                   headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 400 and "forward_sleep_time" in r.text, r.text
+    info = httpx.get(f"{ep.url}/model_info", timeout=30).json()
+    assert info["weight_version"] == before, info
+    assert httpx.get(f"{ep.url}/server_info", timeout=30).json()["internal_states"][0]["paused"] is False
+    r = _post(ep.url, OK)  # not slowed down, not aborted: served
+    assert r.status_code == 200 and len(r.json()["output_ids"]) == 4, r.text
+
+
 def test_sigterm_stops_an_engine_with_open_requests(engine):
     """A request waiting on a paused engine stays open; SIGTERM still ends the process (runs last)."""
     ep, _ = engine
@@ -215,3 +259,4 @@ def test_sigterm_stops_an_engine_with_open_requests(engine):
     ep.proc.send_signal(signal.SIGTERM)
     ep.proc.wait(timeout=20)  # a hang here is the failure
     assert ep.proc.returncode is not None
+

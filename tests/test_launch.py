@@ -345,6 +345,10 @@ def test_server_and_router_commands():
     r = router_command(["http://a:1", "http://b:2"], port=30080, policy="cache_aware", host="0.0.0.0",
                        prometheus_port=30081, python="py")
     assert r[:3] == ["py", "-m", "sglang_router.launch_router"]
+    # the router's own health checks, retries and circuit breaker are off (the Fleet does those)
+    switches = ["--disable-health-check", "--disable-retries", "--disable-circuit-breaker"]
+    assert all(f in r for f in switches)
+    r = [a for a in r if a not in switches]
     i = r.index("--worker-urls")
     assert r[i + 1:i + 3] == ["http://a:1", "http://b:2"]
     flags = dict(zip(r[3:i:2], r[4:i:2])) | dict(zip(r[i + 3::2], r[i + 4::2]))

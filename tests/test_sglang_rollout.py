@@ -187,3 +187,34 @@ def test_a_stale_update_group_of_the_same_name_is_replaced_at_once(sglang):
     asyncio.run(run())
     assert httpx.get(f"{ep.url}/model_info", timeout=30).json()["weight_version"] == "7"
     assert served_vs_hf(ep.url, hf_model_with(dirs[1], hf_tensors(dirs[1]))) < 1e-4
+
+
+def test_router_keeps_a_worker_paused_past_its_failure_window(sglang, tmp_path):
+    """sglang-router 0.3.2 as ``start_router`` configures it, in front of the real server, with its health
+    window made small (a check every 1 s, unhealthy after 2 failures): a pause (as during a
+    weight push) twice the failure window long drops no worker: ``/workers`` still lists it, healthy, and a request
+    through the router is answered once generation continues. (With the router's defaults, SGLang's
+    /health, a generation, waits out the pause and the worker is marked unhealthy.)"""
+    pytest.importorskip("sglang_router")
+    from megatron_a3po.rollout.router import router_workers, start_router
+
+    ep, _ = sglang
+    # the registration's own /health check (a generation on SGLang) takes the check timeout too: 5 s
+    window = ["--health-check-interval-secs", "1", "--health-check-timeout-secs", "5",
+              "--health-failure-threshold", "2"]
+    rp = start_router([ep.url], log_path=tmp_path / "router.log", extra=window)
+    try:
+        httpx.post(f"{ep.url}/pause_generation", json={"mode": "abort"}, timeout=30).raise_for_status()
+        # paused, SGLang's /health answers 503 after 2 s (SGLANG_HEALTH_CHECK_TIMEOUT in real_sglang): 2 failed
+        # checks 1 s apart take about 6 s, the router's failure window; the pause lasts longer
+        time.sleep(12)
+        workers = {w["url"].rstrip("/"): w for w in router_workers(rp.url)}
+        assert ep.url in workers, workers
+        assert workers[ep.url]["is_healthy"], workers
+        httpx.post(f"{ep.url}/continue_generation", json={}, timeout=30).raise_for_status()
+        r = httpx.post(f"{rp.url}/generate", timeout=120,
+                       json={"input_ids": [5, 6, 7], "sampling_params": {"max_new_tokens": 2}})
+        assert r.status_code == 200 and len(r.json()["output_ids"]) == 2, r.text
+    finally:
+        httpx.post(f"{ep.url}/continue_generation", json={}, timeout=30)
+        rp.stop()

@@ -42,8 +42,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from megatron_a3po.engine.auth import KeyMiddleware
 from megatron_a3po.engine.scheduler import EngineError, Scheduler, Seq
 from megatron_a3po.platform.keys import ADMIN_API_KEY_ENV, API_KEY_ENV
-from megatron_a3po.engine.validate import (CONTROL_SCHEMAS, GENERATE_SCHEMA, BadRequest, Limits, body_object,
-                                           check_generate, check_group_body, check_tensor_specs, openapi_body)
+from megatron_a3po.engine.validate import (GENERATE_SCHEMA, BadRequest, InvalidBody, Limits, body_object,
+                                           check_generate, control_body, control_schema, openapi_body)
 
 log = logging.getLogger("megatron_a3po.engine")
 
@@ -244,9 +244,9 @@ class Engine:
 
     # ---- weights
     def update_from_disk(self, body: dict) -> tuple[int, dict]:
-        path = body.get("model_path")
-        if not isinstance(path, str) or not path:
-            return 400, {"success": False, "message": "model_path (a string) is required", "num_paused_requests": 0}
+        path = body["model_path"]
+        if not path:
+            return 400, {"success": False, "message": "model_path must not be empty", "num_paused_requests": 0}
         root = Path(self.args.weights_root or Path(self.args.model_path).resolve().parent).resolve()
         try:
             inside = Path(path).resolve().is_relative_to(root)
@@ -326,14 +326,6 @@ class Engine:
     def init_group(self, body: dict) -> tuple[int, dict]:
         from megatron_a3po.platform.stores import init_update_group
 
-        need = ("master_address", "master_port", "rank_offset", "world_size", "group_name")
-        missing = [k for k in need if k not in body]
-        if missing:
-            return 400, {"success": False, "message": f"init_weights_update_group: missing {missing}"}
-        try:
-            check_group_body(body)
-        except BadRequest as e:
-            return 400, {"success": False, "message": f"init_weights_update_group: {e}"}
         backend = body.get("backend", "nccl")
         if backend != "gloo":
             return 400, {"success": False, "message": f"backend={backend!r}: the CPU engine joins weight-update "
@@ -350,9 +342,6 @@ class Engine:
 
     # ---- weight-update session (SGLang 0.5.23: the distributed and tensor updates need one)
     def begin_update(self, body: dict) -> tuple[int, dict]:
-        sel = body.get("selector", "all")
-        if sel not in ("target", "draft", "all"):
-            return 400, {"success": False, "message": f"selector={sel!r}: expected target, draft or all"}
         with self.session_lock:
             if self.session_open:
                 return 400, {"success": False, "message": "a weight-update session is already open"}
@@ -378,22 +367,23 @@ class Engine:
         refused = self._no_session("update_weights_from_distributed")
         if refused is not None:  # before the broadcast: this server never joins it
             return refused
-        name = body.get("group_name")
-        if not isinstance(name, str) or name not in self.groups:
+        name = body["group_name"]
+        if name not in self.groups:
             return 400, {"success": False, "message": f"group {name!r} not initialised (call /init_weights_update_group)"}
-        names, dtypes, shapes = body.get("names"), body.get("dtypes"), body.get("shapes")
-        try:
-            check_tensor_specs(names, dtypes, shapes)
-        except BadRequest as e:
-            return 400, {"success": False, "message": f"update_weights_from_distributed: {e}"}
+        names, dtypes, shapes = body["names"], body["dtypes"], body["shapes"]
         if body.get("load_format") not in (None, "auto"):
             return 400, {"success": False, "message": f"load_format={body['load_format']!r} is not supported"}
         with self.update_lock:
             recv = []
-            for n, dt, shp in zip(names, dtypes, shapes):  # receive every tensor before any check can bail out
-                t = torch.empty(shp, dtype=getattr(torch, dt))
-                dist.broadcast(t, src=0, group=self.groups[name])
-                recv.append((n, t))
+            pg = self.groups.get(name)
+            try:
+                for n, dt, shp in zip(names, dtypes, shapes):  # receive every tensor before any check can bail out
+                    t = torch.empty(shp, dtype=getattr(torch, dt))
+                    self._receive(t, pg, name)
+                    recv.append((n, t))
+            except Exception as e:  # noqa: BLE001 - the group broke (a peer died, the trainer gave it up)
+                return 500, {"success": False, "message": f"update_weights_from_distributed: the broadcast on "
+                             f"group {name!r} failed after {len(recv)} of {len(names)} tensors: {e}"}
             params = dict(self.sched.model.named_parameters())
             bad = [n for n, t in recv if n not in params or tuple(params[n].shape) != tuple(t.shape)]
             if bad:
@@ -408,14 +398,30 @@ class Engine:
         return 200, {"success": True, "message": f"Succeeded to update {len(recv)} parameters.",
                      "num_paused_requests": n_ab}
 
+    def _receive(self, t: torch.Tensor, pg, name: str):
+        """One tensor of the trainer's broadcast. A receive whose sender gave the group up (its push failed:
+        a peer died) would wait for gloo's timeout, holding the update lock; it ends as soon as the group
+        is destroyed (``/destroy_weights_update_group``, which the trainer sends before making a new one),
+        as SGLang's NCCL receive ends when the communicator is aborted."""
+        import torch.distributed as dist
+
+        work = dist.broadcast(t, src=0, group=pg, async_op=True)
+        pause = 0.0005
+        while not work.is_completed():
+            if self.groups.get(name) is not pg:
+                raise RuntimeError(f"group {name!r} was destroyed during the receive")
+            time.sleep(pause)
+            pause = min(2 * pause, 0.02)
+        work.wait()
+
     def destroy_group(self, body: dict) -> tuple[int, dict]:
         import torch.distributed as dist
 
-        name = body.get("group_name")
-        pg = self.groups.pop(name, None) if isinstance(name, str) else None
+        name = body["group_name"]
+        pg = self.groups.pop(name, None)
         if pg is None:
             return 400, {"success": False, "message": f"group {name!r} does not exist"}
-        dist.destroy_process_group(pg)
+        dist.destroy_process_group(pg)  # returns at once; a receive still pending on it gives up (_receive)
         return 200, {"success": True, "message": "Succeeded to destroy custom process group."}
 
 
@@ -429,17 +435,23 @@ def build_app(engine: Engine):
         import json
 
         raw = await request.body()
-        if not raw:
-            return {}
         try:
-            body = json.loads(raw) if len(raw) < (1 << 20) else await asyncio.to_thread(json.loads, raw)
+            body = {} if not raw else json.loads(raw) if len(raw) < (1 << 20) else await asyncio.to_thread(
+                json.loads, raw)
         except (ValueError, RecursionError) as e:  # bad JSON, bad UTF-8, absurd nesting
             raise BadRequest(f"request body is not valid JSON: {str(e)[:200]}") from None
-        return body_object(body, request.url.path)
+        # a control route's body is checked against its model (validate.CONTROL_MODELS) before any handler
+        # sees it; the handlers read the checked dict (defaults filled in)
+        return control_body(request.url.path, body_object(body, request.url.path))
 
     def post(path: str, **kw):
-        """A POST route whose (raw-parsed) JSON body is described in the OpenAPI document."""
-        return app.post(path, openapi_extra=openapi_body(CONTROL_SCHEMAS.get(path, {"type": "object"})), **kw)
+        """A POST route whose (raw-parsed) JSON body is described in the OpenAPI document by its model."""
+        return app.post(path, openapi_extra=openapi_body(control_schema(path)), **kw)
+
+    @app.exception_handler(InvalidBody)
+    async def _invalid(request, exc: InvalidBody):  # SGLang 0.5.23's answer to a body that fails validation
+        return JSONResponse({"object": "error", "message": str(exc), "type": "Bad Request", "param": None,
+                             "code": 400}, status_code=400)
 
     @app.exception_handler(BadRequest)
     async def _bad(request, exc: BadRequest):
@@ -522,14 +534,11 @@ def build_app(engine: Engine):
                        else 0}}]}
 
     @app.api_route("/slow_down", methods=["GET", "POST"],
-                   openapi_extra=openapi_body(CONTROL_SCHEMAS["/slow_down"]))
+                   openapi_extra=openapi_body(control_schema("/slow_down")))
     async def slow_down(request: Request):
         """As SGLang's (for tests): every forward step sleeps ``forward_sleep_time`` seconds (null: no sleep)."""
         body = await body_of(request)
-        t = body.get("forward_sleep_time")
-        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t <= 10):
-            raise BadRequest(f"forward_sleep_time {t!r:.40}: expected seconds in [0, 10] or null")
-        engine.sched.step_delay_s = float(t or 0.0)
+        engine.sched.step_delay_s = float(body["forward_sleep_time"] or 0.0)
         return PlainTextResponse("")
 
     @app.api_route("/flush_cache", methods=["GET", "POST"])
@@ -544,10 +553,7 @@ def build_app(engine: Engine):
     @post("/pause_generation")
     async def pause(request: Request):
         body = await body_of(request)
-        mode = body.get("mode", "abort")
-        if mode not in ("abort", "retract", "in_place"):
-            raise BadRequest(f"mode={mode!r}: expected one of abort, retract, in_place")
-        await asyncio.to_thread(engine.sched.command, "pause", mode)
+        await asyncio.to_thread(engine.sched.command, "pause", body["mode"])
         return {"message": "Generation paused successfully.", "status": "ok"}
 
     @post("/continue_generation")
@@ -570,10 +576,8 @@ def build_app(engine: Engine):
     @post("/update_weight_version")
     async def update_version(request: Request):
         body = await body_of(request)
-        v = body.get("new_version")
-        if v is None:
-            raise BadRequest("new_version is required")
-        await asyncio.to_thread(engine.sched.command, "set_version", str(v), bool(body.get("abort_all_requests", True)))
+        v = body["new_version"]
+        await asyncio.to_thread(engine.sched.command, "set_version", v, body["abort_all_requests"])
         return {"success": True, "message": f"Weight version updated to {v}", "new_version": str(v)}
 
     @app.get("/get_weight_version")
@@ -600,7 +604,8 @@ def build_app(engine: Engine):
         engine_route(path, method, off_loop=off_loop)
 
     @post("/update_weights_from_tensor")
-    async def _from_tensor():
+    async def _from_tensor(request: Request):
+        await body_of(request)  # checked against its model like every control route's body
         refused = engine._no_session("update_weights_from_tensor")
         if refused is not None:
             return JSONResponse(refused[1], status_code=refused[0])

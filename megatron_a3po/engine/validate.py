@@ -3,15 +3,22 @@
 A bad request is a ``BadRequest`` (HTTP 400, ``{"error": {"message": ...}}``) whose message names the
 field; nothing reaches the scheduler (or the tokenizer) unchecked. Limits a client cannot exceed are
 ``Limits`` (engine flags ``--max-n``, ``--max-batch-prompts``, ``--max-prompt-chars``, the context length).
-The JSON schemas here describe the bodies in the engine's OpenAPI document (``/openapi.json``), which the
-fuzz test drives; the handlers still parse the raw body, so a malformed body is a 400 like SGLang's, not
-FastAPI's 422.
+The control routes' bodies are pydantic models (``CONTROL_MODELS``, one per route: strict types, no
+NaN/inf); the same models give their schemas in the engine's OpenAPI document (``/openapi.json``), which
+the fuzz test drives. A control body that fails its model is answered as SGLang answers one (HTTP 400,
+``{"object": "error", "message", "type": "Bad Request", "param": null, "code": 400}``) and nothing is stored.
+The handlers parse the raw body themselves, so a malformed body is a 400 like SGLang's, not FastAPI's 422.
+The /generate checks are still hand-written here (``check_generate``), with the JSON schema beside them that
+describes its body in the OpenAPI document.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from megatron_a3po.engine.scheduler import Sampling
 
@@ -230,34 +237,6 @@ def check_generate(body, vocab: int, limits: Limits):
     return prompts, ids is None, single, parsed, rids, ret_lp
 
 
-def check_group_body(body: dict) -> None:
-    """/init_weights_update_group fields (their presence is checked by the caller)."""
-    if not isinstance(body["master_address"], str) or not body["master_address"]:
-        raise BadRequest(f"master_address must be a host name or address, got {body['master_address']!r:.80}")
-    _int(body["master_port"], "master_port", 1, 65535)
-    world = _int(body["world_size"], "world_size", 2)
-    _int(body["rank_offset"], "rank_offset", 1, world - 1)
-    if not isinstance(body["group_name"], str) or not body["group_name"]:
-        raise BadRequest(f"group_name must be a non-empty string, got {body['group_name']!r:.80}")
-
-
-_DTYPES = {"float32", "float16", "bfloat16", "float64", "int64", "int32", "int8", "uint8", "bool"}
-
-
-def check_tensor_specs(names, dtypes, shapes) -> None:
-    """names / dtypes / shapes of a distributed weight update: equal-length lists of valid entries."""
-    if not (isinstance(names, list) and isinstance(dtypes, list) and isinstance(shapes, list)
-            and len(names) == len(dtypes) == len(shapes)):
-        raise BadRequest("names, dtypes and shapes must be lists of equal length")
-    for i, (n, dt, shp) in enumerate(zip(names, dtypes, shapes)):
-        if not isinstance(n, str):
-            raise BadRequest(f"names[{i}] must be a string, got {n!r:.80}")
-        if dt not in _DTYPES:
-            raise BadRequest(f"dtypes[{i}]={dt!r:.80}: expected one of {sorted(_DTYPES)}")
-        if not isinstance(shp, list) or not all(_is_int(x) and x >= 0 for x in shp):
-            raise BadRequest(f"shapes[{i}] must be a list of non-negative integers, got {shp!r:.80}")
-
-
 def body_object(body, route: str) -> dict:
     if body is None:
         return {}
@@ -290,31 +269,134 @@ GENERATE_SCHEMA = {
 }
 
 
-def _obj(**props) -> dict:
-    return {"type": "object", "properties": props}
+# ------------------------------------------------------------------------------- control routes
+# One pydantic model per control route: the route's body is validated with it before anything is stored
+# (strict types: "no" is not a boolean, 7 is not a string; no NaN/inf), and its OpenAPI schema is the
+# model's. Unknown keys are ignored, as SGLang 0.5.23 does (its request structs ignore extra keys; they
+# validate in pydantic's lax mode, so this engine is the stricter of the two).
+class _Body(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 
 
-CONTROL_SCHEMAS = {
-    "/pause_generation": _obj(mode={"type": "string", "enum": ["abort", "retract", "in_place"]}),
-    "/continue_generation": _obj(torch_empty_cache=_BOOL),
-    "/abort_request": _obj(rid=_STR, abort_all=_BOOL),
-    "/update_weights_from_disk": _obj(model_path=_STR, load_format=_STR, weight_version=_STR, flush_cache=_BOOL,
-                                      abort_all_requests=_BOOL),
-    "/update_weight_version": _obj(new_version=_STR, abort_all_requests=_BOOL),
-    "/init_weights_update_group": _obj(master_address=_STR, master_port=_INT, rank_offset=_INT, world_size=_INT,
-                                       group_name=_STR, backend=_STR),
-    "/update_weights_from_distributed": _obj(names={"type": "array", "items": _STR},
-                                             dtypes={"type": "array", "items": _STR},
-                                             shapes={"type": "array", "items": {"type": "array", "items": _INT}},
-                                             group_name=_STR, weight_version=_STR, flush_cache=_BOOL,
-                                             abort_all_requests=_BOOL, load_format=_STR),
-    "/destroy_weights_update_group": _obj(group_name=_STR),
-    "/update_weights_from_tensor": _obj(serialized_named_tensors={"type": "array", "items": _STR},
-                                        load_format=_STR, flush_cache=_BOOL, weight_version=_STR),
-    "/begin_weight_update": _obj(selector={"type": "string", "enum": ["target", "draft", "all"]}),
-    "/end_weight_update": _obj(),
-    "/slow_down": _obj(forward_sleep_time={"type": ["number", "null"], "minimum": 0, "maximum": 10}),
+class PauseGeneration(_Body):
+    mode: Literal["abort", "retract", "in_place"] = "abort"
+
+
+class ContinueGeneration(_Body):
+    torch_empty_cache: bool = False
+
+
+class AbortRequest(_Body):
+    rid: str | None = None
+    abort_all: bool = False
+
+
+class UpdateWeightVersion(_Body):
+    new_version: str
+    abort_all_requests: bool = True
+
+
+class UpdateWeightsFromDisk(_Body):
+    model_path: str
+    load_format: str | None = None
+    weight_version: str | None = None
+    flush_cache: bool = True
+    abort_all_requests: bool = False
+
+
+class InitWeightsUpdateGroup(_Body):
+    master_address: str = Field(min_length=1)
+    master_port: int = Field(ge=1, le=65535)
+    rank_offset: int = Field(ge=1)
+    world_size: int = Field(ge=2)
+    group_name: str = Field(min_length=1)
+    backend: str = "nccl"
+
+    @model_validator(mode="after")
+    def _rank_in_world(self):
+        if self.rank_offset >= self.world_size:
+            raise ValueError(f"rank_offset {self.rank_offset} must be below world_size {self.world_size}")
+        return self
+
+
+DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int8", "uint8", "bool")
+
+
+class UpdateWeightsFromDistributed(_Body):
+    names: list[str]
+    dtypes: list[Literal[DTYPES]]
+    shapes: list[list[Annotated[int, Field(ge=0)]]]
+    group_name: str
+    weight_version: str | None = None
+    flush_cache: bool = True
+    abort_all_requests: bool = False
+    load_format: str | None = None
+
+    @model_validator(mode="after")
+    def _same_length(self):
+        if not len(self.names) == len(self.dtypes) == len(self.shapes):
+            raise ValueError(f"names, dtypes and shapes must have equal lengths, got {len(self.names)}, "
+                             f"{len(self.dtypes)} and {len(self.shapes)}")
+        return self
+
+
+class DestroyWeightsUpdateGroup(_Body):
+    group_name: str
+
+
+class UpdateWeightsFromTensor(_Body):
+    serialized_named_tensors: list[str] = []
+    load_format: str | None = None
+    flush_cache: bool = True
+    weight_version: str | None = None
+
+
+class BeginWeightUpdate(_Body):
+    selector: Literal["target", "draft", "all"] = "all"
+
+
+class EndWeightUpdate(_Body):
+    pass
+
+
+class SlowDown(_Body):
+    forward_sleep_time: float | None = Field(None, ge=0, le=10)
+
+
+CONTROL_MODELS: dict[str, type[_Body]] = {
+    "/pause_generation": PauseGeneration, "/continue_generation": ContinueGeneration,
+    "/abort_request": AbortRequest, "/update_weight_version": UpdateWeightVersion,
+    "/update_weights_from_disk": UpdateWeightsFromDisk, "/init_weights_update_group": InitWeightsUpdateGroup,
+    "/update_weights_from_distributed": UpdateWeightsFromDistributed,
+    "/destroy_weights_update_group": DestroyWeightsUpdateGroup, "/update_weights_from_tensor": UpdateWeightsFromTensor,
+    "/begin_weight_update": BeginWeightUpdate, "/end_weight_update": EndWeightUpdate, "/slow_down": SlowDown,
 }
+
+
+class InvalidBody(BadRequest):
+    """A control route's body failed its model: answered as SGLang answers a request that fails its
+    validation (HTTP 400, ``{"object": "error", "message", "type": "Bad Request", "param": null,
+    "code": 400}``), the message naming each field."""
+
+
+def control_body(route: str, body: dict) -> dict:
+    """``body`` checked against ``route``'s model (``CONTROL_MODELS``), with its defaults filled in; a
+    route without a model gets ``body`` as it is. Raises ``InvalidBody`` naming every bad field."""
+    model = CONTROL_MODELS.get(route)
+    if model is None:
+        return body
+    try:
+        return model.model_validate(body).model_dump()
+    except ValidationError as e:
+        parts = [f"{'.'.join(str(x) for x in err['loc']) or 'body'}: {err['msg']} (got {err['input']!r:.60})"
+                 for err in e.errors()]
+        raise InvalidBody(f"{route}: " + "; ".join(parts)) from None
+
+
+def control_schema(route: str) -> dict:
+    """The OpenAPI schema of ``route``'s body: its model's JSON schema (any object for a route without one)."""
+    model = CONTROL_MODELS.get(route)
+    return model.model_json_schema() if model is not None else {"type": "object"}
 
 
 def openapi_body(schema: dict, required: bool = False) -> dict:

@@ -26,7 +26,8 @@ transport to every server (each call retried), check every server reports the ne
 prompt + partial output with ``max_new_tokens`` reduced; their new tokens carry the new version. If the
 push fails on any server after retries, every server stays paused (none serves mixed weights) and
 ``WeightUpdateError`` is raised (also from later ``get_batch`` calls) until an ``update_weights``
-succeeds.
+succeeds. A streaming push given as a callable (a fresh export per call) is the exception: servers that
+die or hang during it leave the fleet and the others get the weights again from a new export (``_push``).
 
 The controller keeps admission, the staleness bound and the weight updates. Its two helpers: the prompt
 cursor (cursor.py: which prompt comes next, in a seeded per-epoch order, prompts given back first) and
@@ -373,9 +374,7 @@ class Controller:
                 await self.fleet.call_all("/pause_generation", {"mode": self.cfg.pause_mode}, servers=servers,
                                           retries=self.cfg.update_retries)
                 servers = await self._regroup_if_changed(joining, servers)
-                # requests paused in place still hold KV caches: SGLang fails a flush then
-                await self.transport.push(self.fleet, version, retries=self.cfg.update_retries, servers=servers,
-                                          flush_cache=self.cfg.pause_mode != "in_place", **payload)
+                servers = await self._push(version, servers, payload)
                 infos = await self.fleet.call_all("/model_info", None, method="GET", servers=servers,
                                                   retries=self.cfg.update_retries)
                 wrong = {u: i.get("weight_version") for u, i in infos.items() if str(i.get("weight_version")) != str(version)}
@@ -409,6 +408,35 @@ class Controller:
             self.timings["weight_sync_s"] += self.timings["last_weight_sync_s"]
             self._open.set()
             self._tick()
+
+    async def _push(self, version: int, servers, payload: dict):
+        """Push ``version`` to ``servers`` with the transport; returns the servers that got it.
+
+        A streaming push (``named_tensors``) given as a callable that returns a fresh iterator (the trainer
+        exports its weights again) survives servers that die or hang during it: after a failure every
+        server is probed (``Fleet.settle``); if some left the fleet and some remain, the update group is
+        made again over those and the weights are pushed again from a new export (a consumed iterator is
+        never replayed). Each try has one server fewer, so this ends. Any other failure raises."""
+        source = payload.get("named_tensors")
+        again = callable(source) and hasattr(self.transport, "regroup")
+        while True:
+            args = dict(payload, named_tensors=source()) if callable(source) else payload
+            try:
+                # requests paused in place still hold KV caches: SGLang fails a flush then
+                await self.transport.push(self.fleet, version, retries=self.cfg.update_retries, servers=servers,
+                                          flush_cache=self.cfg.pause_mode != "in_place", **args)
+                return servers
+            except Exception as e:  # noqa: BLE001
+                if not again:
+                    raise
+                live = await self.fleet.settle(servers, f"weight push to version {version} failed")
+                if not live or len(live) == len(servers):
+                    raise
+                self.counters["weight_push_retries"] += 1
+                log.warning("weight push to version %d failed (%s); %s left the fleet: pushing again to %s",
+                            version, e, [s.url for s in servers if s not in live], [s.url for s in live])
+                await self.transport.regroup(self.fleet, live)
+                servers = live
 
     async def _wait_live(self):
         """Wait (up to the fleet's hang timeout) until some server is in the fleet."""

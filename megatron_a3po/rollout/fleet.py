@@ -243,6 +243,18 @@ class Fleet:
         s.connect_failures = 0
         return r.status_code == 200
 
+    async def settle(self, servers, why: str) -> list[Server]:
+        """After a failed collective call (a weight push) over ``servers``: probe each now (bounded by
+        ``hang_timeout_s``); one that refuses connections is dead, one that does not answer is hung (both
+        leave the fleet at once, without waiting for the watcher). Returns those still in the fleet."""
+        res = await asyncio.gather(*(self._probe(s) for s in servers))
+        for s, r in zip(servers, res):
+            if r == "refused":
+                self._drop(s, f"{why}: connection refused")
+            elif r == "timeout":
+                self._take_out(s, HUNG, f"{why}: no answer to /model_info within {self.hang_timeout_s:g}s")
+        return [s for s in servers if s.state not in OUT]
+
     async def _check_after_error(self, s: Server, why: str):
         """After a dropped connection: healthy -> keep; refused twice -> dead; else unavailable."""
         if await self._healthy(s):

@@ -127,7 +127,9 @@ class RolloutManager:
 
     def update_weights(self, new_version: int, hf_dir: str | None = None, named_tensors=None,
                        timeout: float | None = None):
-        """Push new weights to every server (disk: ``hf_dir``; NCCL: ``named_tensors`` iterator) and
+        """Push new weights to every server (disk: ``hf_dir``; NCCL: ``named_tensors``, an iterator of
+        ``(name, tensor)`` or a callable returning a fresh one: then a push that loses servers is made again
+        over the others from a new export, see ``Controller._push``) and
         tag generation from now on with ``new_version``. Blocks until every server serves them, or raises
         TimeoutError after ``timeout`` seconds (the update may still be running then)."""
         payload: dict[str, Any] = {}

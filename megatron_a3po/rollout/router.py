@@ -29,13 +29,30 @@ from megatron_a3po.platform.procs import die_with_parent, free_port, stop_proces
 log = logging.getLogger("megatron_a3po.rollout.router")
 
 
+# What the router is left to decide, on purpose (sglang-router 0.3.2's defaults would be: /health every
+# 60 s, a worker unhealthy after 3 failures, 5 retries per request, a circuit breaker after 10 failures):
+# * --disable-health-check: the Fleet (rollout/fleet.py) watches every worker itself with GET /model_info
+#   and takes a dead or hung one off the router (DELETE /workers/<id>) and back (POST /workers) once it is
+#   synced. The router's checks would work against it: SGLang's /health is a generation, which waits out a
+#   pause (a weight push: minutes for 70B) and answers 503 after SGLANG_HEALTH_CHECK_TIMEOUT (20 s), so
+#   3 failed checks would mark healthy, paused workers unhealthy (no requests routed to them) in the middle
+#   of an update. /model_info would not wait, but needs the api key, which the router would only get as a
+#   flag (ps shows it). This disables the runtime checks too (checked: tests/test_sglang_rollout.py).
+# * --disable-retries: the Fleet re-issues a failed request itself (up to 20 times, a new rid each time,
+#   the old one aborted); router retries under it would multiply the attempts and resend the same rid.
+# * --disable-circuit-breaker: a paused or slow worker must not be shut out by the router; the Fleet's
+#   unavailable / hung / dead states do that, with the liveness checks above.
+ROUTER_POLICY_FLAGS = ("--disable-health-check", "--disable-retries", "--disable-circuit-breaker")
+
+
 def router_command(worker_urls: list[str], *, port: int, prometheus_port: int, host: str = "127.0.0.1",
                    prometheus_host: str = "127.0.0.1", policy: str = "round_robin",
                    python: str = sys.executable, extra: list[str] = ()) -> list[str]:
-    """The ``python -m sglang_router.launch_router`` command line (always with explicit prometheus flags)."""
+    """The ``python -m sglang_router.launch_router`` command line (always with explicit prometheus flags
+    and ``ROUTER_POLICY_FLAGS``)."""
     return [python, "-m", "sglang_router.launch_router", "--host", host, "--port", str(port),
             "--worker-urls", *worker_urls, "--policy", policy, "--prometheus-host", prometheus_host,
-            "--prometheus-port", str(prometheus_port), *extra]
+            "--prometheus-port", str(prometheus_port), *ROUTER_POLICY_FLAGS, *extra]
 
 
 def _get_json(url: str, timeout: float = 5.0):

@@ -14,8 +14,12 @@ controller.py); a transport only moves the weights.
   "dtypes", "shapes", "group_name", "flush_cache", "abort_all_requests", "weight_version"}`` to every
   server and, concurrently, broadcasts each tensor from rank 0 in the order of ``names``. Only the last
   bucket carries ``weight_version`` (and ``flush_cache``), so a server reports the new version only
-  once it has every tensor. Collective calls are not retried (a half-done broadcast cannot be
-  replayed); a failure raises and the controller leaves every server paused.
+  once it has every tensor. Each bucket is bounded by ``timeout_s`` (its HTTP calls and the trainer's
+  ``Work.wait``); the group's own timeout is ``2 x timeout_s``, so on NCCL a failed bucket is detected and
+  the group aborted before torch's watchdog acts. A bucket is not retried (a half-done broadcast cannot be
+  replayed): a failed push gives the group up (``stale``); the controller then either pushes again from a
+  new export over the servers still alive (when the caller passed a callable, see controller.py) or
+  fails the update with every server paused, and the next push makes a new group.
   The group's members are fixed when it is made: when the fleet changes (a server died, hung, or comes
   back), ``regroup`` makes a new one over the servers in the fleet (the old one is destroyed on the
   trainer and, best effort, on every server; a new master port), before the next push. A server that
@@ -175,6 +179,7 @@ class NcclTransport:
             torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu"))
         self.timeout_s = timeout_s
         self.group = None
+        self.stale = False  # a push failed on this group: it is made again before the next push
         self.urls: list[str] = []  # the members of the current group, in rank order
         self.regroups = 0
         self._tp_of: dict[str, int] = {}  # a list server_tp is per server of the first group
@@ -205,7 +210,32 @@ class NcclTransport:
         return b
 
     def members_changed(self, servers) -> bool:
-        return self.group is not None and [s.url for s in servers] != self.urls
+        """True when the group must be made again before a push to ``servers``: its members differ, or a
+        push on it failed (a half-done broadcast leaves the survivors' collectives out of step)."""
+        return self.stale or (self.group is not None and [s.url for s in servers] != self.urls)
+
+    @property
+    def group_timeout_s(self) -> float:
+        """The weight group's own process-group timeout (NCCL's watchdog; gloo's op timeout): twice the
+        push's per-bucket bound, so a failed bucket is detected (``timeout_s``) and the group destroyed
+        (NCCL: its communicator aborted) before the watchdog would act (docs/rollout.md, Bounds)."""
+        return 2 * self.timeout_s
+
+    def _abandon(self):
+        """Drop this process's side of a group a push failed on: gloo closes its connections (a server
+        still waiting in that broadcast gets an error at once); NCCL aborts the communicator (kernels
+        that wait for a dead peer end; the watchdog has nothing left to time out)."""
+        self.stale = True
+        if self.group is not None:
+            import torch.distributed as dist
+
+            try:
+                if self.backend == "nccl":
+                    self.group.abort()  # at once, even with a kernel pending on it
+                dist.destroy_process_group(self.group)
+            except Exception as e:  # noqa: BLE001 - it is gone either way
+                log.warning("destroying the failed weight-update group: %s", e)
+            self.group = None
 
     async def regroup(self, fleet: Fleet, servers=None):
         """A new update group over ``servers`` (default: the servers now in the fleet; see the module
@@ -220,12 +250,14 @@ class NcclTransport:
             import torch.distributed as dist
 
             # gloo: local. NCCL: the communicator is torn down here; its peers that left hold no
-            # pending collective (a push that failed mid-broadcast already failed the update)
+            # pending collective (a push that failed mid-broadcast abandoned its group already)
             dist.destroy_process_group(self.group)
             self.group = None
+        self.stale = True  # until the new group is made (a failed regroup is tried again before the next push)
         self.master_port = None  # a new store on a free port (a store of the old group may linger on its port)
         self.regroups += 1
         await self.init(fleet, servers)
+        self.stale = False
 
     async def init(self, fleet: Fleet, servers=None):
         """Make the update group with ``servers`` (default: the fleet): this process's store listens first
@@ -246,7 +278,7 @@ class NcclTransport:
         await asyncio.gather(*(fleet.call_one(s, "/destroy_weights_update_group", {"group_name": self.group_name},
                                               retries=0, timeout=30.0) for s in servers), return_exceptions=True)
         join = asyncio.ensure_future(asyncio.to_thread(init_update_group, self.master_address, self.master_port, 0,
-                                                       world, self.group_name, self.backend, self.timeout_s,
+                                                       world, self.group_name, self.backend, self.group_timeout_s,
                                                        store=store))
         res = await asyncio.gather(*(fleet.call_one(s, "/init_weights_update_group", bodies[s.url], retries=0,
                                                     timeout=self.timeout_s) for s in servers), return_exceptions=True)
@@ -260,11 +292,21 @@ class NcclTransport:
             raise FleetError(f"init_weights_update_group failed: {e}") from e
 
     def _broadcast(self, bucket: list):
+        """Broadcast a bucket from rank 0 and wait for it, at most ``timeout_s`` (``Work.wait``'s timeout:
+        on NCCL a broadcast only enqueues, and a peer that died leaves it pending; this wait is what
+        bounds it, well before the group's own timeout)."""
+        import time
+        from datetime import timedelta
+
         import torch.distributed as dist
 
-        for _, t in bucket:
-            t = t.detach().to(self.device).contiguous()
-            dist.broadcast(t, src=0, group=self.group)
+        deadline = time.monotonic() + self.timeout_s
+        works = [dist.broadcast(t.detach().to(self.device).contiguous(), src=0, group=self.group, async_op=True)
+                 for _, t in bucket]
+        for w in works:
+            left = deadline - time.monotonic()
+            if left <= 0 or not w.wait(timeout=timedelta(seconds=left)):
+                raise TimeoutError(f"a weight bucket's broadcast did not finish within {self.timeout_s:g}s")
 
     async def push(self, fleet: Fleet, version: int, *, named_tensors=None, retries: int = 0, flush_cache: bool = True,
                    servers=None, **_):
@@ -272,7 +314,8 @@ class NcclTransport:
         distributed update outside one, and then never joins the broadcast), send every bucket, close the
         session (``/end_weight_update``, also after a failure)."""
         if self.group is None:
-            raise FleetError("NcclTransport.init(fleet) must run before push")
+            raise FleetError("NcclTransport.init(fleet) must run before push"
+                             + (" (the last push failed: regroup first)" if self.stale else ""))
         if named_tensors is None:
             raise ValueError("NcclTransport.push needs named_tensors (an iterable of (name, tensor))")
         servers = fleet.live() if servers is None else list(servers)
@@ -283,18 +326,41 @@ class NcclTransport:
             await asyncio.gather(*(_begin_session(fleet, s) for s in servers))
             for bucket, last in _with_last(buckets(named_tensors, self.bucket_bytes)):
                 body = self.update_body(bucket, version, last, flush_cache)
-                http = asyncio.gather(*(fleet.call_one(s, "/update_weights_from_distributed", body, retries=0,
-                                                       timeout=self.timeout_s) for s in servers),
-                                      return_exceptions=True)
-                bc = asyncio.to_thread(self._broadcast, bucket)
-                res_http, res_bc = await asyncio.gather(http, bc, return_exceptions=True)
-                if isinstance(res_bc, BaseException):
-                    raise FleetError(f"weight broadcast failed: {res_bc}") from res_bc
-                for r in res_http:
-                    if isinstance(r, BaseException):
-                        raise r if isinstance(r, ServerCallError) else FleetError(str(r))
+                await self._bucket(fleet, servers, bucket, body)
+        except BaseException:
+            self._abandon()
+            raise
         finally:
             await _end_sessions(fleet, servers, retries)
+
+    async def _bucket(self, fleet: Fleet, servers, bucket: list, body: dict):
+        """One bucket: its HTTP call to every server and, concurrently, the broadcast. The first failure
+        ends it at once: a server still waiting in the broadcast (its sender failed on another peer) would
+        otherwise hold its HTTP call until the bucket's bound; the pending calls are cancelled, the group is
+        given up (that ends the broadcast's wait on NCCL; on gloo it ends at its deadline), then this raises."""
+        calls = {asyncio.ensure_future(fleet.call_one(s, "/update_weights_from_distributed", body, retries=0,
+                                                      timeout=self.timeout_s)): s for s in servers}
+        bc = asyncio.ensure_future(asyncio.to_thread(self._broadcast, bucket))
+        pending, err = {bc, *calls}, None
+        while pending and err is None:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                e = t.exception()
+                if t is bc and e is not None:
+                    err = FleetError(f"weight broadcast failed: {e}")
+                elif t is not bc and e is not None:
+                    err = e if isinstance(e, ServerCallError) else FleetError(f"{calls[t].url}: {e}")
+                elif t is not bc and t.result() is None:  # it left the fleet (dead or hung): its part is missing
+                    err = FleetError(f"{calls[t].url} left the fleet during the weight push")
+        if err is None:
+            return
+        for t in pending:
+            if t is not bc:
+                t.cancel()
+        if not bc.done():
+            self._abandon()
+            await asyncio.gather(bc, return_exceptions=True)  # bounded by the bucket's deadline
+        raise err
 
     async def destroy(self, fleet: Fleet):
         try:

@@ -287,7 +287,9 @@ class RolloutSide:
         return out
 
     def update_weights(self, version: int, weights_dir: Path | None = None, named_tensors=None):
-        """Push ``version`` to every engine: from ``weights_dir`` (disk) or ``named_tensors`` (nccl).
+        """Push ``version`` to every engine: from ``weights_dir`` (disk) or ``named_tensors`` (nccl,
+        tensor): an iterator of ``(name, tensor)``, or a callable returning a fresh one (an engine lost
+        during the push is then survived: the others get the weights again from a new export).
         A running evaluation finishes first, so every eval token comes from the version it evaluates."""
         self.wait_eval()
         try:
