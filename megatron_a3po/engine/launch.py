@@ -7,7 +7,7 @@
 
     launch_engines(d, n=2, backend="sglang")             # SGLang's own server (``sglang_command``)
 
-``sglang_command`` is the one builder of SGLang's command line: ``launch.fleet`` writes it for GPU
+``sglang_command`` is the one builder of SGLang's command line: ``launch.supervisor`` writes it for GPU
 nodes, and with ``cpu=True`` it adds the flags SGLang 0.5.23 needs on a CPU (``SGLANG_CPU_FLAGS``, with
 ``SGLANG_USE_CPU_ENGINE=1`` in the environment: ``sglang_env``), which is how the trainer
 (``rollout.backend=sglang`` without engine URLs) and the tests start it here. SGLang runs from its own

@@ -362,7 +362,6 @@ class Engine:
                      "end_weight_update()"}
 
     def update_from_distributed(self, body: dict) -> tuple[int, dict]:
-        import torch.distributed as dist
 
         refused = self._no_session("update_weights_from_distributed")
         if refused is not None:  # before the broadcast: this server never joins it

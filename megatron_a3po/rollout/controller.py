@@ -76,7 +76,7 @@ class ControllerConfig:
     seed: int = 0
     # not None: every request carries a ``sampling_seed`` derived from (this, group id, sample, segment),
     # so what a sample draws does not depend on which other requests the engine batches it with (a group
-    # request is a batch of n prompts, each with its own seed). trainer/fleet.py:controller_config sets it
+    # request is a batch of n prompts, each with its own seed). trainer/rollout_side.py:controller_config sets it
     # for the CPU backend.
     sampling_seed: int | None = None
     epochs: int | None = None  # None: cycle over the data forever

@@ -1,4 +1,4 @@
-"""Start, wait for and stop an ``sglang-router`` (0.3.2) process; used by the tests and ``launch.fleet``.
+"""Start, wait for and stop an ``sglang-router`` (0.3.2) process; used by the tests and ``launch.supervisor``.
 
     rp = start_router(["http://127.0.0.1:30000", "http://127.0.0.1:30001"], log_path="router.log")
     rp.wait_ready()                  # GET /readiness says ready and /workers lists every worker healthy

@@ -226,8 +226,12 @@ class TrainingRecipe:
         """
         rc = self.cfg.rollout
         if rc.weight_sync in ("nccl", "tensor"):  # streamed: nothing touches the disk
-            named = (nt for bucket in self.actor.export_hf_weights(rc.weight_sync_bucket_mb << 20) for nt in bucket)
-            self.lead.push_stream(version, named)
+            def export():
+                return (nt for bucket in self.actor.export_hf_weights(rc.weight_sync_bucket_mb << 20) for nt in bucket)
+
+            # one rank: after an engine died mid-push the transport exports again for the survivors; with
+            # more ranks the export is a collective every rank runs once, in step (docs/rollout.md, "Bounds")
+            self.lead.push_stream(version, export if world_size() == 1 else export())
             return
         wdir = self.run_dir / "weights" / f"v{version}"
         self.actor.save_hf(wdir, tokenizer_dir=self.tok_dir, fsync=False)  # read at once by the engines, deleted soon

@@ -69,7 +69,8 @@ class Lead:
             try:
                 self.side.update_weights(version, named_tensors=named)
             finally:  # after a failed push: the rest of the export's collectives, with the other ranks
-                drain(named)
+                if not callable(named):  # a callable export is a one-rank run's: nothing to drain
+                    drain(named)
 
         on_rank0(push)
 
