@@ -243,7 +243,10 @@ def build_slurm(run, recipe, layout, args):
                   container_mounts=list(c.container_mounts), env_vars=dict(c.env_vars), heterogeneous=True,
                   exclusive=c.exclusive or None, job_name_prefix=f"{c.job_name}-", tunnel=tunnel,
                   packager=packager, monitor_group_job_wait_time=c.monitor_wait_s,
-                  wait_time_for_group_job=c.group_start_gap_s)
+                  wait_time_for_group_job=c.group_start_gap_s,
+                  # nemo-run's own start-time poller is a thread printing to stdout after we return (it broke
+                  # --detach's last line, the job id, whenever the job was still PENDING); launch.status reports
+                  poll_estimated_start_time=False)
     ex_trainer = run.SlurmExecutor(nodes=layout.trainer_nodes, setup_lines=slurm_setup_lines(layout.rollout_nodes),
                                    **common)
     # each group its own image: the trainer's (NGC PyTorch + megatron-core), SGLang's own for the fleet
