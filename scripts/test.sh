@@ -10,4 +10,4 @@ export A3PO_SGLANG_VENV="${A3PO_SGLANG_VENV:-$PWD/.venv-sglang}"
 bash scripts/sglang_env.sh >/dev/null || echo "test.sh: SGLang's environment could not be built; the real-SGLang tests will be skipped (reason in $A3PO_SGLANG_VENV/.build-failed)" >&2
 . .venv/bin/activate
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" TOKENIZERS_PARALLELISM=false
-exec python -m pytest -q -ra "$@"
+exec python -m pytest -q -ra --durations=25 "$@"  # the slowest 25: the suite must stay under 25 min
