@@ -33,3 +33,19 @@ def save_result(name: str, obj: dict) -> Path:
     write_json_atomic(path, obj)
     return path
 
+
+
+def parse_args(argv, description: str | None = None, *, prog: str | None = None, helps: dict | None = None,
+               **defaults):
+    """A benchmark's flags from its defaults: ``--name-with-dashes`` per keyword, typed as its default
+    (a bool is a switch that turns it on; None takes a string), with optional help texts by keyword."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog=prog, description=description)
+    for key, default in defaults.items():
+        flag, text = "--" + key.replace("_", "-"), (helps or {}).get(key)
+        if isinstance(default, bool):
+            ap.add_argument(flag, action="store_true", default=default, help=text)
+        else:
+            ap.add_argument(flag, type=str if default is None else type(default), default=default, help=text)
+    return ap.parse_args(argv)

@@ -16,7 +16,6 @@ copy's GB/s (1.0 = as fast as copying the files). Prints a table, saves bench/re
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import statistics
@@ -24,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import machine, save_result
+from bench.common import machine, parse_args, save_result
 
 
 def build_hf(out: Path, layers: int, hidden: int, vocab: int) -> Path:
@@ -83,15 +82,8 @@ def _same_tensors(a: Path, b: Path) -> int:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--layers", type=int, default=12)
-    ap.add_argument("--hidden", type=int, default=1024)
-    ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--tp", type=int, default=1)
-    ap.add_argument("--pp", type=int, default=1)
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--workdir", default=None, help="scratch dir on the disk to measure (default: a temp dir)")
-    args = ap.parse_args(argv)
+    args = parse_args(argv, __doc__.split("\n\n")[0], layers=12, hidden=1024, vocab=32000, tp=1, pp=1, reps=3,
+                      workdir=None, helps={"workdir": "scratch dir on the disk to measure (default: a temp dir)"})
     from tools.convert_ckpt.cli import build_parser, hf_to_mcore, mcore_to_hf
 
     work = Path(tempfile.mkdtemp(prefix="a3po-convert-bench-", dir=args.workdir))

@@ -11,14 +11,13 @@ bench/results/reference.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
 
 import torch
 
-from bench.common import RESULTS as _RESULTS_DIR, machine
+from bench.common import RESULTS as _RESULTS_DIR, machine, parse_args
 
 RESULTS = _RESULTS_DIR / "reference.json"
 
@@ -40,14 +39,7 @@ def main(argv=None) -> dict:
     from megatron_a3po.models.tiny import build_tiny_hf_model, tiny_hf_config
     from megatron_a3po.trainer.reference import ReferencePolicy
 
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--hidden", type=int, default=512)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--reps", type=int, default=3)
-    a = ap.parse_args(argv)
+    a = parse_args(argv, hidden=512, layers=4, vocab=32000, batch=4, seq=128, reps=3)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     cfg = tiny_hf_config("qwen2", vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.hidden * 11 // 4,
                          num_hidden_layers=a.layers, num_attention_heads=8, num_key_value_heads=2,

@@ -8,14 +8,13 @@ Prints a table, writes bench/results/rollout.json and the "Rollout" section of d
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import re
 import tempfile
 import time
 from pathlib import Path
 
-from bench.common import machine
+from bench.common import machine, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 CHARS = "0123456789+-=* abcdefghijklmnopqrstuvwxyz"
@@ -151,19 +150,9 @@ def write_docs(res: dict):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--groups", type=int, default=32)
-    ap.add_argument("--n", type=int, default=4)
-    ap.add_argument("--max-new-tokens", type=int, default=48)
-    ap.add_argument("--inflight", type=int, default=8)
-    ap.add_argument("--engines", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--loop-steps", type=int, default=10)
-    ap.add_argument("--loop-groups", type=int, default=4)
-    ap.add_argument("--train-s", type=float, default=1.0)
-    ap.add_argument("--quick", action="store_true", help="a smaller run (smoke test)")
-    ap.add_argument("--no-docs", action="store_true")
-    args = ap.parse_args(argv)
+    args = parse_args(argv, groups=32, n=4, max_new_tokens=48, inflight=8, engines=1, repeats=3, loop_steps=10,
+                      loop_groups=4, train_s=1.0, quick=False, no_docs=False,
+                      helps={"quick": "a smaller run (smoke test)"})
     if args.quick:
         args.groups, args.max_new_tokens, args.loop_steps, args.repeats = 8, 16, 3, 1
 

@@ -16,7 +16,6 @@ these numbers.
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import tempfile
@@ -25,7 +24,7 @@ from pathlib import Path
 import httpx
 import torch
 
-from bench.common import machine, save_result
+from bench.common import machine, parse_args, save_result
 
 
 def _model(root: Path, hidden: int, layers: int) -> str:
@@ -86,14 +85,8 @@ def _stats(samples, trainer) -> dict:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m bench.sglang_mismatch", description=__doc__.splitlines()[0])
-    ap.add_argument("--samples", type=int, default=64)
-    ap.add_argument("--new-tokens", type=int, default=48)
-    ap.add_argument("--prompt-len", type=int, default=16)
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
+    args = parse_args(argv, __doc__.splitlines()[0], prog="python -m bench.sglang_mismatch", samples=64,
+                      new_tokens=48, prompt_len=16, hidden=256, layers=4, seed=0)
 
     from megatron_a3po.platform import init_distributed
     from megatron_a3po.platform.procs import free_port

@@ -20,7 +20,6 @@ Prints a table, saves bench/results/weight_sync.json.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import multiprocessing as mp
 import os
@@ -32,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import machine, save_result
+from bench.common import machine, parse_args, save_result
 
 
 def _build(root: Path, layers: int, hidden: int, vocab: int):
@@ -97,13 +96,7 @@ def plain_copy(src: Path, dst: Path, reps: int) -> float:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--hidden", type=int, default=1024)
-    ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--bucket-mb", type=int, default=64)
-    ap.add_argument("--reps", type=int, default=3)
-    args = ap.parse_args(argv)
+    args = parse_args(argv, __doc__.split("\n\n")[0], layers=8, hidden=1024, vocab=32000, bucket_mb=64, reps=3)
 
     import httpx
     from transformers import AutoConfig

@@ -52,12 +52,13 @@ def _train_and_swap(d, placement):
     samples = random_samples(2, 2, 3, lambda k: (3 + k % 2, 2 + k))
     stats = [actor.train_step(samples, 5, group_size=2) for _ in range(2)]   # the weights move
     before = {n: t.clone() for b in actor.export_hf_weights(64 << 20) for n, t in b}
-    mbs = actor._microbatches(samples, list(range(len(samples))))
+    share = actor._split([[s] for s in samples], 1)[0]
+    mbs = actor._microbatches(share)
     actor.recompute_logprobs(mbs, attr="cur_logp")
     with actor.reference.swapped_in():
         actor.recompute_logprobs(mbs, attr="ref_logp")
     after = {n: t.clone() for b in actor.export_hf_weights(64 << 20) for n, t in b}
-    rows = [(mb.sample_index, mb.ref_logp, mb.cur_logp, mb.loss_mask) for mb in mbs]
+    rows = [([share.positions[i] for i in mb.sample_index], mb.ref_logp, mb.cur_logp, mb.loss_mask) for mb in mbs]
     return dict(stats=stats, same=all(torch.equal(before[n], after[n]) for n in before), rows=rows,
                 nbytes=actor.reference.nbytes)
 

@@ -48,7 +48,7 @@ def _worker(rank, world, d, full=True):
     orig = A.collate
 
     def counting_collate(samples, indices, seq_len, *a, **k):
-        packed.extend((samples[i].group_id, samples[i].length) for i in indices)
+        packed.append((seq_len, [(samples[i].group_id, samples[i].length) for i in indices]))
         return orig(samples, indices, seq_len, *a, **k)
 
     A.collate = counting_collate
@@ -73,32 +73,28 @@ def _worker(rank, world, d, full=True):
 
 
 @pytest.mark.slow
-def test_each_dp_rank_packs_only_its_token_balanced_share(tmp_path):
+def test_each_dp_rank_packs_its_share_of_every_minibatch(tmp_path):
+    """Read off what each rank hands the model: every sample of the batch once over the two ranks, each
+    rank at least one micro-batch of every minibatch (it joins the gradient reduction), every
+    micro-batch under the budget and padded to its longest row, and the ranks' padded work even up to
+    one micro-batch (the busiest rank is what the step waits for)."""
     from megatron_a3po.models.tiny import save_tiny_hf_model
     from megatron_a3po.platform.procs import run_distributed
 
     d = str(save_tiny_hf_model(tmp_path / "m", "qwen2", num_hidden_layers=1))
     r0, r1 = run_distributed(_worker, 2, d, False, timeout=600)
-    # each DP rank packs whole groups of its own, disjoint, together the whole batch, balanced in tokens
-    tokens = {}
-    for s in _samples(0):
-        tokens[s.group_id] = tokens.get(s.group_id, 0) + s.length
-    g0 = {g for g, _ in r0["packed"]}
-    g1 = {g for g, _ in r1["packed"]}
-    assert not g0 & g1, f"both DP ranks packed groups {sorted(g0 & g1)}"
-    assert g0 | g1 == set(tokens)
-    for r in (r0, r1):  # whole groups: every sample of a packed group, once
-        assert sorted(L for _, L in r["packed"]) == sorted(s.length for s in _samples(0) if s.group_id in
-                                                           {g for g, _ in r["packed"]})
-    t0, t1 = sum(L for _, L in r0["packed"]), sum(L for _, L in r1["packed"])
-    assert t0 + t1 == sum(tokens.values())
-    # balanced by tokens: per minibatch (groups 0-2, 3-5) the larger share exceeds the smaller by at
-    # most the largest group of that minibatch
-    for lo, hi in ((0, 3), (3, 6)):
-        a = sum(L for g, L in r0["packed"] if lo <= g < hi)
-        b = sum(L for g, L in r1["packed"] if lo <= g < hi)
-        assert a > 0 and b > 0
-        assert abs(a - b) <= max(tokens[g] for g in range(lo, hi))
+    batch = sorted((s.group_id, s.length) for s in _samples(0))
+    assert sorted(x for r in (r0, r1) for _, rows in r["packed"] for x in rows) == batch
+    for lo, hi in ((0, 3), (3, 6)):  # minibatch 0: groups 0-2, minibatch 1: groups 3-5
+        work = []
+        for r in (r0, r1):
+            mbs = [(S, rows) for S, rows in r["packed"] if lo <= rows[0][0] < hi]
+            assert mbs, "a DP rank got no micro-batch of a minibatch"
+            for S, rows in mbs:
+                assert all(lo <= g < hi for g, _ in rows)  # a micro-batch holds one minibatch's samples
+                assert S == max(L for _, L in rows) and S * len(rows) <= 64
+            work.append([S * len(rows) for S, rows in mbs])
+        assert abs(sum(work[0]) - sum(work[1])) <= max(max(w) for w in work) + 0.05 * 64 * max(map(len, work))
 
 
 @pytest.mark.slow

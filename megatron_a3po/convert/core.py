@@ -183,6 +183,23 @@ def _stage_of(model_chunks, arch, pp: int):
     return stage
 
 
+def _export_placement(model_chunks, arch, dst: int):
+    """For a multi-rank export: is this rank in ``dst``'s data-parallel replica (its pipeline group holds
+    ``dst``, its TP groups gather), the pipeline-group index of ``dst``'s stage (on the replica's TP rank
+    0; None elsewhere), and the stage owning each parameter."""
+    from megatron.core import parallel_state as ps
+
+    tp_rank, _ = _tp()
+    in_replica = ps.get_data_parallel_rank() == 0
+    if global_rank() == dst and (tp_rank != 0 or not in_replica):
+        raise ValueError(f"export_hf_weights: dst={dst} must be TP rank 0 of data-parallel replica 0")
+    dst_stage = None
+    if in_replica and tp_rank == 0:
+        pp_ranks = dist.get_process_group_ranks(ps.get_pipeline_model_parallel_group())
+        dst_stage = pp_ranks.index(dst) if dst in pp_ranks else None
+    return in_replica, dst_stage, _stage_of(model_chunks, arch, ps.get_pipeline_model_parallel_world_size())
+
+
 def export_hf_weights(model_chunks, hf_config, bucket_bytes: int = 512 << 20, *,
                       stats: ExportStats | None = None, dtype: torch.dtype | None = None, dst: int = 0
                       ) -> Iterator[list[tuple[str, torch.Tensor]]]:
@@ -202,7 +219,6 @@ def export_hf_weights(model_chunks, hf_config, bucket_bytes: int = 512 << 20, *,
     arch = arch_from_hf(hf_config)
     fam = get_family(arch.family)
     tp_rank, tp = _tp()
-    pp = ps.get_pipeline_model_parallel_world_size()
     world = world_size()
     me = global_rank()
     tp_group = ps.get_tensor_model_parallel_group()
@@ -216,19 +232,8 @@ def export_hf_weights(model_chunks, hf_config, bucket_bytes: int = 512 << 20, *,
             mine[(layer, key)] = p
     st = stats if stats is not None else ExportStats()
     st.bucket_bytes = bucket_bytes
-    if world > 1:
-        # the replica of ``dst``: its pipeline group holds rank ``dst``; its TP groups gather
-        in_replica = ps.get_data_parallel_rank() == 0
-        dst_stage = None
-        pp_ranks = dist.get_process_group_ranks(pp_group)
-        if me == dst:
-            if tp_rank != 0 or not in_replica:
-                raise ValueError(f"export_hf_weights: dst={dst} must be TP rank 0 of data-parallel replica 0")
-        if in_replica and tp_rank == 0:
-            dst_stage = pp_ranks.index(dst) if dst in pp_ranks else None
-        stage_of = _stage_of(model_chunks, arch, pp)
-    else:
-        in_replica, dst_stage, stage_of = True, 0, (lambda layer, key: 0)
+    in_replica, dst_stage, stage_of = _export_placement(model_chunks, arch, dst) if world > 1 else (
+        True, 0, lambda layer, key: 0)
     bucket: list[tuple[str, torch.Tensor]] = []
     held = 0
     for layer, key in _global_param_order(model_chunks, arch, fam):

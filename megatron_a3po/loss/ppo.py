@@ -154,20 +154,7 @@ def decoupled_ppo_loss(logp: torch.Tensor, behave_logp: torch.Tensor, prox_logp:
     if pg_variant == "gspo":   # s_i = exp(mean over the sequence of log r): value s_i, gradient s_i * grad lt
         log_s = seq_sum(log_r.detach(), mask, seq_ids) / seq_token_count(mask, seq_ids, dt).clamp(min=1)
         ratio = torch.exp(log_s + (lt - lt.detach()))
-    lo, hi = 1.0 - eps_clip, 1.0 + eps_high
-    dual = torch.zeros_like(mask)
-    if pg_variant == "cispo":  # REINFORCE with a clipped, stop-gradient weight: no token loses its gradient
-        clipped = keep & ((r < lo) | (r > hi))
-        pg = -adv * r.detach().clamp(lo, hi) * lt
-    else:
-        pg1 = -adv * ratio
-        pg2 = -adv * ratio.clamp(lo, hi)
-        clipped = keep & (pg2 > pg1)                # the clipped term is active: zero gradient there
-        pg = torch.where(pg2 > pg1, pg2, pg1)
-        if dual_clip is not None:
-            bound = dual_clip * adv.abs()
-            dual = keep & (adv < 0) & (pg > bound)
-            pg = torch.where((adv < 0) & (pg > bound), bound, pg)
+    pg, clipped, dual = _pg_term(pg_variant, adv, r, ratio, lt, keep, 1.0 - eps_clip, 1.0 + eps_high, dual_clip)
     if token_scale is None:
         loss = torch.where(keep, w * pg, zero).sum() / n
     else:
@@ -179,28 +166,53 @@ def decoupled_ppo_loss(logp: torch.Tensor, behave_logp: torch.Tensor, prox_logp:
         loss = loss + kl_coef * kl_term
         extra[M.KL_REF] = kl.detach().sum() / n
 
-    with torch.no_grad():
-        r_d = r.detach()
-        inf = torch.tensor(float("inf"), dtype=dt, device=logp.device)
-        stats = {
-            M.PG_LOSS: loss.detach(),
-            M.NUM_TOKENS: mask.sum(),
-            M.RATIO_MAX: torch.where(mask, r_d, -inf).max() if mask.numel() else -inf,
-            M.RATIO_MIN: torch.where(mask, r_d, inf).min() if mask.numel() else inf,
-            M.RATIO_MEAN: torch.where(mask, r_d, zero).sum() / n,
-            M.BEHAVE_W_MAX: torch.where(mask, w_behave, -inf).max() if mask.numel() else -inf,
-            M.BEHAVE_W_MEAN: torch.where(mask, w_behave, zero).sum() / n,
-            M.BEHAVE_W_CAPPED: capped.sum(),
-            M.BEHAVE_W_CAPPED_FRAC: capped.sum().to(dt) / n,
-            M.CLIP_COUNT: clipped.sum(),
-            M.CLIP_FRAC: clipped.sum().to(dt) / n,
-            M.DUAL_CLIP_COUNT: dual.sum(),
-            # k3 estimator of KL(pi_prox || pi_theta) over masked tokens: E[(r - 1) - log r] >= 0
-            M.APPROX_KL: torch.where(mask, torch.expm1(log_r.detach()) - log_r.detach(), zero).sum() / n,
-        }
-        stats.update(extra)
-        if entropy is not None:
-            if entropy.shape != logp.shape:
-                raise ValueError(f"entropy shape {tuple(entropy.shape)} must equal logp shape {tuple(logp.shape)}")
-            stats[M.ENTROPY] = torch.where(mask, entropy.detach().to(dt), zero).sum() / n
+    stats = _stats(loss, mask, r, w_behave, capped, clipped, dual, log_r, n, extra, entropy)
     return loss, stats
+
+
+def _pg_term(pg_variant: str, adv, r, ratio, lt, keep, lo: float, hi: float, dual_clip: float | None):
+    """The per-token policy-gradient term before the behaviour weight, and the masks of the tokens the
+    clip (``clipped``) and the dual clip (``dual``) act on."""
+    dual = torch.zeros_like(keep)
+    if pg_variant == "cispo":  # REINFORCE with a clipped, stop-gradient weight: no token loses its gradient
+        return -adv * r.detach().clamp(lo, hi) * lt, keep & ((r < lo) | (r > hi)), dual
+    pg1 = -adv * ratio
+    pg2 = -adv * ratio.clamp(lo, hi)
+    clipped = keep & (pg2 > pg1)                # the clipped term is active: zero gradient there
+    pg = torch.where(pg2 > pg1, pg2, pg1)
+    if dual_clip is not None:
+        bound = dual_clip * adv.abs()
+        dual = keep & (adv < 0) & (pg > bound)
+        pg = torch.where((adv < 0) & (pg > bound), bound, pg)
+    return pg, clipped, dual
+
+
+@torch.no_grad()
+def _stats(loss, mask, r, w_behave, capped, clipped, dual, log_r, n, extra: dict, entropy) -> dict:
+    """The logged statistics of one micro-batch (detached; means pre-divided by ``n``)."""
+    dt = n.dtype
+    zero = torch.zeros((), dtype=dt, device=r.device)
+    r_d = r.detach()
+    inf = torch.tensor(float("inf"), dtype=dt, device=r.device)
+    stats = {
+        M.PG_LOSS: loss.detach(),
+        M.NUM_TOKENS: mask.sum(),
+        M.RATIO_MAX: torch.where(mask, r_d, -inf).max() if mask.numel() else -inf,
+        M.RATIO_MIN: torch.where(mask, r_d, inf).min() if mask.numel() else inf,
+        M.RATIO_MEAN: torch.where(mask, r_d, zero).sum() / n,
+        M.BEHAVE_W_MAX: torch.where(mask, w_behave, -inf).max() if mask.numel() else -inf,
+        M.BEHAVE_W_MEAN: torch.where(mask, w_behave, zero).sum() / n,
+        M.BEHAVE_W_CAPPED: capped.sum(),
+        M.BEHAVE_W_CAPPED_FRAC: capped.sum().to(dt) / n,
+        M.CLIP_COUNT: clipped.sum(),
+        M.CLIP_FRAC: clipped.sum().to(dt) / n,
+        M.DUAL_CLIP_COUNT: dual.sum(),
+        # k3 estimator of KL(pi_prox || pi_theta) over masked tokens: E[(r - 1) - log r] >= 0
+        M.APPROX_KL: torch.where(mask, torch.expm1(log_r.detach()) - log_r.detach(), zero).sum() / n,
+    }
+    stats.update(extra)
+    if entropy is not None:
+        if entropy.shape != mask.shape:
+            raise ValueError(f"entropy shape {tuple(entropy.shape)} must equal logp shape {tuple(mask.shape)}")
+        stats[M.ENTROPY] = torch.where(mask, entropy.detach().to(dt), zero).sum() / n
+    return stats

@@ -3,9 +3,9 @@
 One training step (``train_step``) takes a batch of samples and the trainer's policy version V, then
   1. in recompute/metrics mode, runs one forward-only pass with the weights at the start of the step
      to get the proximal log-probs (frozen for all minibatches);
-  2. splits the batch into ``ppo_n_minibatches`` minibatches (whole prompt groups), deals each
-     minibatch's groups to the data-parallel ranks by tokens (packing.plan_data_parallel), packs this
-     rank's share into micro-batches under ``max_tokens_per_mb`` and runs Megatron's pipeline schedule
+  2. splits the batch into ``ppo_n_minibatches`` minibatches (whole prompt groups), packs each
+     minibatch's samples into micro-batches under ``max_tokens_per_mb`` and deals them to the
+     data-parallel ranks (packing.plan_minibatch, batch.dp_split), runs Megatron's pipeline schedule
      with the loss of megatron_a3po.loss.pipeline, then one optimizer update per minibatch (the
      gradients of the DP shares are summed by Megatron's DDP; the loss is the global token mean).
 Every mode runs the same code; only the proximal log-probs differ, so mode comparisons are fair.
@@ -24,9 +24,8 @@ from megatron_a3po import metrics as M
 from megatron_a3po.config import LossCfg, ParallelCfg, TrainerCfg
 from megatron_a3po.platform import comm_device, device, synchronize, to_host
 from megatron_a3po.platform.gpu import IntervalTimer
-from megatron_a3po.trainer.batch import MicroBatch, TrainSample, collate, dp_split
+from megatron_a3po.trainer.batch import MicroBatch, Share, TrainSample, collate, dp_split
 from megatron_a3po.trainer.optim import build_optimizer, lr_at
-from megatron_a3po.trainer.packing import dp_shares, pack_microbatches
 
 log = logging.getLogger("megatron_a3po.trainer.actor")
 
@@ -115,11 +114,16 @@ class Actor:
                   num_microbatches=len(mbs), seq_length=max(m.tokens.shape[1] for m in mbs),
                   micro_batch_size=max(m.tokens.shape[0] for m in mbs), forward_only=forward_only)
 
-    def _microbatches(self, samples: list[TrainSample], idx: list[int]) -> list[MicroBatch]:
-        sub = [samples[i] for i in idx]
-        plans = pack_microbatches([s.length for s in sub], self.tc.max_tokens_per_mb, pad_multiple=self.pad_multiple)
+    def _microbatches(self, share: Share) -> list[MicroBatch]:
         dev = device()  # the model's: the schedule hands micro-batches to it as they are
-        return [collate(sub, p.indices, p.seq_len, device=dev) for p in plans]
+        return [collate(share.samples, p.indices, p.seq_len, device=dev) for p in share.plans]
+
+    def _split(self, groups: list[list[TrainSample]], n_minibatches: int) -> list[Share]:
+        """This DP rank's shares of a batch given whole on every rank (``dp_split``)."""
+        ps = _ps()
+        per_dp = dp_split(groups, [[s.length for s in g] for g in groups], n_minibatches,
+                          ps.get_data_parallel_world_size(), self.tc.max_tokens_per_mb, self.pad_multiple)
+        return per_dp[ps.get_data_parallel_rank()]
 
     def _global_tokens(self, mbs) -> int:
         return self._global_counts(mbs)[0]
@@ -172,13 +176,9 @@ class Actor:
         if len(samples) % group_size:
             raise ValueError(f"{len(samples)} samples is not a whole number of groups of {group_size}")
         groups = [samples[i:i + group_size] for i in range(0, len(samples), group_size)]
-        ps = _ps()
-        per_dp = dp_split(groups, [sum(s.length for s in g) for g in groups], self.tc.ppo_n_minibatches,
-                          ps.get_data_parallel_world_size())
-        share = per_dp[ps.get_data_parallel_rank()]
-        return self.train_share([[s for g in mb for s in g] for mb in share], current_version)
+        return self.train_share(self._split(groups, self.tc.ppo_n_minibatches), current_version)
 
-    def train_share(self, shares: list[list[TrainSample]], current_version: int) -> dict:
+    def train_share(self, shares: list[Share], current_version: int) -> dict:
         """One PPO step (one optimizer update per entry of ``shares``: this DP rank's samples of each
         minibatch); returns the logged stats of the whole batch on global rank 0 ({} elsewhere)."""
         from megatron_a3po.loss import aggregate_stats
@@ -187,7 +187,7 @@ class Actor:
         tc, lc = self.tc, self.lc
         mode = tc.mode
         t_step = time.perf_counter()
-        minibatches = [self._microbatches(share, list(range(len(share)))) for share in shares]
+        minibatches = [self._microbatches(share) for share in shares]
         times = defaultdict(float)
         prox_timer = IntervalTimer()  # the loss's proximal step, timed with device events
         t_recompute = 0.0
@@ -230,7 +230,7 @@ class Actor:
                 per_minibatch.append(aggregate_stats({k: v for k, v in o.items() if not k.startswith("_")}
                                                      for o in out))
         self.step_count += 1
-        n_tok = float(sum(s.length for share in shares for s in share))
+        n_tok = float(sum(s.length for share in shares for s in share.samples))
         t_prox = t_recompute + prox_timer.seconds
         gathered = self._gather_to_rank0((per_minibatch, t_prox, n_tok, kl_penalty,
                                           audit.partials() if audit is not None else None))
@@ -253,7 +253,7 @@ class Actor:
         if self.reference is not None:
             stats[M.TIME_REF] = ref_s
             pens = [g[3] for g in gathered if g[3] is not None]
-            if pens:  # KL in the reward: the mean over the data-parallel ranks' shares
+            if pens:  # KL in the reward: each rank's value is its minibatches' mean over all their samples
                 stats[M.KL_REF_REWARD_PENALTY] = sum(pens) / len(pens)
         if audit is not None:
             stats.update(audit.finish([g[4] for g in gathered]))
@@ -300,17 +300,16 @@ class Actor:
             return seconds, None
         from megatron_a3po.trainer.reference import penalise_advantages
 
+        dp_group = _ps().get_data_parallel_group()
         pen = [penalise_advantages(mbs, share, coef=lc.kl_coef, estimator=lc.kl_estimator, adv_norm=lc.adv_norm,
-                                   adv_eps=lc.adv_eps) for share, mbs in zip(shares, minibatches) if share]
+                                   adv_eps=lc.adv_eps, group=dp_group) for share, mbs in zip(shares, minibatches)]
         return seconds, (sum(pen) / len(pen) if pen else 0.0)
 
     def sft_step(self, samples: list[TrainSample]) -> float:
         """One supervised step on the response tokens (warm start); returns the mean NLL."""
         from megatron_a3po.loss.pipeline import sft_forward_step
 
-        ps = _ps()
-        mine = dp_shares([s.length for s in samples], ps.get_data_parallel_world_size())[ps.get_data_parallel_rank()]
-        mbs = self._microbatches(samples, mine)
+        mbs = self._microbatches(self._split([[s] for s in samples], 1)[0])
         n = self._global_tokens(mbs)
         self.set_lr(self.tc.warm_start_lr)
         self.optim.zero_grad()

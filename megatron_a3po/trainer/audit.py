@@ -209,7 +209,7 @@ class Auditor:
             mb.prox_logp = None  # the loss of an approximating mode must not see it
         sa.tokens = float(sum(mb.num_tokens for mb in sel))
         sa.tokens_total = float(sum(mb.num_tokens for _, mb in flat))
-        self.last_audited = [shares[k][i] for k, mb in (flat[j] for j in chosen) for i in mb.sample_index]
+        self.last_audited = [shares[k].samples[i] for k, mb in (flat[j] for j in chosen) for i in mb.sample_index]
         return sa
 
 

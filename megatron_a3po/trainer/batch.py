@@ -38,15 +38,43 @@ class TrainSample:
         return len(self.prompt_ids) + len(self.response_ids)
 
 
-def dp_split(groups: list, tokens: list[int], n_minibatches: int, dp: int) -> list[list[list]]:
-    """``per_dp[r][k]``: the prompt groups data-parallel rank ``r`` trains on in minibatch ``k``, by the
-    plan of ``packing.plan_data_parallel`` (contiguous minibatches of whole groups, each minibatch's groups
-    dealt to the ranks by ``tokens``, one count per group). The one data-parallel split: the trainer deals
-    rank 0's batch with it (trainer/loop.py), ``Actor.train_step`` takes its own rank's share."""
-    from megatron_a3po.trainer.packing import plan_data_parallel
+@dataclass
+class Share:
+    """One data-parallel rank's part of one minibatch: its samples (in micro-batch order) and the
+    micro-batches to pack them into (``plans``: indices into ``samples``). ``positions[i]`` is sample i's
+    index in the whole minibatch of ``minibatch_size`` samples: a prompt group may be split over the ranks,
+    and trainer/reference.py puts the group back together by it."""
+    samples: list
+    plans: list  # packing.MicroBatchPlan
+    positions: list[int]
+    minibatch_size: int
 
-    plan = plan_data_parallel(tokens, n_minibatches, dp)
-    return [[[groups[g] for g in mb[r]] for mb in plan] for r in range(dp)]
+
+def dp_split(groups: list, lengths: list[list[int]], n_minibatches: int, dp: int, max_tokens_per_mb: int,
+             pad_multiple: int = 1) -> list[list[Share]]:
+    """``per_dp[r][k]``: the ``Share`` data-parallel rank ``r`` trains on in minibatch ``k``. Minibatches
+    are contiguous runs of whole prompt groups (``packing.split_minibatches``); each minibatch's samples
+    (``lengths[g][j]``: sample j of group g) are packed and dealt to the ranks by ``packing.plan_minibatch``.
+    The one data-parallel split: the trainer deals rank 0's batch with it (trainer/loop.py),
+    ``Actor.train_step`` takes its own rank's share."""
+    from megatron_a3po.trainer.packing import MicroBatchPlan, plan_minibatch, split_minibatches
+
+    per_dp: list[list[Share]] = [[] for _ in range(dp)]
+    for k, gidx in enumerate(split_minibatches(len(groups), n_minibatches, 1)):
+        samples = [s for g in gidx for s in groups[g]]
+        lens = [L for g in gidx for L in lengths[g]]
+        try:
+            plan = plan_minibatch(lens, dp, max_tokens_per_mb, pad_multiple=pad_multiple)
+        except ValueError as e:
+            raise ValueError(f"minibatch {k}: {e}") from None
+        for r, mbs in enumerate(plan):
+            order = [i for p in mbs for i in p.indices]
+            plans, at = [], 0
+            for p in mbs:
+                plans.append(MicroBatchPlan(list(range(at, at + len(p.indices))), p.seq_len))
+                at += len(p.indices)
+            per_dp[r].append(Share([samples[i] for i in order], plans, order, len(samples)))
+    return per_dp
 
 
 @dataclass

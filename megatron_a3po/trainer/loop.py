@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -199,9 +200,9 @@ class TrainingRecipe:
         t0 = time.perf_counter()
         V = self.version  # read once per step; constant across this step's minibatches
         groups, rollout_stats = self.lead.batch(V)
-        share = _scatter_shares(groups, tc.ppo_n_minibatches, self.dp_of)  # this rank's groups, per minibatch
+        share = _scatter_shares(groups, tc, self.actor.pad_multiple, self.dp_of)  # this rank's, per minibatch
         t_wait = time.perf_counter() - t0
-        stats = self.actor.train_share([[TrainSample(**s) for g in mb for s in g] for mb in share], V)
+        stats = self.actor.train_share([replace(sh, samples=[TrainSample(**s) for s in sh.samples]) for sh in share], V)
         self.version += 1
         t1 = time.perf_counter()
         self.lead.wait_eval()  # its own wait: the running evaluation ends before the push
@@ -290,16 +291,17 @@ def _dp_ranks() -> list[int]:
     return out
 
 
-def _scatter_shares(groups, n_minibatches: int, dp_of: list[int]):
-    """Rank 0 deals each minibatch's prompt groups to the DP ranks by tokens (batch.dp_split) and sends
-    every rank only its DP rank's share: ``share[k]`` = this rank's groups of minibatch k. The TP/PP ranks
-    of one data-parallel replica receive the same share (collective; ``groups`` is rank 0's)."""
+def _scatter_shares(groups, tc, pad_multiple: int, dp_of: list[int]):
+    """Rank 0 splits the batch (``batch.dp_split``: minibatches of whole prompt groups, each packed into
+    micro-batches dealt to the DP ranks) and sends every rank only its DP rank's ``Share`` of each
+    minibatch. The TP/PP ranks of one data-parallel replica receive the same shares (collective;
+    ``groups`` is rank 0's)."""
     from megatron_a3po.trainer.batch import dp_split
 
     objs = None
     if groups is not None:
-        tokens = [sum(len(s["prompt_ids"]) + len(s["response_ids"]) for s in g) for g in groups]
-        per_dp = dp_split(groups, tokens, n_minibatches, max(dp_of) + 1)
+        lengths = [[len(s["prompt_ids"]) + len(s["response_ids"]) for s in g] for g in groups]
+        per_dp = dp_split(groups, lengths, tc.ppo_n_minibatches, max(dp_of) + 1, tc.max_tokens_per_mb, pad_multiple)
         objs = [per_dp[d] for d in dp_of]
     if len(dp_of) == 1:
         return objs[0]

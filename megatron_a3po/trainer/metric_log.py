@@ -70,7 +70,7 @@ class MetricLoggers:
             b.close()
 
 
-def eval_metrics(entry: dict) -> dict[str, float]:
+def eval_logged(entry: dict) -> dict[str, float]:
     """The ``eval/...`` metrics of an evaluation entry (its other fields: version, seconds, generations)."""
     return {k: v for k, v in entry.items() if k.startswith("eval/")}
 
@@ -144,7 +144,7 @@ class TensorBoard:
 
         w = self.writer
         for ev in entry.evals:
-            for k, v in eval_metrics(ev).items():
+            for k, v in eval_logged(ev).items():
                 w.add_scalar(k, v, ev["version"])
         for k, v in entry.public_stats.items():
             if isinstance(v, (int, float)):
@@ -168,7 +168,7 @@ class Terminal:
 
     def log_step(self, entry: StepLog) -> None:
         for ev in entry.evals:
-            extra = "".join(f" {k.split('/', 1)[1]} {v:.3f}" for k, v in eval_metrics(ev).items() if "pass@" in k)
+            extra = "".join(f" {k.split('/', 1)[1]} {v:.3f}" for k, v in eval_logged(ev).items() if "pass@" in k)
             log.info("eval v%d: accuracy %.3f%s on %d prompts (%.1fs)", ev["version"], ev[M.EVAL_ACCURACY], extra,
                      ev["eval/n_prompts"], ev["seconds"])
         s = entry.stats
@@ -267,7 +267,7 @@ class Wandb:
     def log_step(self, entry: StepLog) -> None:
         data = dict(entry.public_stats)
         for ev in entry.evals:
-            data.update(eval_metrics(ev))
+            data.update(eval_logged(ev))
             data["eval/version"] = ev["version"]
         self.run.log(data, step=entry.step)
 

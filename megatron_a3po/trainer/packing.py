@@ -4,9 +4,9 @@ A micro-batch is a padded [b, S] block (S = its longest sample, rounded up to ``
 tensor-parallel size under sequence parallelism, which splits S over the TP ranks) whose padded size
 b * S stays under ``max_tokens_per_mb``. Samples are sorted by length, longest first, and cut into
 consecutive runs (``pack_microbatches``): a block holds neighbouring lengths, so padding is small.
-Every sample lands in exactly one block. (The packer before this one dealt the longest samples round-robin over the
-blocks to even them out, mixing long and short rows: on GSM8K lengths it padded 0.69 real tokens per
-padded token; bench/packing.py compares the two.)
+Every sample lands in exactly one block. With data parallelism the whole minibatch is packed at once
+and the blocks are dealt to the ranks (``plan_minibatch``): more samples to choose neighbours from than
+one rank's share has. bench/packing.py measures it against the packers before it (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -70,6 +70,66 @@ def pack_microbatches(lengths: list[int], max_tokens_per_mb: int, *, pad_multipl
     return plans[::-1]
 
 
+def _deal(plans: list[MicroBatchPlan], dp: int, fixed: float) -> tuple[list[list[MicroBatchPlan]], float]:
+    """Micro-batches to ``dp`` ranks, largest first, each to the rank with the least work so far (padded
+    tokens + ``fixed`` per micro-batch; ties: fewer micro-batches, then the lower rank). Returns the
+    ranks' micro-batches and the largest rank's work."""
+    load = [0.0] * dp
+    out: list[list[MicroBatchPlan]] = [[] for _ in range(dp)]
+    for p in sorted(plans, key=lambda p: (-p.padded_tokens, p.indices[0])):
+        r = min(range(dp), key=lambda r: (load[r], len(out[r]), r))
+        out[r].append(p)
+        load[r] += p.padded_tokens + fixed
+    return out, max(load)
+
+
+def _at_least(plans: list[MicroBatchPlan], n: int, pad_multiple: int, lengths: list[int]) -> list[MicroBatchPlan]:
+    """Split the micro-batch with the most rows in two (its longer and its shorter half) until there are
+    ``n``: every data-parallel rank needs one (it joins the gradient reduction)."""
+    plans = list(plans)
+    while len(plans) < n:
+        k = max(range(len(plans)), key=lambda k: (len(plans[k].indices), -k))
+        ix = plans[k].indices
+        half = len(ix) // 2
+        parts = [ix[:half], ix[half:]]
+        plans[k:k + 1] = [MicroBatchPlan(q, _round_up(max(lengths[i] for i in q), pad_multiple)) for q in parts]
+    return plans
+
+
+def plan_minibatch(lengths: list[int], dp: int, max_tokens_per_mb: int, *, pad_multiple: int = 1,
+                   overhead: float = MB_OVERHEAD) -> list[list[MicroBatchPlan]]:
+    """Pack one minibatch's samples into micro-batches and deal them to ``dp`` data-parallel ranks:
+    ``plan[r]``, rank r's micro-batches (indices into ``lengths``).
+
+    The whole minibatch is packed at once (``pack_microbatches``), so a micro-batch holds neighbouring
+    lengths of all its samples, not of one rank's share: little padding. The micro-batches are dealt to
+    the ranks by padded tokens (``_deal``). Packed under the full token budget, a few large micro-batches
+    deal unevenly; under half or a quarter of it, more and smaller ones deal evenly at a higher fixed cost.
+    The plan whose busiest rank has the least work (padded tokens + ``overhead * max_tokens_per_mb`` per
+    micro-batch: the step waits for it) is kept. Every rank gets at least one micro-batch, every sample
+    lands in exactly one; a prompt group may be split over ranks (trainer/reference.py sums the
+    per-group terms over the data-parallel group). Deterministic: every caller computes the same plan."""
+    if dp < 1:
+        raise ValueError(f"data-parallel size must be >= 1, got {dp}")
+    if len(lengths) < dp:
+        raise ValueError(f"a minibatch of {len(lengths)} samples cannot give each of the {dp} data-parallel "
+                         "ranks one: raise rollout.batch_prompts or lower trainer.ppo_n_minibatches")
+    fixed = overhead * max_tokens_per_mb
+    longest = _round_up(max(lengths), pad_multiple)
+    best = None
+    budget = max_tokens_per_mb
+    while True:
+        packed = pack_microbatches(lengths, budget, pad_multiple=pad_multiple,
+                                   overhead=overhead * max_tokens_per_mb / budget)  # the same fixed cost
+        plans = _at_least(packed, dp, pad_multiple, lengths)
+        dealt, work = _deal(plans, dp, fixed)
+        if best is None or work < best[1]:
+            best = (dealt, work)
+        budget //= 2
+        if budget < longest or budget < max_tokens_per_mb // 8:
+            return best[0]
+
+
 def split_minibatches(n_samples: int, n_minibatches: int, group_size: int = 1) -> list[list[int]]:
     """Contiguous, equal-as-possible minibatches of sample indices; whole groups stay together."""
     if n_minibatches < 1:
@@ -85,35 +145,3 @@ def split_minibatches(n_samples: int, n_minibatches: int, group_size: int = 1) -
         g1 = (k + 1) * n_groups // n_minibatches
         out.append(list(range(g0 * group_size, g1 * group_size)))
     return out
-
-
-def dp_shares(costs: list[int], dp: int) -> list[list[int]]:
-    """Deal items (prompt groups) to ``dp`` data-parallel ranks so their token counts are even.
-
-    Largest first, each to the rank with the fewest tokens so far (ties: the lower rank); each rank's
-    indices come back in batch order. Every item lands on exactly one rank; no rank is left empty
-    while there are at least ``dp`` items. Deterministic: every caller computes the same split."""
-    if dp < 1:
-        raise ValueError(f"data-parallel size must be >= 1, got {dp}")
-    load = [0] * dp
-    out: list[list[int]] = [[] for _ in range(dp)]
-    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
-        r = min(range(dp), key=lambda r: (load[r], len(out[r]), r))
-        out[r].append(i)
-        load[r] += costs[i]
-    return [sorted(s) for s in out]
-
-
-def plan_data_parallel(group_tokens: list[int], n_minibatches: int, dp: int) -> list[list[list[int]]]:
-    """``plan[k][r]``: the prompt groups (indices into the batch) that DP rank ``r`` trains on in
-    minibatch ``k``. Minibatches are contiguous runs of whole groups (as ``split_minibatches``);
-    inside each, the groups are dealt to the DP ranks by tokens (``dp_shares``)."""
-    mbs = split_minibatches(len(group_tokens), n_minibatches, 1)
-    plan = []
-    for k, idx in enumerate(mbs):
-        if len(idx) < dp:
-            raise ValueError(f"minibatch {k} has {len(idx)} prompt groups, fewer than the {dp} data-parallel "
-                             "ranks: raise rollout.batch_size or lower trainer.ppo_n_minibatches")
-        shares = dp_shares([group_tokens[g] for g in idx], dp)
-        plan.append([[idx[j] for j in s] for s in shares])
-    return plan

@@ -88,24 +88,38 @@ def kl_penalised_advantages(rewards: list[float], kl_sums: list[float], group_id
     return out
 
 
-def penalise_advantages(mbs, samples, *, coef: float, estimator: str, adv_norm: str, adv_eps: float) -> float:
+def penalise_advantages(mbs, share, *, coef: float, estimator: str, adv_norm: str, adv_eps: float,
+                        group=None) -> float:
     """KL in the reward, on the last pipeline stage: each sample's KL estimate summed over its response
     (behaviour log-probs against ``mb.ref_logp``) is subtracted, times ``coef``, from its reward and the
-    group advantages are recomputed into ``mb.advantages``. ``samples``: the minibatch share the
-    micro-batches' ``sample_index`` points into (whole groups). Returns the mean penalty per sample."""
-    from megatron_a3po.loss.kl import kl_estimate
+    group advantages are recomputed into ``mb.advantages``. ``share``: this rank's ``batch.Share`` of the
+    minibatch, which the micro-batches' ``sample_index`` points into. A prompt group may be split over the
+    data-parallel ranks: every rank writes its samples' (KL sum, reward, group id) at their minibatch
+    positions and the rows are summed over ``group`` (the data-parallel group), so each rank normalises
+    whole groups. Returns the mean penalty per sample of the minibatch."""
+    import torch.distributed as dist
 
-    kl_sums = [0.0] * len(samples)
+    from megatron_a3po.loss.kl import kl_estimate
+    from megatron_a3po.platform import comm_device
+
+    rows = torch.zeros(share.minibatch_size, 3, dtype=torch.float64)  # KL sum, reward, group id
     for mb in mbs:
         mask = mb.loss_mask.bool()
         k = kl_estimate(mb.behave_logp.double(), mb.ref_logp.double(), estimator)
         per_row = torch.where(mask, k, torch.zeros_like(k)).sum(-1).tolist()  # one copy to the host
         for row, i in enumerate(mb.sample_index):
-            kl_sums[i] = per_row[row]
-    adv = kl_penalised_advantages([s.reward for s in samples], kl_sums, [s.group_id for s in samples], coef,
+            rows[share.positions[i], 0] = per_row[row]
+    for pos, s in zip(share.positions, share.samples):
+        rows[pos, 1], rows[pos, 2] = s.reward, s.group_id
+    if group is not None and dist.get_world_size(group) > 1:
+        t = rows.to(comm_device())
+        dist.all_reduce(t, group=group)  # each position is filled on exactly one rank
+        rows = t.cpu()
+    kl_sums = rows[:, 0].tolist()
+    adv = kl_penalised_advantages(rows[:, 1].tolist(), kl_sums, [int(g) for g in rows[:, 2].tolist()], coef,
                                   adv_norm, adv_eps)
     for mb in mbs:
-        new = torch.tensor([adv[i] for i in mb.sample_index], dtype=mb.advantages.dtype,
+        new = torch.tensor([adv[share.positions[i]] for i in mb.sample_index], dtype=mb.advantages.dtype,
                            device=mb.advantages.device).unsqueeze(-1)
         mb.advantages = torch.where(mb.loss_mask.bool(), new.expand_as(mb.advantages), torch.zeros_like(mb.advantages))
-    return coef * sum(kl_sums) / max(1, len(samples))
+    return coef * sum(kl_sums) / max(1, len(kl_sums))

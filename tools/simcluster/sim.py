@@ -89,9 +89,11 @@ def default_ranks(spec) -> list[int]:
     return seen
 
 
-def samples_for(recipe, spec, seq_len: int, n_mb: int):
-    """One minibatch of every DP rank's share: ``n_mb`` micro-batches of ``b`` samples of ``seq_len``."""
-    from megatron_a3po.trainer.batch import TrainSample
+def samples_for(recipe, spec, seq_len: int, n_mb: int, pad_multiple: int = 1):
+    """One minibatch of every DP rank's share: ``n_mb`` micro-batches of ``b`` samples of ``seq_len``,
+    packed by the trainer's packer (S padded to ``pad_multiple``)."""
+    from megatron_a3po.trainer.batch import Share, TrainSample
+    from megatron_a3po.trainer.packing import pack_microbatches
 
     tpb = recipe.trainer.max_tokens_per_mb
     b = max(1, tpb // seq_len)
@@ -99,7 +101,8 @@ def samples_for(recipe, spec, seq_len: int, n_mb: int):
     resp = seq_len - prompt
     share = [TrainSample(prompt_ids=[11] * prompt, response_ids=[13] * resp, behave_logprobs=[-0.5] * resp,
                          versions=[3] * resp, advantage=1.0, group_id=i) for i in range(b * n_mb)]
-    return share, b
+    plans = pack_microbatches([s.length for s in share], tpb, pad_multiple=pad_multiple)
+    return Share(share, plans, list(range(len(share))), len(share)), b
 
 
 def _phase(res: RankResult, name: str, fn):
@@ -141,7 +144,7 @@ def simulate_rank(recipe, hf_config, spec, *, seq_len: int, n_mb: int, measure_m
             actor = _phase(res, "build", lambda: build_actor(recipe, hf_config))
             if actor is None:
                 return res
-            share, b = samples_for(recipe, spec, seq_len, n_mb)
+            share, b = samples_for(recipe, spec, seq_len, n_mb, actor.pad_multiple)
             res.checks["micro_batch"] = {"b": b, "seq_len": seq_len, "n_mb": n_mb, "tokens": b * seq_len}
             if "step" in phases:
                 seq_lens = res.checks.setdefault("seq_lens", [])
