@@ -36,6 +36,8 @@ from dataclasses import dataclass
 
 import httpx
 
+from megatron_a3po.rollout.router import parse_workers
+
 log = logging.getLogger("megatron_a3po.rollout.fleet")
 
 UP, UNAVAILABLE, HUNG, DEAD, SYNCING = "up", "unavailable", "hung", "dead", "syncing"
@@ -139,9 +141,7 @@ class Fleet:
             while True:
                 try:
                     r = await self._client.get(f"{self.router.url}/workers", timeout=self.health_timeout)
-                    ws = r.json()
-                    ws = ws.get("workers", []) if isinstance(ws, dict) else ws
-                    self.servers = [Server(w["url"].rstrip("/")) for w in ws]
+                    self.servers = [Server(w["url"]) for w in parse_workers(r.json())]
                     if self.servers:
                         break
                 except (httpx.HTTPError, ValueError, KeyError, TypeError):
@@ -333,9 +333,7 @@ class Fleet:
     # ---- the router's worker list (sglang-router 0.3.2: GET/POST /workers, DELETE /workers/<id>)
     async def _router_ids(self, url: str) -> list[tuple[str, bool]]:
         r = await self._client.get(f"{self.router.url}/workers", timeout=self.health_timeout)
-        ws = r.json()
-        ws = ws.get("workers", []) if isinstance(ws, dict) else ws
-        return [(w.get("id"), bool(w.get("is_healthy", True))) for w in ws if w.get("url", "").rstrip("/") == url]
+        return [(w.get("id"), bool(w.get("is_healthy", True))) for w in parse_workers(r.json()) if w.get("url") == url]
 
     async def _router_remove(self, s: Server):
         try:
