@@ -239,12 +239,12 @@ class WeightSync:
         out again (``release``; reported again at its next answer)."""
         ok = False
         try:
-            ok = await self._resync(c.server)
+            ok = await self._resync(c.server) and await self.fleet.serve_again(c.server, c.prev)
+        except Exception:  # it stays out; the fleet reports it again at its next answer
+            log.exception("bringing %s back failed", c.server.url)
         finally:
             if not ok:
                 self.fleet.release(c.server, c.prev)
-        if ok:
-            await self.fleet.serve_again(c.server, c.prev)
 
     async def _resync(self, s: Server) -> bool:
         """Bring a server that was out of the fleet (hung, dead, restarted) to the served weights before it
