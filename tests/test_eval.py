@@ -17,6 +17,9 @@ class _FakeFleet:
     def __init__(self, tok, version):
         self.tok, self.version, self.calls, self.prompt_len = tok, version, [], {}
 
+    def comebacks(self):  # the controller's weight sync listens; no server of this fleet ever comes back
+        return asyncio.Queue()
+
     async def generate(self, payload, rid_base):
         self.calls.append(rid_base)
         p = int(rid_base.split("-p")[1].split("-")[0])

@@ -98,3 +98,90 @@ def test_launchers_engine_command_parses_with_the_engines_own_parser(monkeypatch
     assert (a.model_path, a.host, a.weight_version, a.threads) == (str(tmp_path / "model"), "127.0.0.1", "7", 2)
     assert a.version_log == str(tmp_path / f"v-{a.port}.jsonl") and a.port > 0 and a.listen_fd is not None
     assert a.enable_test_hooks and a.weights_root == str(tmp_path) and a.max_n == 8
+
+
+def test_a_weight_transport_must_declare_its_capabilities():
+    """The controller's weight sync takes only a ``Transport`` that says whether it can resend and whether
+    it needs a group (and implements what that needs): anything else is refused when it is built."""
+    from megatron_a3po.rollout.weights import DiskTransport, NcclTransport, Transport
+
+    class NoCaps(Transport):
+        async def push(self, fleet, version, **kw): ...
+
+    class GroupWithoutRegroup(Transport):
+        can_resend, needs_group = False, True
+
+        async def push(self, fleet, version, **kw): ...
+
+    class Duck:  # the old duck-typed shape: a push method and nothing declared
+        async def push(self, fleet, version, **kw): ...
+
+    for t, msg in [(NoCaps(), "NoCaps does not declare can_resend, needs_group"),
+                   (GroupWithoutRegroup(), "GroupWithoutRegroup declares needs_group but does not implement "
+                                           "regroup, init"),
+                   (Duck(), "Duck is not a megatron_a3po.rollout.weights.Transport")]:
+        with pytest.raises(TypeError, match=msg):
+            Controller(None, [0], None, None, ControllerConfig(), transport=t)
+    for t in (DiskTransport(), NcclTransport("127.0.0.1", 1, backend="gloo")):
+        Controller(None, [0], None, None, ControllerConfig(), transport=t)
+
+
+def test_a_server_back_is_resynced_by_the_weight_sync_and_no_task_outlives_close(monkeypatch):
+    """A dropped server that answers again is reported by the fleet; the weight sync pauses it, checks its
+    version, continues it and has the fleet put it back on the router. Once both are closed, no task they
+    started is left (HTTP answered by httpx's MockTransport: no server starts)."""
+    import asyncio
+    import json
+
+    import httpx
+
+    from megatron_a3po.rollout import fleet as fleet_mod
+    from megatron_a3po.rollout.sync import WeightSync
+    from megatron_a3po.rollout.weights import DiskTransport
+
+    engine, router = "http://127.0.0.1:1", "http://127.0.0.1:2"
+    down, calls, workers = [False], [], [engine]
+
+    def answer(req: httpx.Request) -> httpx.Response:
+        if str(req.url).startswith(engine):
+            if down[0]:
+                raise httpx.ConnectError("refused", request=req)
+            calls.append(req.url.path)
+            return httpx.Response(200, json={"weight_version": "0"} if req.url.path == "/model_info" else {})
+        if req.method == "POST":
+            workers.append(json.loads(req.content)["url"])
+        elif req.method == "DELETE":
+            workers.clear()
+        return httpx.Response(200, json={"workers": [{"url": u + "/", "id": "w0", "is_healthy": True}
+                                                     for u in workers]})
+
+    client = httpx.AsyncClient
+    monkeypatch.setattr(fleet_mod.httpx, "AsyncClient",
+                        lambda **kw: client(transport=httpx.MockTransport(answer), **kw))
+
+    async def until(cond):
+        for _ in range(400):
+            if cond():
+                return
+            await asyncio.sleep(0.025)
+        raise AssertionError("timed out")
+
+    async def main():
+        fleet = Fleet([engine], router_url=router, health_interval_s=0.05, hang_timeout_s=2.0)
+        sync = WeightSync(fleet, DiskTransport())
+        await fleet.start(5)
+        await sync.start()
+        s = fleet.servers[0]
+        down[0] = True
+        assert await fleet.settle([s], "test") == [] and s.state == "dead"
+        await until(lambda: not workers)  # taken off the router
+        calls.clear()
+        down[0] = False
+        await until(lambda: s.state == "up")
+        assert [c for c in calls if c != "/model_info"] == ["/pause_generation", "/continue_generation"]
+        assert workers == [engine] and fleet.counters["servers_rejoined"] == 1
+        await sync.close()
+        await fleet.close()
+        return asyncio.all_tasks() - {asyncio.current_task()}
+
+    assert asyncio.run(main()) == set()

@@ -134,7 +134,7 @@ def test_engine_killed_mid_push_survivor_gets_the_weights_and_rejoin(tmp_path):
         rm.get_batch(1, 2, timeout=120)
         restarted = launch_engine(dirs[0], port=a.port, version="0", test_hooks=True, timeout=300)
         deadline = time.time() + 60
-        while a.url not in rm.controller._joiners:  # seen again, older weights: held out for the next update
+        while a.url not in rm.controller.sync.joiners:  # seen again, older weights: held out for the next update
             assert time.time() < deadline, f"the restarted engine was not seen within 60 s: {rm.fleet.events}"
             time.sleep(0.2)
         assert a.url not in {s.url for s in rm.fleet.live()}

@@ -7,7 +7,7 @@ import importlib
 # name -> module; imported on first use, so that importing one submodule (a task's reward module in a
 # reward worker process, rewards.py) does not import the whole rollout stack (httpx, torch)
 _EXPORTS = {"RolloutManager": "manager", "ControllerConfig": "controller", "RolloutError": "controller",
-            "WeightUpdateError": "controller", "Batch": "types", "Sample": "types", "group_advantages": "types",
+            "WeightUpdateError": "sync", "Batch": "types", "Sample": "types", "group_advantages": "types",
             "DiskTransport": "weights", "NcclTransport": "weights", "TensorTransport": "weights"}
 __all__ = list(_EXPORTS)
 

@@ -19,21 +19,22 @@ Staleness control, two layers:
    and regenerated, so no prompt is lost. A request aborted by a weight update whose partial output is
    already too old to ever be used is restarted from scratch (``samples_restarted_stale``).
 
-Weight updates (``update_weights``): close the admission gate, ``/pause_generation {"mode":"abort"}``
-on every server (in-flight requests come back with their partial output), push the weights with the
-transport to every server (each call retried), check every server reports the new version, then
-``/continue_generation`` everywhere and reopen the gate. Aborted requests are resubmitted as
-prompt + partial output with ``max_new_tokens`` reduced; their new tokens carry the new version. If the
-push fails on any server after retries, every server stays paused (none serves mixed weights) and
-``WeightUpdateError`` is raised (also from later ``get_batch`` calls) until an ``update_weights``
-succeeds. A streaming push given as a callable (a fresh export per call) is the exception: servers that
-die or hang during it leave the fleet and the others get the weights again from a new export (``_push``).
+Weight updates (``update_weights``) belong to ``WeightSync`` (sync.py, ``self.sync``): close the gate,
+``/pause_generation`` on every server with ``pause_mode`` ("abort": in-flight requests come back with
+their partial output; "in_place": they wait), push the weights with the transport to every server (each
+call retried), check every server reports the new version, then ``/continue_generation`` everywhere and
+reopen the gate. Aborted requests are resubmitted as prompt + partial output with ``max_new_tokens``
+reduced; their new tokens carry the new version. If the push fails on any server after retries, every
+server stays paused (none serves mixed weights) and ``WeightUpdateError`` is raised (also from later
+``get_batch`` calls) until an ``update_weights`` succeeds. A streaming push given as a callable (a fresh
+export per call) is the exception: servers that die or hang during it leave the fleet and the others get
+the weights again from a new export (``WeightSync._push``).
 
-The controller keeps admission, the staleness bound and the weight updates. Its two helpers: the prompt
-cursor (cursor.py: which prompt comes next, in a seeded per-epoch order, prompts given back first) and
-the per-group workflow (workflow.py: one /generate with SGLang's ``n`` per group, aborted samples resumed
-as prompt + partial, rewards and group advantages). With ``adv_batch_norm`` the advantages are
-normalised once more over each delivered batch, here.
+The controller keeps admission and the staleness bound; it reads the served version and the gate from
+``self.sync``. Its two helpers: the prompt cursor (cursor.py: which prompt comes next, in a seeded
+per-epoch order, prompts given back first) and the per-group workflow (workflow.py: one /generate with
+SGLang's ``n`` per group, aborted samples resumed as prompt + partial, rewards and group advantages).
+With ``adv_batch_norm`` the advantages are normalised once more over each delivered batch, here.
 """
 
 from __future__ import annotations
@@ -46,19 +47,16 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from megatron_a3po.rollout.fleet import OUT, BadRequestError, Fleet, FleetError, NoServersError
 from megatron_a3po.rollout.cursor import PromptCursor
 from megatron_a3po.rollout.filters import DynamicSampler, shape_rewards
+from megatron_a3po.rollout.fleet import BadRequestError, Fleet, NoServersError
+from megatron_a3po.rollout.sync import WeightSync, WeightUpdateError
 from megatron_a3po.rollout.types import ADV_EPS, Batch, Sample, batch_normalise
 from megatron_a3po.rollout.workflow import GroupWorkflow, RolloutError, token_versions
 
 __all__ = ["Controller", "ControllerConfig", "RolloutError", "WeightUpdateError", "token_versions"]
 
 log = logging.getLogger("megatron_a3po.rollout.controller")
-
-
-class WeightUpdateError(RuntimeError):
-    pass
 
 
 @dataclass
@@ -85,9 +83,9 @@ class ControllerConfig:
     # ordered: batches follow admission order (group ids), so a run and its resume see the same batches;
     # False: first complete, first served (a little less waiting for stragglers, batches not reproducible)
     ordered: bool = True
-    # how servers pause for a weight update: "abort" (in-flight requests return their partial output and
-    # are resubmitted as prompt + partial) or "in_place" (they wait and continue under the new weights;
-    # their later tokens carry the new version). Either way no token is generated from mixed weights.
+    # how servers pause for a weight update (sync.py): "abort" (in-flight requests return their partial
+    # output and are resubmitted as prompt + partial) or "in_place" (they wait and continue under the new
+    # weights; their later tokens carry the new version). Either way no token is generated from mixed weights.
     pause_mode: str = "abort"
     # advantages (recipe loss.adv_norm / adv_eps / adv_batch_norm; see types.group_advantages)
     adv_norm: str = "mean_std"
@@ -110,26 +108,17 @@ class Controller:
         if not prompts:
             raise ValueError("no prompts to roll out")
         self.fleet, self.prompts, self.task, self.tokenizer, self.cfg = fleet, prompts, task, tokenizer, cfg
-        self.transport = transport
-        # versions: the trainer's, the fleet's, and the newest a batch was consumed at
-        self.trainer_version = self.served_version = initial_version
+        # versions: the trainer's and the newest a batch was consumed at (the served one: ``self.sync``)
+        self.trainer_version = initial_version
         self.last_consumed_version = initial_version - 1
         self.counters: Counter = Counter()
-        self.initial_version = initial_version
-        # the versions this trainer produced: the fleet's initial weights (when it was started from them,
-        # ``fleet_synced``) and every successful push. Tokens of any other version (a fleet the user
-        # started: "default"; a reused one: an earlier run's) are never used. Without ``fleet_synced``
-        # nothing is generated until the first push has brought every server to the trainer's weights.
-        self.fleet_synced = fleet_synced
-        self._produced: set[int] = {initial_version} if fleet_synced else set()
-        self.max_staleness_limit = cfg.max_staleness  # the recipe's bound: set_max_staleness never exceeds it
-        self._last_payload: dict = {}  # the last successful push (hf_dir): resent to a server that rejoins
-        # servers back with older weights that a streaming transport (NCCL) cannot resend: they join the
-        # next weight update (a new update group with them), held out of the fleet until then
-        self._joiners: set[str] = set()
-        if fleet is not None:
-            fleet.on_rejoin = self._rejoin
         self.timings: Counter = Counter()
+        # the served weights, the versions this trainer produced (tokens of any other version are never
+        # used) and every weight update: sync.py
+        self.sync = WeightSync(fleet, transport, pause_mode=cfg.pause_mode, retries=cfg.update_retries,
+                               initial_version=initial_version, fleet_synced=fleet_synced,
+                               counters=self.counters, timings=self.timings)
+        self.max_staleness_limit = cfg.max_staleness  # the recipe's bound: set_max_staleness never exceeds it
         self.ready: list[list[Sample]] = []
         self.inflight: dict[int, tuple[int, asyncio.Task]] = {}
         self.next_gid = 0
@@ -138,16 +127,29 @@ class Controller:
             fleet, task, tokenizer, n_samples=cfg.n_samples, max_new_tokens=cfg.max_new_tokens,
             sampling={"temperature": cfg.temperature, "top_p": cfg.top_p, "top_k": cfg.top_k, **cfg.extra_sampling},
             sampling_seed=cfg.sampling_seed, reward_timeout_s=cfg.reward_timeout_s, adv_norm=cfg.adv_norm,
-            adv_eps=cfg.adv_eps, counters=self.counters, gate=self._gate, too_stale=self._too_stale,
-            reward_shaping=self._reward_shaping(), known_version=self._produced.__contains__)
+            adv_eps=cfg.adv_eps, counters=self.counters, gate=self.sync.gate, too_stale=self._too_stale,
+            reward_shaping=self._reward_shaping(), known_version=self.sync.produced.__contains__)
         self.sampler = None if cfg.dynamic_sampling == "off" else DynamicSampler(
             cfg.dynamic_sampling, cfg.batch_groups, max_drops=cfg.ds_max_drops, min_groups=cfg.ds_min_groups,
             counters=self.counters)
-        self._broken: WeightUpdateError | None = None
         self._fatal: BaseException | None = None
         self._stopping = False
         self.delivered_log: list[tuple[int, int]] = []  # (group_id, prompt_index) for tests/debug
         self._t_start = time.monotonic()
+
+    @property
+    def served_version(self) -> int:
+        """The version the servers serve (what the last successful update pushed)."""
+        return self.sync.served_version
+
+    @served_version.setter
+    def served_version(self, v: int):  # tests without engines stand in for an update
+        self.sync.served_version = v
+
+    def _fail(self, e: BaseException):
+        """The rollout cannot go on (``e``): every later get_batch raises; no server is brought back."""
+        self._fatal = self._fatal or e
+        self.sync.halt()
 
     def _reward_shaping(self):
         """The overlong penalty on a group's rewards (rollout/filters.py), or None when off."""
@@ -178,17 +180,14 @@ class Controller:
     # ---- lifecycle
     async def start(self):
         self._tick_ev = asyncio.Event()
-        self._open = asyncio.Event()
-        if self.fleet_synced:
-            self._open.set()  # else the first successful update_weights opens it
-        self._update_lock = asyncio.Lock()
+        await self.sync.start()
         self._admit_task = asyncio.create_task(self._admit_loop())
 
     async def stop(self):
         self._stopping = True
         self._tick()
         tasks = [t for t in [t for _, t in self.inflight.values()] + [self._admit_task] if t is not None]
-        self._open.clear()  # aborted samples must not be resubmitted: they wait here until cancelled
+        self.sync.halt(close_gate=True)  # aborted samples must not be resubmitted: they wait there until cancelled
         if self.inflight:  # end the servers' side first: a cancelled HTTP request can wait on its reply
             try:
                 await asyncio.wait_for(self.fleet.call_all("/abort_request", {"abort_all": True}, retries=0,
@@ -203,6 +202,7 @@ class Controller:
                 where = "; ".join(_where(t) for t in list(pending)[:3])
                 log.warning("%d rollout task(s) did not stop within 10 s of being cancelled; abandoned (%s)",
                             len(pending), where)
+        await self.sync.close()
 
     def _tick(self):
         self._tick_ev.set()
@@ -216,7 +216,7 @@ class Controller:
 
     # ---- admission
     def _can_admit(self) -> bool:
-        if self._stopping or self._broken or self._fatal or not self._open.is_set():
+        if self._stopping or self.sync.broken or self._fatal or not self.sync.open.is_set():
             return False
         if len(self.inflight) >= self.cfg.max_inflight_groups:
             return False
@@ -236,14 +236,7 @@ class Controller:
                 self.inflight[gid] = (idx, asyncio.create_task(self._run_group(gid, idx)))
             await self._wait_tick(0.5)
 
-    # ---- generation (the per-group workflow, workflow.py), under the controller's gate and bound
-    async def _gate(self):
-        """Wait until requests may be sent (not during a weight update); a failed update stops them."""
-        while not self._open.is_set():
-            await self._open.wait()
-        if self._broken:
-            raise self._broken
-
+    # ---- generation (the per-group workflow, workflow.py), under the weight sync's gate and the bound
     def _too_stale(self, versions: list[int]) -> bool:
         """Whether a sample holding tokens of these versions is past the bound at the earliest trainer
         version it could be consumed at (then it could never be delivered)."""
@@ -264,9 +257,9 @@ class Controller:
         except (NoServersError, BadRequestError, RolloutError) as e:
             if self._fatal is None:  # every in-flight group fails with it: say it once
                 log.error("rollout stopped: %s", e)
-            self._fatal = self._fatal or e
+            self._fail(e)
             self.cursor.give_back(idx, first=True)
-        except Exception as e:  # noqa: BLE001 - retry the prompt
+        except Exception as e:  # any other failure: retry the prompt
             self.counters["groups_failed"] += 1
             self.cursor.give_back(idx)
             log.exception("group %d (prompt %d) failed, re-queued: %s", gid, idx, e)
@@ -322,8 +315,8 @@ class Controller:
         while True:
             if self._fatal:
                 raise RolloutError(f"rollout failed: {self._fatal}") from self._fatal
-            if self._broken:
-                raise self._broken
+            if self.sync.broken:
+                raise self.sync.broken
             self._filter_stale(current_version)
             groups = self._take_ready(num_groups if self.sampler is None else self.sampler.groups_needed(num_groups))
             if groups is not None:
@@ -358,170 +351,16 @@ class Controller:
         return Batch(groups=groups, version=current_version)
 
     async def update_weights(self, version: int, **payload):
-        """Pause(abort) -> push via the transport -> verify -> continue, on every server."""
-        if self.transport is None:
-            raise WeightUpdateError("no weight transport configured")
-        await self._wait_live()
-        async with self._update_lock:
-            t0 = time.monotonic()
-            self._open.clear()
-            joining = [(s, prev) for s in self.fleet.servers if s.url in self._joiners
-                       for prev in [await self.fleet.claim(s)] if prev is not None]
-            # the servers of this update, fixed now: one that comes back meanwhile (syncing, waiting for
-            # this lock to be resynced on its own) is neither paused, pushed to nor checked by it
-            servers = self.fleet.live()
-            try:
-                await self.fleet.call_all("/pause_generation", {"mode": self.cfg.pause_mode}, servers=servers,
-                                          retries=self.cfg.update_retries)
-                servers = await self._regroup_if_changed(joining, servers)
-                servers = await self._push(version, servers, payload)
-                infos = await self.fleet.call_all("/model_info", None, method="GET", servers=servers,
-                                                  retries=self.cfg.update_retries)
-                wrong = {u: i.get("weight_version") for u, i in infos.items() if str(i.get("weight_version")) != str(version)}
-                if wrong:
-                    raise FleetError(f"servers report other weight versions than {version}: {wrong}")
-                self._produced.add(version)  # before continuing: tokens of it may arrive at once
-                await self.fleet.call_all("/continue_generation", {}, servers=servers,
-                                          retries=self.cfg.update_retries)
-            except NoServersError as e:  # e.g. the last engines died during this update
-                self._release(joining)
-                self._fatal = self._fatal or e
-                self._tick()
-                raise RolloutError(f"rollout failed: {e}") from e
-            except Exception as e:  # noqa: BLE001 - any failure after the pause leaves the fleet paused
-                self._release(joining)
-                self.counters["weight_update_failures"] += 1
-                self._broken = WeightUpdateError(
-                    f"weight update to version {version} failed: {e}. Every server is left paused, so none "
-                    "serves mixed weights; call update_weights again to retry.")
-                self._tick()
-                raise self._broken from e
-            for srv, prev in joining:  # they have the new version now: back on the router, served
-                self._joiners.discard(srv.url)
-                await self.fleet.serve_again(srv, prev)
-            self._broken = None
-            self.served_version = version
-            self._last_payload = {k: v for k, v in payload.items() if k == "hf_dir"}
-            self.set_version(version)
-            self.counters["weight_updates"] += 1
-            self.timings["last_weight_sync_s"] = time.monotonic() - t0
-            self.timings["weight_sync_s"] += self.timings["last_weight_sync_s"]
-            self._open.set()
-            self._tick()
-
-    async def _push(self, version: int, servers, payload: dict):
-        """Push ``version`` to ``servers`` with the transport; returns the servers that got it.
-
-        A streaming push (``named_tensors``) given as a callable that returns a fresh iterator (the trainer
-        exports its weights again) survives servers that die or hang during it: after a failure every
-        server is probed (``Fleet.settle``); if some left the fleet and some remain, the update group is
-        made again over those and the weights are pushed again from a new export (a consumed iterator is
-        never replayed). Each try has one server fewer, so this ends. Any other failure raises."""
-        source = payload.get("named_tensors")
-        again = callable(source) and hasattr(self.transport, "regroup")
-        while True:
-            args = dict(payload, named_tensors=source()) if callable(source) else payload
-            try:
-                # requests paused in place still hold KV caches: SGLang fails a flush then
-                await self.transport.push(self.fleet, version, retries=self.cfg.update_retries, servers=servers,
-                                          flush_cache=self.cfg.pause_mode != "in_place", **args)
-                return servers
-            except Exception as e:  # noqa: BLE001
-                if not again:
-                    raise
-                live = await self.fleet.settle(servers, f"weight push to version {version} failed")
-                if not live or len(live) == len(servers):
-                    raise
-                self.counters["weight_push_retries"] += 1
-                log.warning("weight push to version %d failed (%s); %s left the fleet: pushing again to %s",
-                            version, e, [s.url for s in servers if s not in live], [s.url for s in live])
-                await self.transport.regroup(self.fleet, live)
-                servers = live
-
-    async def _wait_live(self):
-        """Wait (up to the fleet's hang timeout) until some server is in the fleet."""
-        deadline = time.monotonic() + self.fleet.hang_timeout_s
-        while not self.fleet.live():
-            if time.monotonic() > deadline:
-                e = self.fleet.no_servers_error()
-                self._fatal = self._fatal or e
-                raise RolloutError(f"rollout failed: {e}") from e
-            await asyncio.sleep(0.2)
-
-    def _release(self, joining):
-        for srv, prev in joining:
-            self.fleet.release(srv, prev)
-
-    async def _regroup_if_changed(self, joining, servers):
-        """A streaming transport's update group is made over fixed members: after the fleet changed, a
-        new one over this update's servers. If the servers coming back break it, they stay out (and are
-        tried again at the next update) and the group is made without them. Returns the servers."""
-        t = self.transport
-        servers = [s for s in servers if s.state not in OUT]
-        if not (hasattr(t, "members_changed") and t.members_changed(servers)):
-            return servers
+        """Pause (``pause_mode``) -> push via the transport -> verify -> continue, on every server
+        (``WeightSync.update``); then generation is tagged with ``version``."""
         try:
-            await t.regroup(self.fleet, servers)
-        except Exception as e:  # noqa: BLE001
-            if not joining:
-                raise
-            log.warning("a new weight-update group with %s failed (%s); making it without them",
-                        [srv.url for srv, _ in joining], e)
-            back = {srv.url for srv, _ in joining}
-            self._release(joining)
-            joining.clear()
-            servers = [s for s in servers if s.url not in back and s.state not in OUT]
-            await t.regroup(self.fleet, servers)
-        return servers
-
-    async def _rejoin(self, s) -> bool:
-        """Bring a server that was out of the fleet (hung, dead, restarted) to the served weights before it
-        serves again: pause(abort) its leftovers, load the last pushed weights (disk transport), check
-        its version, continue. A streaming transport (NCCL) has no weights to resend: a server that still
-        has the served version rejoins at once, one with older weights joins the next weight update.
-        False: it stays out (retried at its next liveness check)."""
-        if self._stopping or self._broken is not None or self._fatal is not None or s.url in self._joiners:
-            return False
-        if not self._produced:  # nothing pushed yet: the first update brings every server to the weights
-            return False
-        async with self._update_lock:
-            try:
-                resend = bool(self._last_payload.get("hf_dir"))
-                # a version number tells the weights only for versions this run pushed (a server the trainer
-                # did not start may report the initial version with other weights): without weights to
-                # resend, such a server joins the next update
-                if not resend and (self.served_version != self.initial_version or not self.fleet_synced):
-                    # nothing to resend: only a server that missed no update (a short hang) rejoins now
-                    # (the next update regroups with it); it is not paused otherwise (it serves nothing
-                    # while out, and /health, a generation, would wait out a pause)
-                    info = await self.fleet.call_one(s, "/model_info", None, method="GET", retries=0)
-                    if info is None:
-                        return False
-                    if str(info.get("weight_version")) != str(self.served_version) or (
-                            not self.fleet_synced and self.served_version == self.initial_version):
-                        if hasattr(self.transport, "regroup"):
-                            self._joiners.add(s.url)
-                            log.warning("server %s is back with older weights: it joins the next weight update",
-                                        s.url)
-                        else:
-                            log.error("server %s cannot be brought to version %d: the %s transport has no "
-                                      "weights to resend; it stays out of the fleet", s.url, self.served_version,
-                                      type(self.transport).__name__)
-                        return False
-                if await self.fleet.call_one(s, "/pause_generation", {"mode": "abort"}, retries=0) is None:
-                    return False
-                if resend:
-                    await self.transport.push(self.fleet, self.served_version, servers=[s],
-                                              retries=self.cfg.update_retries, **self._last_payload)
-                info = await self.fleet.call_one(s, "/model_info", None, method="GET", retries=0)
-                if info is None or str(info.get("weight_version")) != str(self.served_version):
-                    log.warning("server %s reports version %s after its resync, not %d", s.url,
-                                None if info is None else info.get("weight_version"), self.served_version)
-                    return False
-                return await self.fleet.call_one(s, "/continue_generation", {}, retries=0) is not None
-            except Exception as e:  # noqa: BLE001 - it stays out, retried later
-                log.warning("resync of %s to version %d failed: %s", s.url, self.served_version, e)
-                return False
+            await self.sync.update(version, payload)
+        except NoServersError as e:  # e.g. the last engines died during this update
+            self._fail(e)
+            raise RolloutError(f"rollout failed: {e}") from e
+        finally:
+            self._tick()
+        self.set_version(version)
 
     def metrics(self) -> dict[str, Any]:
         el = max(time.monotonic() - self._t_start, 1e-9)

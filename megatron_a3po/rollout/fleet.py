@@ -10,8 +10,10 @@
   are OUT of the fleet: no requests, no control calls, removed from the router (``DELETE /workers/<id>``);
   their in-flight requests are aborted where possible (a healthy worker returns the partial output) and
   re-issued. Each server is watched on its own (a hung one never delays the others' checks). A server
-  that answers again is brought to the current weights by ``on_rejoin`` (the controller: pause(abort),
-  load, verify, continue) and only then re-added (to the router: ``POST /workers``) and served.
+  that answers again goes ``syncing`` and is reported (a ``Comeback`` on the queue ``comebacks()``
+  returns) to the owner of the weights (rollout/sync.py), which decides: it brings the server to the
+  current weights and calls ``serve_again`` (back on the router: ``POST /workers``, then served), or
+  ``release`` (out again, reported again when it next answers). Without an owner it is served at once.
 * No server in the fleet for ``hang_timeout_s``: ``NoServersError`` naming the engines (and their log
   files, ``log_hints``) and what to do.
 * ``call_all(path, body)`` posts a control call (pause, weight update, ...) to every server in the fleet
@@ -35,6 +37,8 @@ from collections import Counter
 from dataclasses import dataclass
 
 import httpx
+
+from megatron_a3po.rollout.router import parse_workers
 
 log = logging.getLogger("megatron_a3po.rollout.fleet")
 
@@ -89,6 +93,14 @@ def sample_rids(body: dict) -> list[str]:
     return [rid]
 
 
+@dataclass
+class Comeback:
+    """A server that was out of the fleet answers again: it is ``syncing`` (control calls reach it,
+    generation does not) until the owner calls ``serve_again(server, prev)`` or ``release(server, prev)``."""
+    server: Server
+    prev: str  # the state it was out in (hung or dead)
+
+
 class _Lost(Exception):
     """The server of a pending call went out of the fleet."""
 
@@ -115,9 +127,9 @@ class Fleet:
         self.dead_after = dead_after_connect_failures
         self.max_attempts = max_attempts
         self.api_key = api_key  # sent as Authorization: Bearer (None: $A3PO_API_KEY, if set)
-        # set by the controller: ``await on_rejoin(server) -> bool`` brings a server that was out back to
-        # the current weights (True: it may serve again)
-        self.on_rejoin = None
+        self._comebacks: asyncio.Queue[Comeback] | None = None  # see comebacks()
+        self._reported: set[str] = set()  # servers reported back and not yet decided on: not watched
+        self._tasks: set[asyncio.Task] = set()  # background work (router removals, aborts): see _spawn
         self.counters: Counter = Counter()
         self.events: list[tuple[float, str, str]] = []  # (time, url, event): the state changes, for logs/tests
         self._rr = itertools.count()
@@ -139,9 +151,7 @@ class Fleet:
             while True:
                 try:
                     r = await self._client.get(f"{self.router.url}/workers", timeout=self.health_timeout)
-                    ws = r.json()
-                    ws = ws.get("workers", []) if isinstance(ws, dict) else ws
-                    self.servers = [Server(w["url"].rstrip("/")) for w in ws]
+                    self.servers = [Server(w["url"]) for w in parse_workers(r.json())]
                     if self.servers:
                         break
                 except (httpx.HTTPError, ValueError, KeyError, TypeError):
@@ -160,10 +170,28 @@ class Fleet:
         self._watch_tasks = [asyncio.create_task(self._watch(s)) for s in self.servers]
 
     async def close(self):
-        for t in self._watch_tasks:
+        """Stop watching and every background task (cancelled, then awaited), then close the client."""
+        tasks = [*self._watch_tasks, *self._tasks]
+        for t in tasks:
             t.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=10.0)  # a cancelled HTTP call ends at once
         if self._client:
             await self._client.aclose()
+
+    def comebacks(self) -> asyncio.Queue[Comeback]:
+        """The queue on which servers that answer again after being out are reported (``Comeback``). The
+        owner of the weights (rollout/sync.py) takes it before ``start`` and decides on each one; a fleet
+        nobody took it from serves such a server again at once."""
+        if self._comebacks is None:
+            self._comebacks = asyncio.Queue()
+        return self._comebacks
+
+    def _spawn(self, coro):
+        """Run ``coro`` in the background, held until it ends (``close`` cancels what is left)."""
+        t = asyncio.create_task(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
 
     # ---- state
     def live(self) -> list[Server]:
@@ -197,7 +225,7 @@ class Fleet:
         s.lost += 1
         if self.router is not None:
             self.router.lost += 1  # which requests the router sent to it is unknown: re-check them all
-            asyncio.create_task(self._router_remove(s))
+            self._spawn(self._router_remove(s))
         self.counters["servers_dropped" if state == DEAD else "servers_hung"] += 1
         self._event(s, f"{'dropped' if state == DEAD else 'hung'}: {why}")
         self._notify()
@@ -269,14 +297,16 @@ class Fleet:
     async def _watch(self, s: Server):
         """Per server, every ``health_interval_s``: a server that does not answer within the hang timeout
         is hung, one that refuses connections is dead (both leave the fleet); one that answers again is
-        brought to the current weights (``on_rejoin``) before it serves again."""
+        reported (``comebacks``), and not watched until the owner has decided on it."""
         while True:
             await asyncio.sleep(self.health_interval_s)
+            if s.url in self._reported:
+                continue
             try:
                 res = await self._probe(s)
                 if s.state in OUT:
                     if res == "ok":
-                        await self._rejoin(s)
+                        await self._back(s)
                     continue
                 if res == "timeout":
                     self._take_out(s, HUNG, f"no answer to /model_info within {self.hang_timeout_s:g}s")
@@ -289,19 +319,17 @@ class Fleet:
                     self._notify()
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - the watcher must keep watching
+            except Exception:  # the watcher must keep watching
                 log.exception("watching %s failed", s.url)
 
-    async def _rejoin(self, s: Server) -> bool:
-        """Sync ``s`` (state ``syncing``: control calls reach it, generation does not), then serve it."""
-        prev, ok = s.state, False
-        s.state = SYNCING
-        try:
-            ok = self.on_rejoin is None or await self.on_rejoin(s)
-        finally:
-            if not ok:
-                self.release(s, prev)
-        return ok and await self.serve_again(s, prev)
+    async def _back(self, s: Server):
+        """``s`` (out) answers again: ``syncing``, reported to the owner (or, without one, served again)."""
+        prev, s.state = s.state, SYNCING
+        if self._comebacks is None:
+            await self.serve_again(s, prev)
+            return
+        self._reported.add(s.url)
+        self._comebacks.put_nowait(Comeback(s, prev))
 
     async def claim(self, s: Server) -> str | None:
         """An out server that answers again goes ``syncing`` (control calls, such as a weight update that
@@ -313,7 +341,8 @@ class Fleet:
         return prev
 
     def release(self, s: Server, prev: str):
-        """Undo ``claim``: back out of the fleet."""
+        """Undo ``claim`` (or a ``Comeback``): back out of the fleet."""
+        self._reported.discard(s.url)
         if s.state == SYNCING:
             s.state = prev
 
@@ -321,6 +350,7 @@ class Fleet:
         """``s`` (syncing) has the current weights: back on the router, then served. False: back to
         ``prev`` (out), retried at its next liveness check."""
         ok = self.router is None or await self._router_add(s)
+        self._reported.discard(s.url)
         if s.state == SYNCING:
             s.state = UP if ok else prev
         if ok:
@@ -333,9 +363,7 @@ class Fleet:
     # ---- the router's worker list (sglang-router 0.3.2: GET/POST /workers, DELETE /workers/<id>)
     async def _router_ids(self, url: str) -> list[tuple[str, bool]]:
         r = await self._client.get(f"{self.router.url}/workers", timeout=self.health_timeout)
-        ws = r.json()
-        ws = ws.get("workers", []) if isinstance(ws, dict) else ws
-        return [(w.get("id"), bool(w.get("is_healthy", True))) for w in ws if w.get("url", "").rstrip("/") == url]
+        return [(w.get("id"), bool(w.get("is_healthy", True))) for w in parse_workers(r.json()) if w.get("url") == url]
 
     async def _router_remove(self, s: Server):
         try:
@@ -395,6 +423,7 @@ class Fleet:
         finally:
             if not task.done():
                 task.cancel()
+                await asyncio.gather(task, return_exceptions=True)  # a cancelled HTTP call ends at once
 
     async def _on_lost(self, s: Server, task, body):
         rid = body.get("rid") if isinstance(body, dict) else None
@@ -423,7 +452,7 @@ class Fleet:
                 self.counters["timeouts"] += 1
                 if s is not self.router:  # behind a router the slow worker is unknown: just re-issue
                     self._mark_unavailable(s, f"/generate timed out ({type(e).__name__})")
-                asyncio.create_task(self.abort(s, body))
+                self._spawn(self.abort(s, body))
             except _CONN_ERRORS as e:
                 self.counters["connection_errors"] += 1
                 if s is self.router:

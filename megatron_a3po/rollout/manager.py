@@ -14,7 +14,7 @@ Typical trainer loop (disk weight sync)::
         batch = rm.get_batch(batch_prompts, current_version=step, timeout=600)
         ...train on batch (trainer/batch.py collate packs it; per-token versions in batch)...
         save_hf(model, d := f"{run}/hf/v{step + 1}")
-        rm.update_weights(step + 1, hf_dir=d)   # pause -> load -> continue, on every server
+        rm.update_weights(step + 1, hf_dir=d)   # pause -> load -> continue, on every server (sync.py)
         log(rm.metrics())
         saved["rollout"] = rm.state_dict()
     rm.close()
@@ -129,7 +129,7 @@ class RolloutManager:
                        timeout: float | None = None):
         """Push new weights to every server (disk: ``hf_dir``; NCCL: ``named_tensors``, an iterator of
         ``(name, tensor)`` or a callable returning a fresh one: then a push that loses servers is made again
-        over the others from a new export, see ``Controller._push``) and
+        over the others from a new export, see ``WeightSync._push``) and
         tag generation from now on with ``new_version``. Blocks until every server serves them, or raises
         TimeoutError after ``timeout`` seconds (the update may still be running then)."""
         payload: dict[str, Any] = {}
@@ -153,17 +153,16 @@ class RolloutManager:
             self._loop)
 
     def init_weight_transport(self):
-        """NCCL transport only: create the update group with every server (call after start())."""
-        t = self.controller.transport
-        if hasattr(t, "init"):
-            self._call(t.init(self.fleet))
+        """Make what the transport's pushes need: the NCCL update group with every server (call after
+        start()); nothing for the others."""
+        self._call(self.controller.sync.init_transport())
 
     def close_transport(self, timeout: float = 30.0):
-        """NCCL transport only: destroy the update group on the trainer and, best effort, on every server."""
-        t = self.controller.transport
-        if self._started and not self._closed and getattr(t, "group", None) is not None:
+        """Give up what ``init_weight_transport`` made: the NCCL update group, on the trainer and, best
+        effort, on every server."""
+        if self._started and not self._closed:
             try:
-                self._call(t.destroy(self.fleet), timeout=timeout)
+                self._call(self.controller.sync.close_transport(), timeout=timeout)
             except Exception as e:  # noqa: BLE001 - shutting down: the servers drop it with their process
                 log.warning("destroying the weight-update group failed: %s", e)
 

@@ -176,7 +176,7 @@ class ReplayController(Controller):
         groups = self.schedule.groups
         while not self._stopping:
             while (self._next < len(self._queue) and len(self.inflight) < self.cfg.max_inflight_groups
-                   and not (self._broken or self._fatal)):
+                   and not (self.sync.broken or self._fatal)):
                 gid, idx = self._queue[self._next]
                 if groups[gid].first_version() > self.served_version:
                     break
@@ -194,7 +194,7 @@ class ReplayController(Controller):
         except Exception as e:  # noqa: BLE001 - a replay cannot regenerate a group differently: stop
             if self._fatal is None:
                 log.error("replay of group %d failed: %s", gid, e)
-            self._fatal = self._fatal or e
+            self._fail(e)
         finally:
             self.inflight.pop(gid, None)
             self._tick()
@@ -213,8 +213,8 @@ class ReplayController(Controller):
         while not all(g.gid in self._done for g in plans):
             if self._fatal:
                 raise RolloutError(f"rollout failed: {self._fatal}") from self._fatal
-            if self._broken:
-                raise self._broken
+            if self.sync.broken:
+                raise self.sync.broken
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise TimeoutError(f"replay get_batch (step {self._step + 1}) timed out after {timeout}s")

@@ -61,12 +61,18 @@ def _get_json(url: str, timeout: float = 5.0):
     return json.loads(raw) if raw else None
 
 
-def router_workers(url: str, timeout: float = 5.0) -> list[dict]:
-    """``GET /workers`` of a router: the registered workers (each with ``url``, ``id``, ``is_healthy``...)."""
-    data = _get_json(f"{url.rstrip('/')}/workers", timeout)
+def parse_workers(data) -> list[dict]:
+    """The workers in a router's ``GET /workers`` answer (sglang-router 0.3.2: ``{"workers": [...]}``; a bare
+    list is read too), each a dict with ``url`` (without a trailing slash), ``id``, ``is_healthy``..."""
     if isinstance(data, dict):
         data = data.get("workers", [])
-    return list(data or [])
+    return [{**w, "url": w["url"].rstrip("/")} if isinstance(w, dict) and isinstance(w.get("url"), str) else w
+            for w in data or []]
+
+
+def router_workers(url: str, timeout: float = 5.0) -> list[dict]:
+    """``GET /workers`` of a router: the registered workers (``parse_workers``)."""
+    return parse_workers(_get_json(f"{url.rstrip('/')}/workers", timeout))
 
 
 def router_ready(url: str, expect: list[str], timeout: float = 5.0) -> bool:
@@ -75,7 +81,7 @@ def router_ready(url: str, expect: list[str], timeout: float = 5.0) -> bool:
         with urllib.request.urlopen(f"{url.rstrip('/')}/readiness", timeout=timeout) as r:
             if r.status != 200:
                 return False
-        workers = {w.get("url", "").rstrip("/"): w for w in router_workers(url, timeout)}
+        workers = {w.get("url", ""): w for w in router_workers(url, timeout)}
     except (urllib.error.URLError, OSError, ValueError):
         return False
     return all(u.rstrip("/") in workers and workers[u.rstrip("/")].get("is_healthy", True) for u in expect)

@@ -1,7 +1,8 @@
 """Weight transports: how new trainer weights reach every rollout server.
 
-The controller always wraps a push in pause(abort) -> push -> verify version -> continue (see
-controller.py); a transport only moves the weights.
+``WeightSync`` (sync.py) wraps every push in pause (``pause_mode``) -> push -> verify version ->
+continue; a transport only moves the weights. Each transport is a ``Transport`` and declares what it can
+do (``can_resend``, ``needs_group``), which is all ``WeightSync`` asks of it.
 
 * ``DiskTransport``: the trainer writes an HF directory; every server gets
   ``POST /update_weights_from_disk {"model_path", "weight_version", "load_format", "flush_cache",
@@ -40,7 +41,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Iterable, Iterator
+from abc import ABC, abstractmethod
+from typing import ClassVar, Iterable, Iterator
 
 import torch
 
@@ -50,7 +52,71 @@ from megatron_a3po.rollout.fleet import Fleet, FleetError, ServerCallError
 log = logging.getLogger("megatron_a3po.rollout.weights")
 
 
-class DiskTransport:
+class Transport(ABC):
+    """How new weights reach the servers. Every transport declares its capabilities as class attributes
+    (``check_transport`` rejects one that does not):
+
+    * ``can_resend``: the last push can be sent again, to a server that comes back with older weights
+      (``resend_payload`` says what of the push to keep for that). A streaming push (tensors, NCCL)
+      consumed its source: it cannot.
+    * ``needs_group``: pushes run over an update group whose members are fixed when it is made (``init``);
+      when the fleet changes the group is made again (``members_changed``, ``regroup``), and a push that
+      loses servers can be made again over the survivors from a fresh export.
+    """
+
+    can_resend: ClassVar[bool]
+    needs_group: ClassVar[bool]
+
+    @abstractmethod
+    async def push(self, fleet: Fleet, version: int, *, retries: int = 2, flush_cache: bool = True,
+                   servers=None, **payload):
+        """Move ``version``'s weights (``payload``: what the trainer handed over) to ``servers``."""
+
+    def resend_payload(self, payload: dict) -> dict | None:
+        """What of a successful push's ``payload`` a later push to one server needs (``can_resend``)."""
+        return None
+
+    async def init(self, fleet: Fleet, servers=None):
+        """Make what pushes need (the update group of a ``needs_group`` transport); after ``Fleet.start``."""
+
+    def members_changed(self, servers) -> bool:
+        """``needs_group``: True when the group must be made again before a push to ``servers``."""
+        return False
+
+    async def regroup(self, fleet: Fleet, servers=None):
+        """``needs_group``: make the update group again over ``servers``."""
+        raise NotImplementedError(f"{type(self).__name__} declares needs_group but has no regroup")
+
+    async def close(self, fleet: Fleet):
+        """Give up what ``init`` made (on the trainer and, best effort, on every server)."""
+
+
+CAPABILITIES = ("can_resend", "needs_group")
+
+
+def check_transport(t) -> Transport:
+    """``t`` if it is a ``Transport`` that declares every capability (a bool) and implements what its
+    capabilities need; else TypeError naming what is missing."""
+    name = type(t).__name__
+    if not isinstance(t, Transport):
+        raise TypeError(f"weight transport {name} is not a megatron_a3po.rollout.weights.Transport")
+    missing = [c for c in CAPABILITIES if not isinstance(getattr(type(t), c, None), bool)]
+    if missing:
+        raise TypeError(f"weight transport {name} does not declare {', '.join(missing)} (class attributes, "
+                        "True or False: see Transport)")
+    need = ([("resend_payload", Transport.resend_payload)] if t.can_resend else []) + (
+        [("regroup", Transport.regroup), ("init", Transport.init)] if t.needs_group else [])
+    lacking = [n for n, base in need if getattr(type(t), n) is base]
+    if lacking:
+        raise TypeError(f"weight transport {name} declares {'can_resend' if t.can_resend else 'needs_group'} "
+                        f"but does not implement {', '.join(lacking)}")
+    return t
+
+
+class DiskTransport(Transport):
+    can_resend = True  # the HF directory stays on disk: a server that comes back loads it
+    needs_group = False
+
     def __init__(self, load_format: str | None = None, flush_cache: bool = True):
         self.load_format = load_format
         self.flush_cache = flush_cache
@@ -70,6 +136,9 @@ class DiskTransport:
             raise ValueError("DiskTransport.push needs hf_dir (the HF directory the trainer wrote)")
         await fleet.call_all("/update_weights_from_disk", self.body(version, hf_dir, flush_cache), retries=retries,
                              timeout=600.0, servers=servers)
+
+    def resend_payload(self, payload: dict) -> dict | None:
+        return {"hf_dir": payload["hf_dir"]} if payload.get("hf_dir") else None
 
 
 async def _begin_session(fleet: Fleet, s):
@@ -119,7 +188,10 @@ def _end_sessions(fleet: Fleet, servers, retries: int):
                           return_exceptions=True)
 
 
-class TensorTransport:
+class TensorTransport(Transport):
+    can_resend = False  # the handles of a push are consumed by it
+    needs_group = False
+
     def __init__(self, *, bucket_bytes: int = 512 << 20, server_tp: int = 1):
         import torch.multiprocessing as tmp
 
@@ -168,7 +240,10 @@ class TensorTransport:
             await _end_sessions(fleet, servers, retries)
 
 
-class NcclTransport:
+class NcclTransport(Transport):
+    can_resend = False  # a broadcast consumes the trainer's export
+    needs_group = True
+
     def __init__(self, master_address: str, master_port: int | None = None, *, group_name: str = "a3po_weights",
                  bucket_bytes: int = 512 << 20, backend: str = "nccl", server_tp: int | list[int] = 1,
                  device: str | torch.device | None = None, timeout_s: float = 300.0):
@@ -183,6 +258,7 @@ class NcclTransport:
         self.urls: list[str] = []  # the members of the current group, in rank order
         self.regroups = 0
         self._tp_of: dict[str, int] = {}  # a list server_tp is per server of the first group
+        self._strays: set[asyncio.Future] = set()  # joins of groups a server refused, until their timeout
 
     def init_bodies(self, urls: list[str]) -> dict[str, dict]:
         if isinstance(self.server_tp, list):
@@ -284,11 +360,12 @@ class NcclTransport:
                                                     timeout=self.timeout_s) for s in servers), return_exceptions=True)
         errs = [r for r in res if isinstance(r, BaseException)]
         if errs:  # the join waits for ranks that will never come: leave it to its timeout, fail now
-            join.add_done_callback(lambda f: f.cancelled() or f.exception())
+            self._strays.add(join)  # held until it ends (its thread cannot be cancelled); close() cancels it
+            join.add_done_callback(lambda f: (self._strays.discard(f), f.cancelled() or f.exception()))
             raise FleetError(f"init_weights_update_group failed: {errs[0]}")
         try:
             self.group = await join
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise FleetError(f"init_weights_update_group failed: {e}") from e
 
     def _broadcast(self, bucket: list):
@@ -359,8 +436,16 @@ class NcclTransport:
                 t.cancel()
         if not bc.done():
             self._abandon()
-            await asyncio.gather(bc, return_exceptions=True)  # bounded by the bucket's deadline
+        # the cancelled calls end at once; the broadcast is bounded by the bucket's deadline
+        await asyncio.gather(*pending, return_exceptions=True)
         raise err
+
+    async def close(self, fleet: Fleet):
+        """Destroy the group (when there is one); stop waiting for the joins of groups that failed."""
+        for f in list(self._strays):
+            f.cancel()
+        if self.group is not None:
+            await self.destroy(fleet)
 
     async def destroy(self, fleet: Fleet):
         try:
