@@ -103,3 +103,21 @@ def wandb_history(path: Path) -> list[dict]:
             if rec.WhichOneof("record_type") == "history":
                 rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item})
     return rows
+
+
+def test_summary_table_skips_sibling_summaries_that_are_not_runs_of_ours(tmp_path, capsys):
+    """A run dir's parent (often /tmp) may hold other programs' summary.json: they are skipped, and a
+    sibling run of the same recipe in another mode gets its column."""
+    import json
+
+    from megatron_a3po.trainer.__main__ import SUMMARY_KEYS, print_summary
+
+    ours = {k: 1.0 for k in SUMMARY_KEYS} | {"mode": "loglinear", "recipe": "demo_cpu", "window": 20, "steps": 3,
+                                            "tensorboard": str(tmp_path / "this" / "tb")}
+    for name, body in (("stranger", {"recipe": "demo_cpu", "status": "ok"}), ("list", [1, 2]),
+                       ("recompute", ours | {"mode": "recompute"})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(json.dumps(body))
+    print_summary(ours, str(tmp_path / "this"))
+    out = capsys.readouterr().out
+    assert "recompute" in out and "loglinear (this run)" in out

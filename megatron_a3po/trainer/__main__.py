@@ -14,8 +14,13 @@ import sys
 from functools import partial
 
 
+SUMMARY_KEYS = ("mode", "window", "first_reward", "last_reward", "prox_time_total_s", "prox_time_mean_ms",
+                "staleness_mean", "steps_per_s", "elapsed_s")  # what print_summary reads of a run
+
+
 def _sibling_summaries(summary: dict, run_dir: str) -> list[dict]:
-    """Summaries of the same recipe in other modes, in sibling run dirs (newest per mode)."""
+    """Summaries of the same recipe in other modes, in sibling run dirs (newest per mode). A sibling
+    ``summary.json`` that is not one of ours (a run dir under /tmp has strangers for siblings) is skipped."""
     import json
     from pathlib import Path
 
@@ -25,7 +30,8 @@ def _sibling_summaries(summary: dict, run_dir: str) -> list[dict]:
             other = json.loads(p.read_text())
         except (OSError, ValueError):
             continue
-        if other.get("recipe", summary.get("recipe")) == summary.get("recipe") and other.get("mode") != summary["mode"]:
+        if (isinstance(other, dict) and all(k in other for k in SUMMARY_KEYS)
+                and other.get("recipe") == summary.get("recipe") and other["mode"] != summary["mode"]):
             found[other["mode"]] = other
     return list(found.values())
 
