@@ -364,7 +364,7 @@ class Engine:
         if body.load_format not in (None, "auto"):
             raise Refused(f"load_format={body.load_format!r} is not supported")
         with self.update_lock:
-            recv = []
+            recv, failed = [], None
             pg = self.groups.get(name)
             try:
                 for n, dt, shp in zip(body.names, body.dtypes, body.shapes):  # every tensor before any check
@@ -372,8 +372,13 @@ class Engine:
                     self._receive(t, pg, name)
                     recv.append((n, t))
             except Exception as e:  # noqa: BLE001 - the group broke (a peer died, the trainer gave it up)
-                raise Refused(f"update_weights_from_distributed: the broadcast on group {name!r} failed after "
-                              f"{len(recv)} of {len(body.names)} tensors: {e}", 500) from None
+                failed = f"the broadcast on group {name!r} failed after {len(recv)} of {len(body.names)} tensors: {e}"
+            # raised here, not in the except block, and without a reference to the group: a traceback that
+            # held one (this frame's, or the receive's through __context__) would let the garbage collector
+            # run the broken group's destructor, which waits on its dead peer, on the event loop
+            pg = None
+            if failed is not None:
+                raise Refused(f"update_weights_from_distributed: {failed}", 500)
             params = dict(self.sched.model.named_parameters())
             bad = [n for n, t in recv if n not in params or tuple(params[n].shape) != tuple(t.shape)]
             if bad:
