@@ -116,6 +116,10 @@ class Engine:
         self.fault: dict[str, Any] = {}
         self.unhealthy = False  # the last /health failed: /ready answers 503 until one passes (as SGLang)
         self.groups: dict[str, Any] = {}  # weight-update process groups by name
+        # destroyed groups, kept: a gloo group whose peer died blocks in its destructor until its timeout,
+        # and the last reference could otherwise drop while the update lock is held (the failed receive's
+        # frame) or on the event loop (an error's traceback): the next update would wait for it
+        self.retired_groups: list[Any] = []
         self.session_lock = threading.Lock()
         self.session_open = False  # between /begin_weight_update and /end_weight_update
         self.sched.start()
@@ -373,9 +377,8 @@ class Engine:
                     recv.append((n, t))
             except Exception as e:  # noqa: BLE001 - the group broke (a peer died, the trainer gave it up)
                 failed = f"the broadcast on group {name!r} failed after {len(recv)} of {len(body.names)} tensors: {e}"
-            # raised here, not in the except block, and without a reference to the group: a traceback that
-            # held one (this frame's, or the receive's through __context__) would let the garbage collector
-            # run the broken group's destructor, which waits on its dead peer, on the event loop
+            # raised here, not in the except block: the error reaching the event loop carries no traceback
+            # of the receive (a destroyed group is kept alive anyway: ``retired_groups``)
             pg = None
             if failed is not None:
                 raise Refused(f"update_weights_from_distributed: {failed}", 500)
@@ -413,6 +416,7 @@ class Engine:
         if pg is None:
             raise Refused(f"group {body.group_name!r} does not exist")
         dist.destroy_process_group(pg)  # returns at once; a receive still pending on it gives up (_receive)
+        self.retired_groups.append(pg)
         return {"success": True, "message": "Succeeded to destroy custom process group."}
 
 
