@@ -214,7 +214,7 @@ def test_kill_restart_stop_and_lose_all_engines_behind_the_real_router(dirs, tmp
                                   version_log=tmp_path / "v-{port}.jsonl", log_dir=logs, timeout=300)
         _wait_event(rm, a.url, "rejoined", 120)
         assert httpx.get(f"{a.url}/model_info").json()["weight_version"] == str(v)
-        assert httpx.get(f"{a.url}/debug/weights_digest").json()["digest"] == _digest_of_dir(served[v])
+        assert httpx.get(f"{a.url}/weights_digest").json()["digest"] == _digest_of_dir(served[v])
         assert a.url in {w["url"] for w in router_workers(rp.url)}
         step()
         # SIGSTOP b for longer than the hang timeout: dropped; generation and updates go on with a
@@ -228,7 +228,7 @@ def test_kill_restart_stop_and_lose_all_engines_behind_the_real_router(dirs, tmp
             os.kill(b.proc.pid, signal.SIGCONT)
         _wait_event(rm, b.url, "rejoined", 120)
         assert httpx.get(f"{b.url}/model_info").json()["weight_version"] == str(v)
-        assert httpx.get(f"{b.url}/debug/weights_digest").json()["digest"] == _digest_of_dir(served[v])
+        assert httpx.get(f"{b.url}/weights_digest").json()["digest"] == _digest_of_dir(served[v])
         step()
         ev = [(u, x) for _, u, x in rm.fleet.events]
         # the healthy engine (a, since its restart) was never marked unavailable because b hung

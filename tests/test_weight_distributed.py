@@ -100,7 +100,7 @@ def test_engine_killed_mid_push_survivor_gets_the_weights_and_rejoin(tmp_path):
     bound = transport.timeout_s + 10.0 + transport.group_timeout_s + n_buckets * transport.timeout_s
 
     def digest(url):
-        return httpx.get(f"{url}/debug/weights_digest", timeout=30).json()["digest"]
+        return httpx.get(f"{url}/weights_digest", timeout=30).json()["digest"]
 
     exports = []
 

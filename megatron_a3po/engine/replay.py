@@ -84,43 +84,30 @@ class Pin:
         return self.spans[-1][0]
 
 
-def parse_replay(body: dict, n: int, store: VersionStore | None,
+def parse_replay(replay, n: int, store: VersionStore | None,
                  deterministic: bool) -> list[tuple[Pin | None, int | None]] | None:
-    """The ``replay`` field of a /generate body: per sample of the request (``n`` in all: every item's
-    samples, in order), its Pin and its own max_new_tokens (None: sampling_params'). None when the body has
-    no such field. Raises BadRequest naming the field."""
-    r = body.get("replay")
-    if r is None:
+    """The ``replay`` field of a /generate body (parsed by ``validate.GenerateRequest``: its shape and types
+    are checked there): per sample of the request (``n`` in all: every item's samples, in order), its Pin
+    and its own max_new_tokens (None: sampling_params'). None when the body has no such field. Raises
+    BadRequest where the engine cannot serve it (flags, sample count, a version it does not hold)."""
+    if replay is None:
         return None
     if store is None or not deterministic:
         raise BadRequest("replay needs an engine started with --keep-weight-versions K and "
                          "--enable-deterministic-inference")
-    if not isinstance(r, dict) or not isinstance(r.get("samples"), list) or set(r) - {"samples"}:
-        raise BadRequest(f"replay must be {{\"samples\": [...]}}, got {r!r:.120}")
-    if len(r["samples"]) != n:
-        raise BadRequest(f"replay.samples has {len(r['samples'])} entries for n={n} samples")
+    if len(replay.samples) != n:
+        raise BadRequest(f"replay.samples has {len(replay.samples)} entries for n={n} samples")
     out: list[tuple[Pin | None, int | None]] = []
     held = set(store.held())
-    for j, smp in enumerate(r["samples"]):
+    for j, smp in enumerate(replay.samples):
         where = f"replay.samples[{j}]"
-        if not isinstance(smp, dict) or set(smp) - {"versions", "max_new_tokens"}:
-            raise BadRequest(f"{where} must be {{\"versions\": [[version, count], ...], \"max_new_tokens\": k}}")
-        cut = smp.get("max_new_tokens")
-        if cut is not None and (not isinstance(cut, int) or isinstance(cut, bool) or cut < 0):
-            raise BadRequest(f"{where}.max_new_tokens must be an integer >= 0, got {cut!r:.80}")
-        spans = smp.get("versions") or []
-        if not isinstance(spans, list):
-            raise BadRequest(f"{where}.versions must be a list of [version, count] pairs")
         parsed = []
-        for k, sp in enumerate(spans):
-            if (not isinstance(sp, list) or len(sp) != 2 or not isinstance(sp[0], (str, int))
-                    or isinstance(sp[0], bool) or not isinstance(sp[1], int) or isinstance(sp[1], bool) or sp[1] < 0):
-                raise BadRequest(f"{where}.versions[{k}] must be [version, count >= 0], got {sp!r:.80}")
-            if str(sp[0]) not in held:
-                raise BadRequest(f"{where}.versions[{k}]: weight version {str(sp[0])!r} is not held by this "
+        for k, (version, count) in enumerate(smp.versions):
+            if str(version) not in held:
+                raise BadRequest(f"{where}.versions[{k}]: weight version {str(version)!r} is not held by this "
                                  f"engine (it holds {sorted(held)}; --keep-weight-versions {store.keep})")
-            parsed.append((str(sp[0]), sp[1]))
-        if not parsed and cut != 0:
+            parsed.append((str(version), count))
+        if not parsed and smp.max_new_tokens != 0:
             raise BadRequest(f"{where}.versions is empty: name the version of its tokens")
-        out.append((Pin(parsed) if parsed else None, cut))
+        out.append((Pin(parsed) if parsed else None, smp.max_new_tokens))
     return out

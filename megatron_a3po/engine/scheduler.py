@@ -15,8 +15,11 @@ output tokens. The log-prob returned for a token is ``log_softmax(logits / T)`` 
 behaviour policy; top-k/top-p/min-p only restrict which ids may be sampled). ``T == 0`` means greedy
 with ``log_softmax(logits)``.
 
-Weights are swapped as a whole model object between steps (the new one is loaded off-thread first), so
-no forward pass ever sees half-updated weights.
+A weight update is a command too, so no forward pass ever sees half-updated weights. The tensors are
+read off-thread first (from disk, or one bucket of a broadcast per command) and then copied into the served
+model's parameters in place (``load``). Only an update from a directory the in-place path cannot read (no
+safetensors files, or a config that differs in a compared key) loads a whole model object, checked to
+have the served architecture, and swaps it in (``swap``).
 """
 
 from __future__ import annotations
@@ -141,7 +144,6 @@ class Scheduler:
         self._forked = False  # the served model is a copy that an update in progress writes into
         self._stop = False
         self._log_lock = threading.Lock()
-        self._log_path = version_log
         self._log_f = open(version_log, "a", buffering=1) if version_log else None
         self.recent_log: list[dict] = []  # last records, served at /debug/version_log
         self.thread = threading.Thread(target=self._loop, name="engine-scheduler", daemon=True)
@@ -169,9 +171,6 @@ class Scheduler:
         if "error" in box:
             raise box["error"]
         return box.get("result")
-
-    def num_active(self) -> int:
-        return len(self.running) + len(self.waiting) + self._incoming.qsize()
 
     # ---- commands (scheduler thread)
     def _cmd_abort(self, rid: str | None, message: str = "Abort request", status_code: int = 200):
@@ -272,7 +271,7 @@ class Scheduler:
                 del self.recent_log[:5000]
         try:
             s.on_done(s)
-        except Exception:  # noqa: BLE001 - a dead HTTP waiter must not kill the scheduler
+        except Exception:  # a dead HTTP waiter must not kill the scheduler (logged)
             log.exception("on_done callback failed for %s", s.rid)
 
     def _check_stop(self, s: Seq, tok: int) -> dict | None:
@@ -413,9 +412,6 @@ class Scheduler:
         return self.store.get(seqs[0].pin.version_at(len(seqs[0].output)))
 
     @torch.inference_mode()
-    def _decode(self, s: Seq) -> bool:
-        return self._decode_batch([s])[0]
-
     def _apply_commands(self):
         while True:
             try:
@@ -454,7 +450,7 @@ class Scheduler:
                 if self.paused or not (self.running or self.waiting):
                     self._wake.wait(timeout=0.05)
                     self._wake.clear()
-            except Exception as e:  # noqa: BLE001 - outside any one request: fail those in the engine, keep serving
+            except Exception as e:  # outside any one request (logged): fail those in the engine, keep serving
                 log.exception("scheduler step failed")
                 for s in self._admitting + self.running + self.waiting:
                     if s.finish is None:

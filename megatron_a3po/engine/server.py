@@ -15,11 +15,14 @@ SGLang, all deliberate:
   non-default values); ``/update_weights_from_tensor`` is refused (inside a session) with 400;
 * ``meta_info.weight_versions`` is always present when a request produced tokens (one span when the
   version did not change);
-* test hooks (only with ``--enable-test-hooks``): ``POST /debug/fault`` to make /generate and /health
-  return 503 or hang for N seconds, to fail the next K weight updates, or to slow every decode step
-  (so that a fast machine still has requests in flight when a weight update lands); ``GET /debug/version_log``
-  returns which version produced each token of the recent requests (also written to
-  ``--version-log FILE`` as jsonl).
+* test hooks (only with ``--enable-test-hooks``; no ``/debug/*`` route exists without it): ``POST
+  /debug/fault`` to make /generate and /health return 503 or hang for N seconds, to fail the next K weight
+  updates, or to slow every decode step (so that a fast machine still has requests in flight when a
+  weight update lands); ``GET /debug/version_log`` returns which version produced each token of the
+  recent requests (also written to ``--version-log FILE`` as jsonl);
+* ``GET /weights_digest`` (not SGLang's): a digest of the served weights, for ``trainer.verify_weight_sync``.
+
+The routes are in engine/routes.py; every body is parsed by its model in engine/validate.py first.
 """
 
 from __future__ import annotations
@@ -37,13 +40,14 @@ from typing import Any
 
 import torch
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse
 
+from megatron_a3po.engine import routes
 from megatron_a3po.engine.auth import KeyMiddleware
-from megatron_a3po.engine.scheduler import EngineError, Scheduler, Seq
+from megatron_a3po.engine.scheduler import Scheduler, Seq
 from megatron_a3po.platform.keys import ADMIN_API_KEY_ENV, API_KEY_ENV
-from megatron_a3po.engine.validate import (GENERATE_SCHEMA, BadRequest, InvalidBody, Limits, body_object,
-                                           check_generate, control_body, control_schema, openapi_body)
+from megatron_a3po.engine.validate import (ApiError, BadRequest, ErrorReply, GenerateRequest, Limits, Refused,
+                                           admit, check_tokenized)
 
 log = logging.getLogger("megatron_a3po.engine")
 
@@ -57,12 +61,6 @@ def load_model(path: str, dtype: str = "float32"):
     model = AutoModelForCausalLM.from_pretrained(str(p), dtype=getattr(torch, dtype))
     model.eval()
     return model
-
-
-class EngineFailure(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = int(status) if 400 <= int(status) <= 599 else 500
 
 
 def _default_prompt_chars(tokenizer, max_context: int | None) -> int | None:
@@ -118,9 +116,12 @@ class Engine:
         self.fault: dict[str, Any] = {}
         self.unhealthy = False  # the last /health failed: /ready answers 503 until one passes (as SGLang)
         self.groups: dict[str, Any] = {}  # weight-update process groups by name
+        # destroyed groups, kept: a gloo group whose peer died blocks in its destructor until its timeout,
+        # and the last reference could otherwise drop while the update lock is held (the failed receive's
+        # frame) or on the event loop (an error's traceback): the next update would wait for it
+        self.retired_groups: list[Any] = []
         self.session_lock = threading.Lock()
         self.session_open = False  # between /begin_weight_update and /end_weight_update
-        self.started = time.time()
         self.sched.start()
 
     # ---- fault hooks (test only)
@@ -136,38 +137,47 @@ class Engine:
         return False
 
     # ---- generate
-    async def generate(self, body: dict) -> Any:
-        # unknown top-level keys are ignored, as SGLang does (sglang-router adds several: background,
-        # log_metrics, model, no_logs, return_bytes, return_entropy, ...); only sampling_params is strict
-        vocab = self.sched.model.config.vocab_size
-        prompts, is_text, single, parsed, rids, ret_lp = check_generate(body, vocab, self.limits)
+    async def generate(self, req: GenerateRequest) -> Any:
+        """Serve a parsed /generate body (validate.GenerateRequest) within the server's limits
+        (validate.admit); the answer SGLang gives: one object for one prompt and one sample, else a list."""
+        adm = admit(req, self.sched.model.config.vocab_size, self.limits)
         pins = None
-        if "replay" in body:  # engine/replay.py: each sample's weight versions (and cut) as recorded
+        if req.replay is not None:  # engine/replay.py: each sample's weight versions (and cut) as recorded
             from megatron_a3po.engine.replay import parse_replay
 
-            pins = parse_replay(body, sum(n for _, n in parsed), self.sched.store,
+            pins = parse_replay(req.replay, sum(n for _, n in adm.sampling), self.sched.store,
                                 self.args.enable_deterministic_inference)
-        if is_text:
+        prompts = adm.prompts
+        if adm.is_text:
             if self.tokenizer is None:
                 raise BadRequest("text input needs a tokenizer (server started with --skip-tokenizer-init)")
             # off the event loop (/health stays responsive); the raw length was checked first
             prompts = await asyncio.to_thread(
-                lambda: [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in prompts])
-            for i, p in enumerate(prompts):
-                name = "text" if single else f"text[{i}]"
-                if not p:
-                    raise BadRequest(f"{name} is empty after tokenising")
-                if self.max_context is not None and len(p) >= self.max_context:
-                    raise BadRequest(f"{name} has {len(p)} tokens; the context length is {self.max_context}")
-        rids = [r if r is not None else uuid.uuid4().hex for r in rids]
+                lambda: [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in adm.prompts])
+            check_tokenized(prompts, adm.single, self.limits)
+        rids = [r if r is not None else uuid.uuid4().hex for r in adm.rids]
 
         if self.fault_active("hang"):
             await asyncio.sleep(max(0.0, self.fault["hang"] - time.time()))
+        seqs, futs, with_lp = self._sequences(prompts, adm, rids, pins)
+        try:
+            done_seqs = await asyncio.gather(*futs)
+        except asyncio.CancelledError:  # client went away: abort its sequences
+            for s in seqs:
+                self.sched._commands.put(("abort", (s.rid, "client disconnected"), threading.Event(), {}))
+            raise
+        failed = [s for s in done_seqs if (s.finish or {}).get("status_code") not in (None, 200)]
+        if failed:  # an error inside the engine (not an abort): an HTTP error, as SGLang turns it into
+            raise ErrorReply(failed[0].finish.get("message", "engine error"), failed[0].finish["status_code"])
+        outs = [self._response(s, lp) for s, lp in zip(done_seqs, with_lp)]
+        return outs[0] if adm.single and len(outs) == 1 else outs
 
+    def _sequences(self, prompts, adm, rids, pins):
+        """One Seq per sample of every prompt, submitted to the scheduler (a sample with max_new_tokens 0
+        is finished at once); returns them, their futures and their return_logprob flags."""
         loop = asyncio.get_running_loop()
-        per_item_sp = isinstance(body.get("sampling_params"), list)
-        futs, seqs, meta = [], [], []
-        for i, (p, (sp, n)) in enumerate(zip(prompts, parsed)):
+        futs, seqs, with_lp = [], [], []
+        for i, (p, (sp, n)) in enumerate(zip(prompts, adm.sampling)):
             for j in range(n):
                 fut = loop.create_future()
 
@@ -179,7 +189,7 @@ class Engine:
                     # sample j of an n > 1 request, or item i of a batch that shares one sampling_params
                     # object, gets its own seed (SGLang would give them all the same: identical samples;
                     # the rollout seeds only the CPU engine)
-                    k = j if per_item_sp else i * n + j
+                    k = j if adm.per_item_sampling else i * n + j
                     gen = torch.Generator().manual_seed((sp.seed * 1000003 + k) % (1 << 63))
                 # replay: the pins are per sample of the request, in order (a group's request is a batch of
                 # n copies of its prompt, or one prompt with n samples)
@@ -190,7 +200,7 @@ class Engine:
                           on_done=done, gen=gen, pin=pin)
                 futs.append(fut)
                 seqs.append(seq)
-                meta.append((i, bool(ret_lp[i])))
+                with_lp.append(bool(adm.return_logprob[i]))
         for s, fut in zip(seqs, futs):
             if s.sp.max_new_tokens == 0:
                 s.finish = {"type": "length", "length": 0}
@@ -198,17 +208,7 @@ class Engine:
                 fut.set_result(s)
             else:
                 self.sched.submit(s)
-        try:
-            done_seqs = await asyncio.gather(*futs)
-        except asyncio.CancelledError:  # client went away: abort its sequences
-            for s in seqs:
-                self.sched._commands.put(("abort", (s.rid, "client disconnected"), threading.Event(), {}))
-            raise
-        failed = [s for s in done_seqs if (s.finish or {}).get("status_code") not in (None, 200)]
-        if failed:  # an error inside the engine (not an abort): an HTTP error, as SGLang turns it into
-            raise EngineFailure(failed[0].finish["status_code"], failed[0].finish.get("message", "engine error"))
-        outs = [self._response(s, lp) for s, (_, lp) in zip(done_seqs, meta)]
-        return outs[0] if single and len(outs) == 1 else outs
+        return seqs, futs, with_lp
 
     def _response(self, s: Seq, with_lp: bool) -> dict:
         out = list(s.output)
@@ -243,52 +243,46 @@ class Engine:
         return {"text": text, "output_ids": out, "meta_info": meta}
 
     # ---- weights
-    def update_from_disk(self, body: dict) -> tuple[int, dict]:
-        path = body["model_path"]
+    def update_from_disk(self, body) -> dict:
+        """``/update_weights_from_disk`` (validate.UpdateWeightsFromDisk). Raises Refused."""
+        path = body.model_path
+
+        def refuse(message: str, n: int = 0):
+            return Refused(message, num_paused_requests=n)
         if not path:
-            return 400, {"success": False, "message": "model_path must not be empty", "num_paused_requests": 0}
+            raise refuse("model_path must not be empty")
         root = Path(self.args.weights_root or Path(self.args.model_path).resolve().parent).resolve()
         try:
             inside = Path(path).resolve().is_relative_to(root)
         except (OSError, ValueError):
             inside = False
         if not inside:
-            return 400, {"success": False, "message": f"model_path {path!r} is not below the engine's weights root "
-                         f"{str(root)!r} (--weights-root)", "num_paused_requests": 0}
-        lf = body.get("load_format")
-        if lf not in (None, "auto", "safetensors", "pt"):
-            return 400, {"success": False, "message": f"load_format={lf!r} is not supported by the CPU engine",
-                         "num_paused_requests": 0}
+            raise refuse(f"model_path {path!r} is not below the engine's weights root {str(root)!r} (--weights-root)")
+        if body.load_format not in (None, "auto", "safetensors", "pt"):
+            raise refuse(f"load_format={body.load_format!r} is not supported by the CPU engine")
         with self.update_lock:
             if self.take_update_failure():
-                return 400, {"success": False, "message": "injected weight-update failure (test hook)",
-                             "num_paused_requests": 0}
+                raise refuse("injected weight-update failure (test hook)")
             try:
                 sd = self._read_same_arch(path)
                 model = load_model(path, self.args.dtype) if sd is None else None
-            except Exception as e:  # noqa: BLE001
-                return 400, {"success": False, "message": f"failed to load weights from {path!r}: {e}",
-                             "num_paused_requests": 0}
-            version = None if body.get("weight_version") is None else str(body["weight_version"])
-            abort_all = bool(body.get("abort_all_requests", False))
-            flush = bool(body.get("flush_cache", True))
+            except Exception as e:  # noqa: BLE001 - any failure to read the directory is the caller's answer
+                raise refuse(f"failed to load weights from {path!r}: {e}") from None
+            args = (body.weight_version, body.abort_all_requests, body.flush_cache)
             if sd is not None:  # same architecture: copied into the served model in place, between steps
-                n, why = self.sched.command("load", list(sd.items()), version, abort_all, flush)
+                n, why = self.sched.command("load", list(sd.items()), *args)
             else:
                 old_shapes = {k: tuple(v.shape) for k, v in self.sched.model.state_dict().items()}
                 new_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
                 if type(model) is not type(self.sched.model) or old_shapes != new_shapes:
                     diff = sorted(set(old_shapes.items()) ^ set(new_shapes.items()))[:3]
-                    return 400, {"success": False, "message": f"{path!r} does not match the served model's "
-                                 f"architecture ({type(model).__name__} vs {type(self.sched.model).__name__}; "
-                                 f"differing params: {diff})", "num_paused_requests": 0}
-                n, why = self.sched.command("swap", model, version, abort_all, flush)
+                    raise refuse(f"{path!r} does not match the served model's architecture ({type(model).__name__} "
+                                 f"vs {type(self.sched.model).__name__}; differing params: {diff})")
+                n, why = self.sched.command("swap", model, *args)
             self.model_path = path
         if why is not None:
-            return 400, {"success": False, "message": f"weights loaded, but the cache flush failed: {why}",
-                         "num_paused_requests": n}
-        return 200, {"success": True, "message": "Succeeded to update model weights.", "num_paused_requests": n}
-
+            raise refuse(f"weights loaded, but the cache flush failed: {why}", n)
+        return {"success": True, "message": "Succeeded to update model weights.", "num_paused_requests": n}
 
     def _read_same_arch(self, path: str) -> dict | None:
         """Fast path: same architecture (config.json) and safetensors files -> the new tensors, checked
@@ -323,79 +317,81 @@ class Engine:
         return sd
 
     # ---- distributed weight update (the NCCL path of SGLang; gloo on CPU)
-    def init_group(self, body: dict) -> tuple[int, dict]:
+    def init_group(self, body) -> dict:
+        """``/init_weights_update_group`` (validate.InitWeightsUpdateGroup). Raises Refused."""
         from megatron_a3po.platform.stores import init_update_group
 
-        backend = body.get("backend", "nccl")
-        if backend != "gloo":
-            return 400, {"success": False, "message": f"backend={backend!r}: the CPU engine joins weight-update "
-                         "groups with backend='gloo' only"}
-        name = str(body["group_name"])
+        if body.backend != "gloo":
+            raise Refused(f"backend={body.backend!r}: the CPU engine joins weight-update groups with "
+                          "backend='gloo' only")
+        name = body.group_name
         if name in self.groups:
-            return 400, {"success": False, "message": f"group {name!r} already exists"}
+            raise Refused(f"group {name!r} already exists")
         try:
-            self.groups[name] = init_update_group(body["master_address"], int(body["master_port"]),
-                                                  int(body["rank_offset"]), int(body["world_size"]), name, backend)
-        except Exception as e:  # noqa: BLE001
-            return 400, {"success": False, "message": f"failed to join group {name!r}: {e}"}
-        return 200, {"success": True, "message": "Succeeded to initialize custom process group."}
+            self.groups[name] = init_update_group(body.master_address, body.master_port, body.rank_offset,
+                                                  body.world_size, name, body.backend)
+        except Exception as e:  # noqa: BLE001 - any failure to join is the caller's answer
+            raise Refused(f"failed to join group {name!r}: {e}") from None
+        return {"success": True, "message": "Succeeded to initialize custom process group."}
 
     # ---- weight-update session (SGLang 0.5.23: the distributed and tensor updates need one)
-    def begin_update(self, body: dict) -> tuple[int, dict]:
+    def begin_update(self, body) -> dict:
         with self.session_lock:
             if self.session_open:
-                return 400, {"success": False, "message": "a weight-update session is already open"}
+                raise Refused("a weight-update session is already open")
             self.session_open = True
-        return 200, {"success": True, "message": "weight-update session opened"}
+        return {"success": True, "message": "weight-update session opened"}
 
-    def end_update(self, body: dict) -> tuple[int, dict]:
+    def end_update(self, body) -> dict:
         with self.session_lock:
             if not self.session_open:
-                return 400, {"success": False, "message": "no weight-update session is open"}
+                raise Refused("no weight-update session is open")
             self.session_open = False
-        return 200, {"success": True, "message": "weight-update session closed"}
+        return {"success": True, "message": "weight-update session closed"}
 
-    def _no_session(self, what: str) -> tuple[int, dict] | None:
-        if self.session_open:
-            return None
-        return 400, {"success": False, "message": f"{what} must run between begin_weight_update() and "
-                     "end_weight_update()"}
+    def _need_session(self, what: str) -> None:
+        if not self.session_open:
+            raise Refused(f"{what} must run between begin_weight_update() and end_weight_update()")
 
-    def update_from_distributed(self, body: dict) -> tuple[int, dict]:
+    def update_from_tensor(self, body) -> dict:
+        """Refused (inside a session, with 400 as any failure): the CPU engine has no tensor transport."""
+        self._need_session("update_weights_from_tensor")
+        raise Refused("update_weights_from_tensor is not supported by the CPU engine (use update_weights_from_disk "
+                      "or update_weights_from_distributed)")
 
-        refused = self._no_session("update_weights_from_distributed")
-        if refused is not None:  # before the broadcast: this server never joins it
-            return refused
-        name = body["group_name"]
+    def update_from_distributed(self, body) -> dict:
+        """``/update_weights_from_distributed`` (validate.UpdateWeightsFromDistributed). Raises Refused."""
+        self._need_session("update_weights_from_distributed")  # before the broadcast: never joins it
+        name = body.group_name
         if name not in self.groups:
-            return 400, {"success": False, "message": f"group {name!r} not initialised (call /init_weights_update_group)"}
-        names, dtypes, shapes = body["names"], body["dtypes"], body["shapes"]
-        if body.get("load_format") not in (None, "auto"):
-            return 400, {"success": False, "message": f"load_format={body['load_format']!r} is not supported"}
+            raise Refused(f"group {name!r} not initialised (call /init_weights_update_group)")
+        if body.load_format not in (None, "auto"):
+            raise Refused(f"load_format={body.load_format!r} is not supported")
         with self.update_lock:
-            recv = []
+            recv, failed = [], None
             pg = self.groups.get(name)
             try:
-                for n, dt, shp in zip(names, dtypes, shapes):  # receive every tensor before any check can bail out
+                for n, dt, shp in zip(body.names, body.dtypes, body.shapes):  # every tensor before any check
                     t = torch.empty(shp, dtype=getattr(torch, dt))
                     self._receive(t, pg, name)
                     recv.append((n, t))
             except Exception as e:  # noqa: BLE001 - the group broke (a peer died, the trainer gave it up)
-                return 500, {"success": False, "message": f"update_weights_from_distributed: the broadcast on "
-                             f"group {name!r} failed after {len(recv)} of {len(names)} tensors: {e}"}
+                failed = f"the broadcast on group {name!r} failed after {len(recv)} of {len(body.names)} tensors: {e}"
+            # raised here, not in the except block: the error reaching the event loop carries no traceback
+            # of the receive (a destroyed group is kept alive anyway: ``retired_groups``)
+            pg = None
+            if failed is not None:
+                raise Refused(f"update_weights_from_distributed: {failed}", 500)
             params = dict(self.sched.model.named_parameters())
             bad = [n for n, t in recv if n not in params or tuple(params[n].shape) != tuple(t.shape)]
             if bad:
-                return 400, {"success": False, "message": f"unknown parameter or wrong shape: {bad[:3]}"}
-            v = body.get("weight_version")
-            n_ab, why = self.sched.command("load", recv, None if v is None else str(v),
-                                           bool(body.get("abort_all_requests", False)),
-                                           bool(body.get("flush_cache", True)))
+                raise Refused(f"unknown parameter or wrong shape: {bad[:3]}")
+            n_ab, why = self.sched.command("load", recv, body.weight_version, body.abort_all_requests,
+                                           body.flush_cache)
         if why is not None:
-            return 400, {"success": False, "message": f"weights loaded, but the cache flush failed: {why}",
-                         "num_paused_requests": n_ab}
-        return 200, {"success": True, "message": f"Succeeded to update {len(recv)} parameters.",
-                     "num_paused_requests": n_ab}
+            raise Refused(f"weights loaded, but the cache flush failed: {why}", num_paused_requests=n_ab)
+        return {"success": True, "message": f"Succeeded to update {len(recv)} parameters.",
+                "num_paused_requests": n_ab}
 
     def _receive(self, t: torch.Tensor, pg, name: str):
         """One tensor of the trainer's broadcast. A receive whose sender gave the group up (its push failed:
@@ -413,247 +409,40 @@ class Engine:
             pause = min(2 * pause, 0.02)
         work.wait()
 
-    def destroy_group(self, body: dict) -> tuple[int, dict]:
+    def destroy_group(self, body) -> dict:
         import torch.distributed as dist
 
-        name = body["group_name"]
-        pg = self.groups.pop(name, None)
+        pg = self.groups.pop(body.group_name, None)
         if pg is None:
-            return 400, {"success": False, "message": f"group {name!r} does not exist"}
+            raise Refused(f"group {body.group_name!r} does not exist")
         dist.destroy_process_group(pg)  # returns at once; a receive still pending on it gives up (_receive)
-        return 200, {"success": True, "message": "Succeeded to destroy custom process group."}
+        self.retired_groups.append(pg)
+        return {"success": True, "message": "Succeeded to destroy custom process group."}
 
 
-def build_app(engine: Engine):
-
+def build_app(engine: Engine) -> FastAPI:
+    """The engine's app: the routers of engine/routes.py over ``engine`` (the test hooks' only with
+    ``--enable-test-hooks``), the API keys, and one handler that answers every ``ApiError``."""
     app = FastAPI(title="megatron-a3po CPU engine")
+    app.state.engine = engine
     app.add_middleware(KeyMiddleware, api_key=engine.args.api_key, admin_key=engine.args.admin_api_key)
-
-    async def body_of(request: Request) -> dict:
-        """The JSON object a route was sent ({} for an empty body); a big body is parsed off the loop."""
-        import json
-
-        raw = await request.body()
-        try:
-            body = {} if not raw else json.loads(raw) if len(raw) < (1 << 20) else await asyncio.to_thread(
-                json.loads, raw)
-        except (ValueError, RecursionError) as e:  # bad JSON, bad UTF-8, absurd nesting
-            raise BadRequest(f"request body is not valid JSON: {str(e)[:200]}") from None
-        # a control route's body is checked against its model (validate.CONTROL_MODELS) before any handler
-        # sees it; the handlers read the checked dict (defaults filled in)
-        return control_body(request.url.path, body_object(body, request.url.path))
-
-    def post(path: str, **kw):
-        """A POST route whose (raw-parsed) JSON body is described in the OpenAPI document by its model."""
-        return app.post(path, openapi_extra=openapi_body(control_schema(path)), **kw)
-
-    @app.exception_handler(InvalidBody)
-    async def _invalid(request, exc: InvalidBody):  # SGLang 0.5.23's answer to a body that fails validation
-        return JSONResponse({"object": "error", "message": str(exc), "type": "Bad Request", "param": None,
-                             "code": 400}, status_code=400)
-
-    @app.exception_handler(BadRequest)
-    async def _bad(request, exc: BadRequest):
-        return JSONResponse({"error": {"message": str(exc), "code": 400}}, status_code=400)
-
-    @app.exception_handler(EngineFailure)
-    async def _failed(request, exc: EngineFailure):
-        return JSONResponse({"error": {"message": str(exc), "code": exc.status}}, status_code=exc.status)
-
-    @app.exception_handler(Exception)
-    async def _internal(request, exc: Exception):
-        log.exception("%s failed", request.url.path)
-        return JSONResponse({"error": {"message": f"internal error in {request.url.path}: {type(exc).__name__}: "
-                                                  f"{str(exc)[:300]}", "code": 500}}, status_code=500)
-
-    def unavailable():
-        return JSONResponse({"error": {"message": "service unavailable (injected fault)", "code": 503}},
-                            status_code=503)
-
-    @app.post("/generate", openapi_extra=openapi_body(GENERATE_SCHEMA, required=True))
-    async def generate(request: Request):
-        if engine.fault_active("e503"):
-            return unavailable()
-        return JSONResponse(await engine.generate(await body_of(request)))
-
-    @app.get("/health")
-    @app.get("/health_generate")
-    async def health():
-        """As SGLang's: a one-token generation, so it waits out a pause and answers 503 after
-        ``--health-check-timeout`` seconds."""
-        if engine.fault_active("e503"):
-            return unavailable()
-        rid = f"HEALTH_CHECK_{uuid.uuid4().hex[:12]}"
-        try:
-            await asyncio.wait_for(engine.generate({"input_ids": [1], "rid": rid, "sampling_params": {
-                "max_new_tokens": 1, "ignore_eos": True}}), engine.args.health_check_timeout)
-        except asyncio.TimeoutError:
-            await asyncio.to_thread(engine.sched.command, "abort", rid)
-            engine.unhealthy = True  # as SGLang: /ready answers 503 until a health check passes again
-            return JSONResponse({"error": {"message": f"health check generation did not finish within "
-                                           f"{engine.args.health_check_timeout:g}s", "code": 503}}, status_code=503)
-        engine.unhealthy = False
-        return PlainTextResponse("")
-
-    @app.get("/ready")
-    async def ready():
-        if engine.sched.paused:
-            return JSONResponse({"error": {"message": "generation is paused", "code": 503}}, status_code=503)
-        if engine.unhealthy:
-            return JSONResponse({"error": {"message": "the last health check failed", "code": 503}}, status_code=503)
-        return PlainTextResponse("")
-
-    def model_info():
-        return {"model_path": engine.model_path, "tokenizer_path": engine.args.tokenizer_path or engine.args.model_path,
-                "is_generation": True, "preferred_sampling_params": None,
-                "weight_version": engine.sched.weight_version, "load_format": "auto"}
-
-    @app.get("/model_info")
-    @app.get("/get_model_info")
-    async def _model_info():
-        return model_info()
-
-    @app.get("/server_info")
-    @app.get("/get_server_info")
-    async def server_info():
-        a = vars(engine.args).copy()
-        return {**a, "version": "megatron-a3po-cpu-engine", "weight_version": engine.sched.weight_version,
-                "internal_states": [{"paused": engine.sched.paused, "step": engine.sched.step_count,
-                                     "tokens_generated": engine.sched.tokens_generated,
-                                     "num_running": len(engine.sched.running),
-                                     "num_waiting": len(engine.sched.waiting)}]}
-
-    @app.get("/v1/loads")
-    async def loads():
-        """SGLang's load report (the fields a client or test reads; one data-parallel rank)."""
-        return {"version": "megatron-a3po-cpu-engine", "loads": [{
-            "dp_rank": 0, "num_running_reqs": len(engine.sched.running), "num_waiting_reqs": len(engine.sched.waiting),
-            "max_running_requests": engine.sched.max_running,
-            "queues": {"waiting": len(engine.sched.waiting), "paused": len(engine.sched.running) if engine.sched.paused
-                       else 0}}]}
-
-    @app.api_route("/slow_down", methods=["GET", "POST"],
-                   openapi_extra=openapi_body(control_schema("/slow_down")))
-    async def slow_down(request: Request):
-        """As SGLang's (for tests): every forward step sleeps ``forward_sleep_time`` seconds (null: no sleep)."""
-        body = await body_of(request)
-        engine.sched.step_delay_s = float(body["forward_sleep_time"] or 0.0)
-        return PlainTextResponse("")
-
-    @app.api_route("/flush_cache", methods=["GET", "POST"])
-    async def flush_cache():
-        try:
-            await asyncio.to_thread(engine.sched.command, "flush")
-        except EngineError as e:
-            return PlainTextResponse(f"Cache not flushed: {e}\n", status_code=400)
-        return PlainTextResponse("Cache flushed.\nPlease check backend logs for more details. "
-                                 "(When there are running or waiting requests, the operation will not be performed.)\n")
-
-    @post("/pause_generation")
-    async def pause(request: Request):
-        body = await body_of(request)
-        await asyncio.to_thread(engine.sched.command, "pause", body["mode"])
-        return {"message": "Generation paused successfully.", "status": "ok"}
-
-    @post("/continue_generation")
-    async def cont(request: Request):
-        await body_of(request)
-        await asyncio.to_thread(engine.sched.command, "continue")
-        return {"message": "Generation continued successfully.", "status": "ok"}
-
-    @post("/abort_request")
-    async def abort(request: Request):
-        body = await body_of(request)
-        if body.get("abort_all"):
-            await asyncio.to_thread(engine.sched.command, "abort", None)
-        elif body.get("rid"):
-            await asyncio.to_thread(engine.sched.command, "abort", str(body["rid"]))
-        else:
-            raise BadRequest("abort_request needs rid or abort_all=true")
-        return PlainTextResponse("")
-
-    @post("/update_weight_version")
-    async def update_version(request: Request):
-        body = await body_of(request)
-        v = body["new_version"]
-        await asyncio.to_thread(engine.sched.command, "set_version", v, body["abort_all_requests"])
-        return {"success": True, "message": f"Weight version updated to {v}", "new_version": str(v)}
-
-    @app.get("/get_weight_version")
-    @app.get("/weight_version")
-    async def weight_version():
-        return {"weight_version": engine.sched.weight_version}
-
-    # the weight-update control routes: each hands its JSON body to one Engine method, which answers
-    # (status, body); the slow ones (a load from disk, a collective) run off the event loop
-    def engine_route(path: str, method, *, off_loop: bool):
-        async def route(request: Request):
-            body = await body_of(request)
-            code, out = await asyncio.to_thread(method, body) if off_loop else method(body)
-            return JSONResponse(out, status_code=code)
-
-        post(path, name=path.strip("/"))(route)
-
-    for path, method, off_loop in (("/update_weights_from_disk", engine.update_from_disk, True),
-                                   ("/init_weights_update_group", engine.init_group, True),
-                                   ("/update_weights_from_distributed", engine.update_from_distributed, True),
-                                   ("/destroy_weights_update_group", engine.destroy_group, True),
-                                   ("/begin_weight_update", engine.begin_update, False),
-                                   ("/end_weight_update", engine.end_update, False)):
-        engine_route(path, method, off_loop=off_loop)
-
-    @post("/update_weights_from_tensor")
-    async def _from_tensor(request: Request):
-        await body_of(request)  # checked against its model like every control route's body
-        refused = engine._no_session("update_weights_from_tensor")
-        if refused is not None:
-            return JSONResponse(refused[1], status_code=refused[0])
-        return JSONResponse({"success": False, "message": "update_weights_from_tensor is not supported by the CPU "
-                             "engine (use update_weights_from_disk or update_weights_from_distributed)"},
-                            status_code=400)
-
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(Exception, _internal)
+    app.include_router(routes.serving)
+    app.include_router(routes.control)
     if engine.args.enable_test_hooks:
-        @app.post("/debug/fault")
-        async def fault(request: Request):
-            """TEST HOOK. {"mode": "503"|"hang"|"fail_update"|"slow"|"none", "duration_s": s, "count": k,
-            "step_delay_s": s}"""
-            body = await body_of(request)
-            mode = body.get("mode")
-            now = time.time()
-            if mode == "503":
-                engine.fault["e503"] = now + float(body.get("duration_s", 5))
-            elif mode == "hang":
-                engine.fault["hang"] = now + float(body.get("duration_s", 5))
-            elif mode == "fail_update":
-                engine.fault["fail_update"] = int(body.get("count", 1))
-            elif mode == "slow":
-                delay = body.get("step_delay_s", 0.02)
-                if not isinstance(delay, (int, float)) or not 0 <= delay <= 10:
-                    raise BadRequest(f"step_delay_s {delay!r}: expected seconds in [0, 10]")
-                engine.sched.step_delay_s = float(delay)
-            elif mode == "none":
-                engine.fault.clear()
-                engine.sched.step_delay_s = 0.0
-            else:
-                raise BadRequest(f"fault mode {mode!r}: expected 503, hang, fail_update, slow or none")
-            return {"status": "ok", "fault": engine.fault}
-
-        @app.get("/debug/version_log")
-        async def version_log():
-            """TEST HOOK: which weight version produced each output token of recent requests."""
-            with engine.sched._log_lock:
-                return {"records": list(engine.sched.recent_log)}
-
-    @app.get("/debug/weights_digest")
-    async def weights_digest():
-        """Not in SGLang: sha256 digest of the served parameters under their HF names (order-free), so a
-        trainer can check that every engine holds exactly the weights it exported."""
-        from megatron_a3po.convert.digest import state_digest
-
-        model = engine.sched.model
-        return {"digest": state_digest(model.named_parameters()), "weight_version": engine.sched.weight_version}
-
+        app.include_router(routes.debug)
     return app
+
+
+async def _api_error(request: Request, exc: ApiError):
+    return JSONResponse(exc.body, status_code=exc.status)
+
+
+async def _internal(request: Request, exc: Exception):
+    log.exception("%s failed", request.url.path)
+    return JSONResponse({"error": {"message": f"internal error in {request.url.path}: {type(exc).__name__}: "
+                                              f"{str(exc)[:300]}", "code": 500}}, status_code=500)
 
 
 def parse_args(argv=None):

@@ -1,30 +1,72 @@
-"""Input checks of the CPU engine's HTTP API: every field's type and range, before admission.
+"""Input checks of the CPU engine's HTTP API: every body is parsed into its pydantic model before any
+handler acts on it, so nothing reaches the scheduler (or the tokenizer) unchecked.
 
-A bad request is a ``BadRequest`` (HTTP 400, ``{"error": {"message": ...}}``) whose message names the
-field; nothing reaches the scheduler (or the tokenizer) unchecked. Limits a client cannot exceed are
-``Limits`` (engine flags ``--max-n``, ``--max-batch-prompts``, ``--max-prompt-chars``, the context length).
-The control routes' bodies are pydantic models (``CONTROL_MODELS``, one per route: strict types, no
-NaN/inf); the same models give their schemas in the engine's OpenAPI document (``/openapi.json``), which
-the fuzz test drives. A control body that fails its model is answered as SGLang answers one (HTTP 400,
-``{"object": "error", "message", "type": "Bad Request", "param": null, "code": 400}``) and nothing is stored.
-The handlers parse the raw body themselves, so a malformed body is a 400 like SGLang's, not FastAPI's 422.
-The /generate checks are still hand-written here (``check_generate``), with the JSON schema beside them that
-describes its body in the OpenAPI document.
+* One model per route (``ROUTE_MODELS``): ``GenerateRequest`` (with ``SamplingParams``) for /generate, and
+  one per control route. Strict types ("no" is not a boolean, 7 is not a string, 2.0 is not an integer),
+  no NaN/inf. A body that fails its model is an ``InvalidBody``, answered as SGLang 0.5.23 answers a
+  request that fails its request model: HTTP 400 ``{"object": "error", "message", "type": "Bad Request",
+  "param": null, "code": 400}``, the message naming every bad field. SGLang validates in pydantic's lax
+  mode and then (for /generate) against its strict JSON contract; this engine is at least as strict.
+* The engine's OpenAPI document (``/openapi.json``) takes each route's body schema from the same model
+  (``body_schema``), so the fuzz test (tests/engine_fuzz.py) drives the real validator.
+* What depends on the loaded model or the server's flags is checked after the parse, here and only
+  here: ``admit`` (prompt counts, context length, vocabulary, ``n``; flags ``--max-n``,
+  ``--max-batch-prompts``, ``--max-prompt-chars``, ``--context-length``) and ``check_tokenized``. Such a
+  refusal is a ``BadRequest``: HTTP 400 ``{"error": {"message"}}``, as SGLang answers a ValueError raised
+  while it admits a request (its context-length check, for one).
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from typing import Annotated, Literal
+from dataclasses import dataclass, replace
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError,
+                      model_validator)
 
 from megatron_a3po.engine.scheduler import Sampling
 
 
-class BadRequest(ValueError):
-    pass
+class ApiError(Exception):
+    """Any answer but a success: HTTP ``status`` with the JSON ``body``. Raised anywhere below a route and
+    answered by the app's one exception handler (engine/server.py)."""
+
+    def __init__(self, status: int, body: dict, message: str | None = None):
+        super().__init__(message if message is not None else body.get("message", ""))
+        self.status, self.body = int(status), body
+
+
+class ErrorReply(ApiError):
+    """``{"error": {"message", "code"}}``: SGLang's answer to a ValueError raised while it admits a request,
+    and to a request that fails inside the engine (an HTTP 5xx)."""
+
+    def __init__(self, message: str, status: int = 400):
+        status = int(status) if 400 <= int(status) <= 599 else 500
+        super().__init__(status, {"error": {"message": message, "code": status}}, message)
+
+
+class BadRequest(ErrorReply):
+    """A request beyond a limit of the server or the loaded model (HTTP 400)."""
+
+    def __init__(self, message: str):
+        super().__init__(message, 400)
+
+
+class InvalidBody(ApiError):
+    """A body that failed its route's model: answered as SGLang 0.5.23 answers a request that fails its
+    request model."""
+
+    def __init__(self, message: str):
+        super().__init__(400, {"object": "error", "message": message, "type": "Bad Request", "param": None,
+                               "code": 400}, message)
+
+
+class Refused(ApiError):
+    """A weight or session route that did not do what it was asked: ``{"success": false, "message", ...}``,
+    as SGLang's weight routes answer."""
+
+    def __init__(self, message: str, status: int = 400, **extra):
+        super().__init__(status, {"success": False, "message": message, **extra}, message)
 
 
 @dataclass
@@ -35,249 +77,222 @@ class Limits:
     max_prompt_chars: int | None = None  # text prompts, checked before tokenising
 
 
-# SGLang 0.5.23 SamplingParams keys (any other key -> HTTP 400, as SGLang does).
-SAMPLING_KEYS = {
-    "max_new_tokens", "stop", "stop_token_ids", "stop_regex", "temperature", "top_p", "top_k", "min_p",
-    "frequency_penalty", "presence_penalty", "repetition_penalty", "min_new_tokens", "n", "json_schema",
-    "regex", "ebnf", "structural_tag", "ignore_eos", "skip_special_tokens", "spaces_between_special_tokens",
-    "no_stop_trim", "stream_interval", "logit_bias", "sampling_seed", "custom_params", "beam_width",
-    "watermark", "choice",
-}
-# known keys this engine does not implement: accepted only at their neutral value
-_NEUTRAL = {
-    "stop_regex": (None, [], ""), "frequency_penalty": (0, 0.0, None), "presence_penalty": (0, 0.0, None),
-    "repetition_penalty": (1, 1.0, None), "json_schema": (None,), "regex": (None,), "ebnf": (None,),
-    "structural_tag": (None,), "logit_bias": (None, {}), "custom_params": (None,), "beam_width": (None,),
-    "watermark": (None,), "choice": (None, []), "stream_interval": (None,),
-    "spaces_between_special_tokens": (None, True),
-}
-_SEED_MOD = 1 << 63
+# ------------------------------------------------------------------------------- types
+class _Body(BaseModel):
+    """A route's body: unknown keys are ignored, as SGLang 0.5.23 does (its request structs ignore extra
+    keys; sglang-router adds several to /generate: background, log_metrics, model, ...)."""
+
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+_ONE, _MANY = "one", "many"  # union tags: left out of the field names in error messages
 
 
-def _int(v, name, lo=None, hi=None):
-    if not _is_int(v):
-        raise BadRequest(f"{name} must be an integer, got {v!r:.80}")
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
-        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-        raise BadRequest(f"{name} must be {rng}, got {v}")
-    return v
+def _one_or_many(one, many, is_many=lambda v: isinstance(v, list)):
+    """``one`` or a list form ``many`` (a batch): a tagged union, so an error names the form that applies."""
+    return Annotated[Annotated[one, Tag(_ONE)] | Annotated[many, Tag(_MANY)],
+                     Discriminator(lambda v: _MANY if is_many(v) else _ONE)]
 
 
-def _num(v, name):
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise BadRequest(f"{name} must be a number, got {v!r:.80}")
-    if not math.isfinite(v):
-        raise BadRequest(f"{name} must be a finite number, got {v}")
-    return float(v)
+NonNegInt = Annotated[int, Field(ge=0)]
+TokenIds = Annotated[list[NonNegInt], Field(min_length=1)]
+Texts = _one_or_many(str, Annotated[list[str], Field(min_length=1)])
+Strs = _one_or_many(str, list[str])
+InputIds = _one_or_many(TokenIds, Annotated[list[TokenIds], Field(min_length=1)],
+                        lambda v: isinstance(v, list) and bool(v) and isinstance(v[0], list))
 
 
-def _strs(v, name) -> list[str]:
-    vals = [v] if isinstance(v, str) else v
-    if not isinstance(vals, list) or not all(isinstance(x, str) for x in vals):
-        raise BadRequest(f"{name} must be a string or a list of strings, got {v!r:.80}")
-    return list(vals)
+def _only(*neutral):
+    """A SGLang sampling key this engine does not implement: accepted at a neutral value only (the type is
+    checked first, so ``False`` is never taken for 0)."""
+    def check(v):
+        if not any(v == n for n in neutral):
+            raise ValueError(f"{v!r:.80} is not supported by the CPU engine (only {' or '.join(map(repr, neutral))})")
+        return v
+    return AfterValidator(check)
 
 
-def _neutral_ok(v, ok) -> bool:
-    try:
-        return v in ok
-    except TypeError:  # unhashable / incomparable: not a neutral value
-        return False
+def _top_k(k: int) -> int:
+    if k == 0:
+        raise ValueError("top_k must be -1 (no limit) or >= 1")
+    return k
 
 
-def parse_sampling(d, limits: Limits | None = None, where: str = "sampling_params") -> tuple[Sampling, int]:
-    """Validate a sampling_params object; returns (Sampling, n). Raises BadRequest naming the key."""
-    limits = limits or Limits()
-    if d is None:
-        d = {}
-    if not isinstance(d, dict):
-        raise BadRequest(f"{where} must be an object, got {d!r:.80}")
-    unknown = sorted(set(d) - SAMPLING_KEYS)
-    if unknown:
-        raise BadRequest(f"unknown field `{unknown[0]}` in {where} (SGLang rejects unknown keys)")
-    for k, ok in _NEUTRAL.items():
-        if k in d and not _neutral_ok(d[k], ok):
-            raise BadRequest(f"{where}.{k}={d[k]!r:.80} is not supported by the CPU engine")
-    sp = Sampling()
-    f = lambda k: f"{where}.{k}"  # noqa: E731
-    if d.get("max_new_tokens") is not None:
-        sp.max_new_tokens = _int(d["max_new_tokens"], f("max_new_tokens"), 0)
-    if d.get("temperature") is not None:
-        sp.temperature = _num(d["temperature"], f("temperature"))
-        if sp.temperature < 0:
-            raise BadRequest(f"{f('temperature')} must be >= 0, got {sp.temperature}")
-    if d.get("top_p") is not None:
-        sp.top_p = _num(d["top_p"], f("top_p"))
-        if not 0 < sp.top_p <= 1:
-            raise BadRequest(f"{f('top_p')} must be in (0, 1], got {sp.top_p}")
-    if d.get("top_k") is not None:
-        sp.top_k = _int(d["top_k"], f("top_k"), -1)
-        if sp.top_k == 0:
-            raise BadRequest(f"{f('top_k')} must be -1 or >= 1, got 0")
-    if d.get("min_p") is not None:
-        sp.min_p = _num(d["min_p"], f("min_p"))
-        if not 0 <= sp.min_p <= 1:
-            raise BadRequest(f"{f('min_p')} must be in [0, 1], got {sp.min_p}")
-    if d.get("min_new_tokens") is not None:
-        sp.min_new_tokens = _int(d["min_new_tokens"], f("min_new_tokens"), 0)
-    if d.get("stop") is not None:
-        sp.stop = _strs(d["stop"], f("stop"))
-    if d.get("stop_token_ids") is not None:
-        ids = d["stop_token_ids"]
-        if not isinstance(ids, list):
-            raise BadRequest(f"{f('stop_token_ids')} must be a list of integers, got {ids!r:.80}")
-        sp.stop_token_ids = [_int(x, f("stop_token_ids"), 0) for x in ids]
-    for k in ("ignore_eos", "skip_special_tokens", "no_stop_trim"):
-        if d.get(k) is not None:
-            if not isinstance(d[k], bool):
-                raise BadRequest(f"{f(k)} must be a boolean, got {d[k]!r:.80}")
-            setattr(sp, k, d[k])
-    if d.get("sampling_seed") is not None:
-        sp.seed = _int(d["sampling_seed"], f("sampling_seed")) % _SEED_MOD
-    n = d.get("n", 1)
-    n = 1 if n is None else _int(n, f("n"), 1, limits.max_n)
-    return sp, n
+class SamplingParams(BaseModel):
+    """SGLang 0.5.23's sampling_params (any other key is a 400, as SGLang answers)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+    max_new_tokens: NonNegInt | None = None
+    min_new_tokens: NonNegInt | None = None
+    n: Annotated[int, Field(ge=1)] | None = None  # at most --max-n: admit()
+    temperature: Annotated[float, Field(ge=0)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    top_k: Annotated[int, Field(ge=-1), AfterValidator(_top_k)] | None = None
+    min_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    stop: Strs | None = None
+    stop_token_ids: list[NonNegInt] | None = None
+    ignore_eos: bool | None = None
+    skip_special_tokens: bool | None = None
+    no_stop_trim: bool | None = None
+    sampling_seed: int | None = None  # taken modulo 2**63
+    # known to SGLang, not implemented here: neutral values only
+    frequency_penalty: Annotated[float, _only(0)] | None = None
+    presence_penalty: Annotated[float, _only(0)] | None = None
+    repetition_penalty: Annotated[float, _only(1)] | None = None
+    spaces_between_special_tokens: Annotated[bool, _only(True)] | None = None
+    stop_regex: Annotated[Strs, _only("", [])] | None = None
+    logit_bias: Annotated[dict[str, float], _only({})] | None = None
+    choice: Annotated[list[str], _only([])] | None = None
+    json_schema: None = None
+    regex: None = None
+    ebnf: None = None
+    structural_tag: None = None
+    custom_params: None = None
+    beam_width: None = None
+    watermark: None = None
+    stream_interval: None = None
+
+    def sampling(self) -> tuple[Sampling, int]:
+        """The scheduler's ``Sampling`` (defaults for what is unset) and ``n``."""
+        sp = Sampling()
+        for k in ("max_new_tokens", "min_new_tokens", "temperature", "top_p", "top_k", "min_p", "ignore_eos",
+                  "skip_special_tokens", "no_stop_trim", "stop_token_ids"):
+            if getattr(self, k) is not None:
+                setattr(sp, k, getattr(self, k))
+        if self.stop is not None:
+            sp.stop = [self.stop] if isinstance(self.stop, str) else list(self.stop)
+        if self.sampling_seed is not None:
+            sp.seed = self.sampling_seed % (1 << 63)
+        return sp, 1 if self.n is None else self.n
 
 
-def _token_lists(ids, vocab: int, limits: Limits) -> tuple[list[list[int]], bool]:
-    if not isinstance(ids, list) or not ids:
-        raise BadRequest("input_ids must be a non-empty list of ints or a list of such lists")
-    single = not isinstance(ids[0], list)
-    prompts = [ids] if single else ids
-    if len(prompts) > limits.max_batch_prompts:
-        raise BadRequest(f"input_ids holds {len(prompts)} prompts; at most {limits.max_batch_prompts} per request "
+class ReplaySample(BaseModel):
+    """engine/replay.py: one sample's weight versions, as (version, token count) spans, and its own cut."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+    versions: list[Annotated[tuple[str | int, NonNegInt], Field(strict=False)]] = []  # a JSON array is a pair
+    max_new_tokens: NonNegInt | None = None
+
+
+class Replay(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    samples: list[ReplaySample]
+
+
+class GenerateRequest(_Body):
+    """The body of /generate: the keys of SGLang 0.5.23's GenerateReqInput this engine serves, and
+    ``replay`` (engine/replay.py; not SGLang's)."""
+
+    input_ids: InputIds | None = None
+    text: Texts | None = None
+    sampling_params: _one_or_many(SamplingParams, list[SamplingParams]) | None = None
+    rid: Strs | None = None  # a list holds no null (as SGLang's contract)
+    return_logprob: _one_or_many(bool, list[bool]) | None = None
+    logprob_start_len: _one_or_many(int, list[int]) | None = None
+    top_logprobs_num: _one_or_many(int, list[int]) | None = None
+    stream: bool | None = None
+    replay: Replay | None = None
+
+    @property
+    def single(self) -> bool:
+        """One prompt (not a batch): the answer is one object."""
+        return isinstance(self.text, str) if self.input_ids is None else not isinstance(self.input_ids[0], list)
+
+    @property
+    def prompts(self) -> list:
+        """The prompts: token lists, or texts (``input_ids`` is None)."""
+        p = self.text if self.input_ids is None else self.input_ids
+        return [p] if self.single else list(p)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.stream:
+            raise ValueError("stream=true is not supported by the CPU engine")
+        if (self.input_ids is None) == (self.text is None):
+            raise ValueError("give exactly one of input_ids or text")
+        B = len(self.prompts)
+        for k in ("sampling_params", "rid", "return_logprob"):
+            v = getattr(self, k)
+            if isinstance(v, list) and len(v) != B:
+                raise ValueError(f"{k} has {len(v)} entries for {B} prompts")
+        return self
+
+
+# ------------------------------------------------------------------------------- runtime limits
+@dataclass
+class Admitted:
+    """A parsed /generate request within the server's limits: per prompt its tokens (or text, before
+    tokenising), Sampling and n, rid and return_logprob flag."""
+
+    prompts: list
+    is_text: bool
+    single: bool
+    sampling: list[tuple[Sampling, int]]
+    rids: list[str] | list[None]
+    return_logprob: list[bool]
+    per_item_sampling: bool  # sampling_params was a list (one object per prompt)
+
+
+def admit(req: GenerateRequest, vocab: int, limits: Limits) -> Admitted:
+    """The checks of a parsed /generate body that depend on the loaded model or the server's flags.
+    Raises BadRequest naming the field and the limit."""
+    prompts, single, is_text = req.prompts, req.single, req.input_ids is None
+    B = len(prompts)
+    src = "text" if is_text else "input_ids"
+    if B > limits.max_batch_prompts:
+        raise BadRequest(f"{src} holds {B} prompts; at most {limits.max_batch_prompts} per request "
                          "(--max-batch-prompts)")
     for i, p in enumerate(prompts):
-        name = "input_ids" if single else f"input_ids[{i}]"
-        if not isinstance(p, list) or not p:
-            raise BadRequest(f"{name} must be a non-empty list of ints")
-        if limits.max_context is not None and len(p) >= limits.max_context:
-            raise BadRequest(f"{name} has {len(p)} tokens; the context length is {limits.max_context}")
-        if not all(_is_int(t) for t in p):
-            raise BadRequest(f"{name} must be a list of ints")
-        bad = [t for t in p if t < 0 or t >= vocab]
+        name = src if single else f"{src}[{i}]"
+        if is_text:
+            if limits.max_prompt_chars is not None and len(p) > limits.max_prompt_chars:
+                raise BadRequest(f"{name} has {len(p)} characters; at most {limits.max_prompt_chars} "
+                                 "(--max-prompt-chars; the context length in tokens bounds it)")
+            continue
+        _check_context(p, name, limits)
+        bad = [t for t in p if t >= vocab]
         if bad:
             raise BadRequest(f"{name} has token id {bad[0]} outside the vocabulary [0, {vocab})")
-    return prompts, single
-
-
-def check_texts(text, limits: Limits) -> tuple[list[str], bool]:
-    """Type and raw length of ``text`` (before any tokenising)."""
-    single = isinstance(text, str)
-    texts = [text] if single else text
-    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
-        raise BadRequest(f"text must be a string or a non-empty list of strings, got {text!r:.80}")
-    if len(texts) > limits.max_batch_prompts:
-        raise BadRequest(f"text holds {len(texts)} prompts; at most {limits.max_batch_prompts} per request "
-                         "(--max-batch-prompts)")
-    if limits.max_prompt_chars is not None:
-        for i, t in enumerate(texts):
-            if len(t) > limits.max_prompt_chars:
-                name = "text" if single else f"text[{i}]"
-                raise BadRequest(f"{name} has {len(t)} characters; at most {limits.max_prompt_chars} "
-                                 "(--max-prompt-chars; the context length in tokens bounds it)")
-    return texts, single
-
-
-def check_generate(body, vocab: int, limits: Limits):
-    """Everything of a /generate body except tokenising ``text``. Returns (input: token lists or texts,
-    is_text, single, parsed sampling params per prompt, rids, return_logprob flags)."""
-    if not isinstance(body, dict):
-        raise BadRequest("request body must be a JSON object")
-    if body.get("stream") not in (None, False):
-        if not isinstance(body["stream"], bool):
-            raise BadRequest(f"stream must be a boolean, got {body['stream']!r:.80}")
-        raise BadRequest("stream=true is not supported by the CPU engine")
-    ids, text = body.get("input_ids"), body.get("text")
-    if ids is None and text is None:
-        raise BadRequest("one of input_ids or text is required")
-    if ids is not None and text is not None:
-        raise BadRequest("give either input_ids or text, not both")
-    if ids is not None:
-        prompts, single = _token_lists(ids, vocab, limits)
-    else:
-        prompts, single = check_texts(text, limits)
-    B = len(prompts)
-    sps = body.get("sampling_params")
+    sps = req.sampling_params
     if isinstance(sps, list):
-        if len(sps) != B:
-            raise BadRequest(f"sampling_params has {len(sps)} entries for {B} prompts")
-        parsed = [parse_sampling(s, limits, f"sampling_params[{i}]") for i, s in enumerate(sps)]
+        parsed = [(sp or SamplingParams()).sampling() for sp in sps]
     else:
-        parsed = [parse_sampling(sps, limits) for _ in range(B)]
+        parsed = [(sps or SamplingParams()).sampling()] * B
+    for i, (_, n) in enumerate(parsed):
+        if n > limits.max_n:
+            where = "sampling_params" if not isinstance(sps, list) else f"sampling_params[{i}]"
+            raise BadRequest(f"{where}.n={n}: at most {limits.max_n} (--max-n)")
     total = sum(n for _, n in parsed)
     if total > limits.max_batch_prompts * limits.max_n:
         raise BadRequest(f"the request asks for {total} sequences; at most {limits.max_batch_prompts * limits.max_n}")
-    rid = body.get("rid")
+    rid = req.rid
     if rid is None:
         rids = [None] * B
     elif isinstance(rid, str):  # a batch with one rid: SGLang names its samples <rid>_<i>
         rids = [rid] if single else [f"{rid}_{i}" for i in range(B)]
-    elif isinstance(rid, list) and all(isinstance(r, str) or r is None for r in rid):
-        rids = rid
     else:
-        raise BadRequest(f"rid must be a string or a list of strings, got {rid!r:.80}")
-    if rids is None or len(rids) != B:
-        raise BadRequest(f"rid has {1 if isinstance(rid, str) else len(rid)} entries for {B} prompts")
-    lp = body.get("return_logprob")
-    if lp is None or isinstance(lp, bool):
-        ret_lp = [bool(lp)] * B
-    elif isinstance(lp, list) and len(lp) == B and all(isinstance(x, bool) for x in lp):
-        ret_lp = lp
-    else:
-        raise BadRequest(f"return_logprob must be a boolean or a list of {B} booleans, got {lp!r:.80}")
-    for k in ("logprob_start_len", "top_logprobs_num"):
-        v = body.get(k)
-        if v is not None and not (_is_int(v) or (isinstance(v, list) and all(_is_int(x) for x in v))):
-            raise BadRequest(f"{k} must be an integer, got {v!r:.80}")
-    return prompts, ids is None, single, parsed, rids, ret_lp
+        rids = list(rid)
+    lp = req.return_logprob
+    ret_lp = list(lp) if isinstance(lp, list) else [bool(lp)] * B
+    return Admitted(prompts, is_text, single, [(replace(sp), n) for sp, n in parsed], rids, ret_lp,
+                    isinstance(sps, list))
 
 
-def body_object(body, route: str) -> dict:
-    if body is None:
-        return {}
-    if not isinstance(body, dict):
-        raise BadRequest(f"{route}: the request body must be a JSON object, got {type(body).__name__}")
-    return body
+def _check_context(tokens: list[int], name: str, limits: Limits) -> None:
+    if limits.max_context is not None and len(tokens) >= limits.max_context:
+        raise BadRequest(f"{name} has {len(tokens)} tokens; the context length is {limits.max_context}")
 
 
-# ------------------------------------------------------------------------------- OpenAPI documents
-_INT, _NUM, _BOOL, _STR = {"type": "integer"}, {"type": "number"}, {"type": "boolean"}, {"type": "string"}
-_STRS = {"anyOf": [_STR, {"type": "array", "items": _STR}]}
-SAMPLING_SCHEMA = {
-    "type": "object", "additionalProperties": False,
-    "properties": {
-        "max_new_tokens": _INT, "temperature": _NUM, "top_p": _NUM, "top_k": _INT, "min_p": _NUM,
-        "min_new_tokens": _INT, "n": _INT, "stop": _STRS, "stop_token_ids": {"type": "array", "items": _INT},
-        "ignore_eos": _BOOL, "skip_special_tokens": _BOOL, "no_stop_trim": _BOOL, "sampling_seed": _INT,
-    },
-}
-_IDS = {"type": "array", "items": _INT}
-GENERATE_SCHEMA = {
-    "type": "object",
-    "properties": {
-        "input_ids": {"anyOf": [_IDS, {"type": "array", "items": _IDS}]},
-        "text": _STRS,
-        "sampling_params": {"anyOf": [SAMPLING_SCHEMA, {"type": "array", "items": SAMPLING_SCHEMA}]},
-        "return_logprob": {"anyOf": [_BOOL, {"type": "array", "items": _BOOL}]},
-        "rid": _STRS, "logprob_start_len": _INT, "top_logprobs_num": _INT, "stream": _BOOL,
-    },
-}
+def check_tokenized(prompts: list[list[int]], single: bool, limits: Limits) -> None:
+    """Text prompts after tokenising: none empty, each within the context length."""
+    for i, p in enumerate(prompts):
+        name = "text" if single else f"text[{i}]"
+        if not p:
+            raise BadRequest(f"{name} is empty after tokenising")
+        _check_context(p, name, limits)
 
 
 # ------------------------------------------------------------------------------- control routes
-# One pydantic model per control route: the route's body is validated with it before anything is stored
-# (strict types: "no" is not a boolean, 7 is not a string; no NaN/inf), and its OpenAPI schema is the
-# model's. Unknown keys are ignored, as SGLang 0.5.23 does (its request structs ignore extra keys; they
-# validate in pydantic's lax mode, so this engine is the stricter of the two).
-class _Body(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
-
-
 class PauseGeneration(_Body):
     mode: Literal["abort", "retract", "in_place"] = "abort"
 
@@ -363,7 +378,8 @@ class SlowDown(_Body):
     forward_sleep_time: float | None = Field(None, ge=0, le=10)
 
 
-CONTROL_MODELS: dict[str, type[_Body]] = {
+ROUTE_MODELS: dict[str, type[BaseModel]] = {
+    "/generate": GenerateRequest,
     "/pause_generation": PauseGeneration, "/continue_generation": ContinueGeneration,
     "/abort_request": AbortRequest, "/update_weight_version": UpdateWeightVersion,
     "/update_weights_from_disk": UpdateWeightsFromDisk, "/init_weights_update_group": InitWeightsUpdateGroup,
@@ -373,32 +389,33 @@ CONTROL_MODELS: dict[str, type[_Body]] = {
 }
 
 
-class InvalidBody(BadRequest):
-    """A control route's body failed its model: answered as SGLang answers a request that fails its
-    validation (HTTP 400, ``{"object": "error", "message", "type": "Bad Request", "param": null,
-    "code": 400}``), the message naming each field."""
-
-
-def control_body(route: str, body: dict) -> dict:
-    """``body`` checked against ``route``'s model (``CONTROL_MODELS``), with its defaults filled in; a
-    route without a model gets ``body`` as it is. Raises ``InvalidBody`` naming every bad field."""
-    model = CONTROL_MODELS.get(route)
-    if model is None:
-        return body
+def parse_body(route: str, body: Any) -> BaseModel:
+    """``body`` (parsed JSON; None for an empty body) checked against ``route``'s model (``ROUTE_MODELS``).
+    Raises ``InvalidBody`` naming every bad field."""
+    model = ROUTE_MODELS[route]
     try:
-        return model.model_validate(body).model_dump()
+        return model.model_validate({} if body is None else body)
     except ValidationError as e:
-        parts = [f"{'.'.join(str(x) for x in err['loc']) or 'body'}: {err['msg']} (got {err['input']!r:.60})"
-                 for err in e.errors()]
-        raise InvalidBody(f"{route}: " + "; ".join(parts)) from None
+        raise InvalidBody(f"{route}: " + "; ".join(_describe(err) for err in e.errors())) from None
 
 
-def control_schema(route: str) -> dict:
-    """The OpenAPI schema of ``route``'s body: its model's JSON schema (any object for a route without one)."""
-    model = CONTROL_MODELS.get(route)
-    return model.model_json_schema() if model is not None else {"type": "object"}
+def _describe(err: dict) -> str:
+    loc = ".".join(str(x) for x in err["loc"] if x not in (_ONE, _MANY)) or "body"
+    got = "" if err["type"] == "missing" or isinstance(err["input"], dict) else f" (got {err['input']!r:.60})"
+    return f"{loc}: {err['msg']}{got}"
 
 
-def openapi_body(schema: dict, required: bool = False) -> dict:
-    """``openapi_extra`` for a route that parses its raw JSON body itself."""
-    return {"requestBody": {"required": required, "content": {"application/json": {"schema": schema}}}}
+def body_schema(route: str) -> dict:
+    """The JSON schema of ``route``'s body: its model's, with nested models inlined (the OpenAPI
+    document has no place for the model's own ``$defs``) and without ``default: null`` (which the
+    document leaves out)."""
+    schema = ROUTE_MODELS[route].model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(x):
+        if isinstance(x, dict):
+            if "$ref" in x:
+                return inline(defs[x["$ref"].rsplit("/", 1)[-1]])
+            return {k: inline(v) for k, v in x.items() if not (k == "default" and v is None)}
+        return [inline(v) for v in x] if isinstance(x, list) else x
+    return inline(schema)

@@ -304,13 +304,13 @@ class RolloutSide:
             shutil.rmtree(self._weight_dirs.pop(0), ignore_errors=True)
 
     def engine_digests(self) -> dict[str, str]:
-        """Each engine's digest of the weights it serves (CPU engines' /debug/weights_digest)."""
+        """Each engine's digest of the weights it serves (CPU engines' /weights_digest)."""
         import httpx
 
         from megatron_a3po.platform.keys import auth_headers
 
         urls = list(self.rc.engine_urls) or [e.url for e in self.engines]
-        return {u: httpx.get(u + "/debug/weights_digest", timeout=60, headers=auth_headers(self.api_key)).json()["digest"]
+        return {u: httpx.get(u + "/weights_digest", timeout=60, headers=auth_headers(self.api_key)).json()["digest"]
                 for u in urls}
 
     def warm_start_samples(self, n: int, *, seed: int) -> list[tuple[list[int], list[int]]]:
