@@ -83,3 +83,37 @@ def test_the_check_catches_an_upward_import(tmp_path):
     assert len(got) == 2, got
     assert "engine/y.py:1" in got[0] and "imports megatron_a3po.rollout " in got[0]
     assert "ops/x.py:2" in got[1] and "imports megatron_a3po.trainer " in got[1]
+
+
+MAX_BODY_LINES = 80  # a function longer than this does more than one thing (issue 28)
+
+
+def long_functions(root: Path = ROOT) -> list[str]:
+    """Functions of the library, launch/ and tools/ whose body (docstring not counted) is over the limit."""
+    out = []
+    for top in ("megatron_a3po", "launch", "tools"):
+        for path in sorted((root / top).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    continue
+                body = node.body
+                if isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) and len(body) > 1:
+                    body = body[1:]
+                n = body[-1].end_lineno - body[0].lineno + 1
+                if n > MAX_BODY_LINES:
+                    out.append(f"{path.relative_to(root)}:{node.lineno} {node.name}: {n} lines")
+    return out
+
+
+def test_no_function_body_over_80_lines():
+    assert long_functions() == []
+
+
+def test_the_length_check_counts_the_body_not_the_docstring(tmp_path):
+    (tmp_path / "megatron_a3po").mkdir()
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_BODY_LINES))
+    doc = '    """' + "\n" * 30 + '    """\n'
+    (tmp_path / "megatron_a3po" / "m.py").write_text(f"def ok():\n{doc}{body}\n\n\ndef long():\n{body}\n    y = 1\n")
+    (tmp_path / "launch").mkdir()
+    (tmp_path / "tools").mkdir()
+    assert long_functions(tmp_path) == [f"megatron_a3po/m.py:{MAX_BODY_LINES + 35} long: {MAX_BODY_LINES + 1} lines"]

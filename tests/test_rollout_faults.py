@@ -401,29 +401,27 @@ def test_trainer_behind_the_real_router_kill_restart_stop_then_lose_all_engines(
     assert all(r["stats"]["staleness/max"] <= 2 for r in recs)
 
 
-def test_real_sglang_servers_behind_the_real_router_kill_restart_stop(sglang_models, tmp_path):
+def test_real_sglang_servers_behind_the_real_router_kill_restart_stop(sglang_server, tmp_path):
     """Two real SGLang 0.5.23 servers behind sglang-router 0.3.2 (disk sync, hang timeout 3 s): SIGKILL one
     mid-run (generation goes on; it leaves the router), restart it on its port (it serves again only once
     synced: its version and its greedy log-probs equal HF's forward on the served weights), SIGSTOP the
     other past the hang timeout (dropped; updates go on with the healthy one, which is never marked
     unavailable), SIGCONT it (synced before it serves). No group lost or delivered twice, the staleness
-    bound held on every delivered token."""
+    bound held on every delivered token. The stopped one is the session's server (put back afterwards):
+    one server start fewer."""
     import signal
 
     pytest.importorskip("sglang_router")
     from megatron_a3po.rollout.router import router_workers, start_router
-    from real_sglang import hf_model_with, served_vs_hf, start_sglang
+    from real_sglang import hf_model_with, reset, served_vs_hf, start_sglang
 
     HANG = 3.0
     logs = tmp_path / "logs"
-    dirs = sglang_models
-    a, b = (start_sglang(dirs[0], log_dir=logs, wait=False) for _ in range(2))
+    b, dirs = sglang_server
+    reset(b.url, dirs[0])  # version 0, dirs[0]'s weights: as the server started beside it
+    a = start_sglang(dirs[0], log_dir=logs)
     restarted = rp = None
     try:
-        from megatron_a3po.engine.launch import wait_healthy
-
-        for e in (a, b):
-            wait_healthy(e.url, 300, e.proc, e.log_path)
         rp = start_router([a.url, b.url], log_path=logs / "router.log")
         prompts = toy_prompts(300)
         cfg = ControllerConfig(n_samples=2, max_inflight_groups=6, batch_groups=GROUPS, max_staleness=2,
@@ -477,9 +475,11 @@ def test_real_sglang_servers_behind_the_real_router_kill_restart_stop(sglang_mod
     finally:
         if rp is not None:
             rp.stop()
-        for e in (a, b, restarted):
+        for e in (a, restarted):
             if e is not None:
                 e.stop()
+        b.signal(signal.SIGCONT)
+        reset(b.url, dirs[0])
     assert m["rollout/servers_dropped"] >= 1 and m["rollout/servers_hung"] >= 1 and m["rollout/servers_rejoined"] >= 2
     after_restart = [x for u, x in events if u == a.url]
     after_restart = after_restart[after_restart.index("rejoined (synced to the current weights)") + 1:]

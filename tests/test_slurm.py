@@ -151,15 +151,28 @@ def _both_logs(env, job_id: str) -> str:
 
 @pytest.mark.slow
 def test_het_job_cancel_resume_and_full_run(slurm, work):
-    """Submit (detached), scancel mid-run, resubmit into the same run dir and wait for it to finish."""
+    """Submit (detached), scancel mid-run, resubmit into the same run dir and wait for it to finish.
+
+    The cluster file's recipe sections reach the trainer as the launcher validated them (issue 24): a
+    list of strings, one of them numeric (``rollout.engine_args``, passed verbatim to every engine), made
+    the trainer's recipe invalid once the launcher had re-encoded it as dotted overrides. Both jobs run
+    with such a file; the engines got the flags."""
+    import yaml
+
     env = slurm
     run_dir = work / "run"
     steps = 8
     common = [f"trainer.log_dir={run_dir}", f"trainer.steps={steps}", "trainer.warm_start_steps=0",
               "trainer.save_every=2", "trainer.resume=true"]
+    raw = yaml.safe_load((REPO / CLUSTER_FILE).read_text())
+    # a flag the CPU engine has (SGLang's own, e.g. --chunked-prefill-size 4096, it would refuse); the
+    # default value, so the run is the recipe's
+    raw["rollout"]["engine_args"] = ["--max-n", "64"]
+    cf = work / "cluster.yaml"
+    cf.write_text(yaml.safe_dump(raw))
 
     # 1. detached submission: the job id comes back at once
-    r = _launch(env, *common, detach=True, timeout=600)
+    r = _launch(env, *common, detach=True, timeout=600, cluster=cf)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     job1 = r.stdout.strip().splitlines()[-1]
     assert job1.isdigit() and job1 == _job_id(r.stdout)
@@ -179,7 +192,7 @@ def test_het_job_cancel_resume_and_full_run(slurm, work):
     assert 2 <= ckpt_step <= n_before < steps
 
     # 3. resubmission into the same run dir, waited for: exit 0, resumes after the checkpoint
-    r = _launch(env, *common)
+    r = _launch(env, *common, cluster=cf)
     out = r.stdout + r.stderr
     job2 = _job_id(r.stdout)
     assert r.returncode == 0, out[-5000:] + "\n" + _both_logs(env, job2)
@@ -205,6 +218,8 @@ def test_het_job_cancel_resume_and_full_run(slurm, work):
     assert ranks == {"0": "n1", "1": "n2"}, tlog[-3000:]
     engines = dict(re.findall(r"\[launch\.supervisor\] node \d \((n\d)\): engine (\d)", flog))
     assert sorted(engines.items()) == [("n3", "0"), ("n4", "1")], flog[-3000:]
+    cmds = re.findall(r"\[launch\.supervisor\] node \d \(n\d\): engine \d: (.*)", flog)
+    assert len(cmds) == 2 and all(cmd.endswith(" --max-n 64") for cmd in cmds), flog[-3000:]
     assert "sglang_router.launch_router" in flog
 
     # generation went through the router to both engines: each engine's request log has entries, and
@@ -235,31 +250,3 @@ def test_trainer_failure_fails_the_launch(slurm, work):
     job = _job_id(r.stdout)
     assert not _queued(env, job)
     assert _wait_gone(env, job, timeout=30) == []
-
-
-@pytest.mark.slow
-def test_cluster_file_sections_reach_the_trainer_typed(slurm, work):
-    """A cluster file's recipe sections reach the trainer as the launcher validated them (issue 24): a list
-    of strings, one of them numeric (``rollout.engine_args``, passed verbatim to every engine), made the
-    trainer's recipe invalid once the launcher had re-encoded it as dotted overrides. The job runs to its
-    end, and the engines got the flags."""
-    import yaml
-
-    env = slurm
-    raw = yaml.safe_load((REPO / CLUSTER_FILE).read_text())
-    # a flag the CPU engine has (SGLang's own, e.g. --chunked-prefill-size 4096, it would refuse); the
-    # default value, so the run is the recipe's
-    raw["rollout"]["engine_args"] = ["--max-n", "64"]
-    cf = work / "cluster.yaml"
-    cf.write_text(yaml.safe_dump(raw))
-    run_dir = work / "run"
-    r = _launch(env, f"trainer.log_dir={run_dir}", "trainer.steps=2", "trainer.warm_start_steps=0",
-                cluster=cf, timeout=900)
-    assert "[launch] submitted Slurm job" in r.stdout, (r.stdout + r.stderr)[-3000:]
-    job = _job_id(r.stdout)
-    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:] + "\n" + _both_logs(env, job)
-    assert [x["step"] for x in _steps(run_dir)] == [1, 2]
-    flog = _logs(_record(env, job), 1)
-    engines = re.findall(r"\[launch\.supervisor\] node \d \(n\d\): engine \d: (.*)", flog)
-    assert len(engines) == 2 and all(cmd.endswith(" --max-n 64") for cmd in engines), flog[-3000:]
-    assert _wait_gone(env, job, timeout=60) == []

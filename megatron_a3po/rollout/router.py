@@ -5,7 +5,7 @@
     ... POST {rp.url}/generate ...
     rp.stop()                        # SIGTERM (then SIGKILL) by pid
 
-The router's safe flags (the project's SGLang API notes, "Router"): it binds ``host`` (127.0.0.1 by
+The router's safe flags (../shared/spec/sglang_api.md, "Router"): it binds ``host`` (127.0.0.1 by
 default) and its prometheus exporter binds ``prometheus_host`` on its own port (without these flags it
 binds 0.0.0.0:29000, which two routers on one machine cannot share). The router's own ``/health``
 answers 200 even with no live worker: use ``/readiness`` and ``/workers``, never ``/health``.
