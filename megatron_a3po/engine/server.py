@@ -1,6 +1,6 @@
 """HTTP front end of the CPU engine: the subset of SGLang's native API an RL trainer uses.
 
-Request/response shapes and behaviour follow SGLang 0.5.23 (the project's SGLang API notes,
+Request/response shapes and behaviour follow SGLang 0.5.23 (../shared/spec/sglang_api.md,
 "Behaviour", and tests/test_engine_contract.py):
 unknown top-level /generate keys are ignored (unknown sampling_params keys are a 400); the distributed
 and tensor weight updates need a ``/begin_weight_update`` .. ``/end_weight_update`` session; a weight
