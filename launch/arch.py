@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_a3po.models import Arch, UnsupportedModel, arch_from_config_json, arch_from_hf, arch_of_model_cfg
+from megatron_a3po.errors import A3POError
 
 
 def _known(arch_name: str, heads, kv, layers, hidden, ffn, vocab, *, tie=False, bias=None, **kw) -> dict:
@@ -63,7 +64,7 @@ def num_params(arch: Arch) -> int:
     return arch.num_layers * per_layer + emb + h
 
 
-class ArchError(ValueError):
+class ArchError(A3POError, ValueError):
     pass
 
 

@@ -38,6 +38,7 @@ import uuid
 from pathlib import Path
 
 from megatron_a3po.platform.keys import API_KEY_ENV, new_key
+from megatron_a3po.errors import A3POError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAINER_MODULE = "megatron_a3po.trainer"
@@ -49,7 +50,7 @@ SLURM_RECIPE_ARG = f"../{RECIPE_FILE_NAME}"
 SLURM_RUNDIR = "/nemo_run"  # where nemo-run mounts the job directory inside the containers
 
 
-class LaunchError(ValueError):
+class LaunchError(A3POError, ValueError):
     pass
 
 
@@ -384,15 +385,12 @@ def write_recipe_into_job_dir(job, recipe, argv: list[str]) -> None:
 
 
 def main(argv=None) -> int:
-    from launch.layout import LayoutError
-    from megatron_a3po.config import RecipeError
-
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args, recipe, layout = prepare(argv)
-    except (RecipeError, LayoutError, LaunchError) as e:
+    except A3POError as e:  # RecipeError, LayoutError, LaunchError, ...
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
 
     import nemo_run as run
 

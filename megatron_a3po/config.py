@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from megatron_a3po.errors import A3POError
 
 # The YAML recipes ship beside the package (repository root / site-packages): recipes/*.yaml. They are data:
 # nothing here imports the recipes folder.
@@ -510,7 +511,7 @@ def timeouts(rollout: RolloutCfg) -> Timeouts:
     return Timeouts(rollout_wait_s=wait, pg_timeout_s=max(wait, FLEET_START_S) + PG_MARGIN_S)
 
 
-class RecipeError(ValueError):
+class RecipeError(A3POError, ValueError):
     pass
 
 

@@ -22,9 +22,10 @@ import pickle
 from pathlib import Path
 
 import torch
+from megatron_a3po.errors import A3POError
 
 
-class CheckpointError(ValueError):
+class CheckpointError(A3POError, ValueError):
     pass
 
 

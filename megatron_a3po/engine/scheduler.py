@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+from megatron_a3po.errors import RunFailure
 
 log = logging.getLogger("megatron_a3po.engine")
 
@@ -111,7 +112,7 @@ class Seq:
     pin: Any = None  # engine/replay.py Pin: the weight version of each output token (replay)
 
 
-class EngineError(RuntimeError):
+class EngineError(RunFailure, RuntimeError):
     pass
 
 

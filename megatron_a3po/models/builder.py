@@ -23,11 +23,12 @@ import torch.nn.functional as F
 
 from megatron_a3po.models.layout import check_layout
 from megatron_a3po.platform import device, is_cpu
+from megatron_a3po.errors import A3POError
 
 VOCAB_DIVISIBLE_BY = 128
 
 
-class UnsupportedModel(ValueError):
+class UnsupportedModel(A3POError, ValueError):
     pass
 
 

@@ -13,8 +13,10 @@ sequence per data-parallel rank.
 
 from __future__ import annotations
 
+from megatron_a3po.errors import A3POError
 
-class LayoutError(ValueError):
+
+class LayoutError(A3POError, ValueError):
     pass
 
 

@@ -12,6 +12,7 @@ import os
 import socket
 import traceback
 from typing import Any, Callable
+from megatron_a3po.errors import RunFailure
 
 
 def free_port() -> int:
@@ -74,7 +75,7 @@ def stop_processes(procs, timeout: float = 10.0) -> None:
             p.wait(timeout=30)
 
 
-class WorkerError(RuntimeError):
+class WorkerError(RunFailure, RuntimeError):
     pass
 
 

@@ -48,6 +48,7 @@ import sys
 import types
 from dataclasses import dataclass
 from pathlib import Path
+from megatron_a3po.errors import A3POError
 
 BACKEND = "a3po_sim_nccl"
 GLOO_BACKEND = "a3po_sim_gloo"
@@ -89,7 +90,7 @@ extern "C" int a3po_sim_get_device() { return a3po_sim::Guard::getDeviceIndex();
 """
 
 
-class SimUnavailable(RuntimeError):
+class SimUnavailable(A3POError, RuntimeError):
     pass
 
 

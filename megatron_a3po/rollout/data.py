@@ -23,11 +23,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, fields
 from pathlib import Path
+from megatron_a3po.errors import A3POError
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
-class DataError(ValueError):
+class DataError(A3POError, ValueError):
     pass
 
 

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import httpx
 
 from megatron_a3po.rollout.router import parse_workers
+from megatron_a3po.errors import RunFailure
 
 log = logging.getLogger("megatron_a3po.rollout.fleet")
 
@@ -46,7 +47,7 @@ UP, UNAVAILABLE, HUNG, DEAD, SYNCING = "up", "unavailable", "hung", "dead", "syn
 OUT = (HUNG, DEAD)  # out of the fleet: no generation, no control calls, off the router; back after a resync
 
 
-class FleetError(RuntimeError):
+class FleetError(RunFailure, RuntimeError):
     pass
 
 

@@ -27,6 +27,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from megatron_a3po.errors import A3POError
 
 SCHEMA = "a3po.schedule/1"
 HEADER_KEYS = ("sampling_seed", "n_samples", "max_new_tokens", "batch_prompts", "max_staleness")
@@ -35,7 +36,7 @@ __all__ = ["SCHEMA", "ScheduleError", "Schedule", "ScheduleRecorder", "SamplePla
            "compare_step_records", "TIMING_PREFIXES"]
 
 
-class ScheduleError(ValueError):
+class ScheduleError(A3POError, ValueError):
     pass
 
 

@@ -36,11 +36,12 @@ from collections import Counter
 
 from megatron_a3po.rollout.fleet import OUT, Comeback, Fleet, FleetError, NoServersError, Server
 from megatron_a3po.rollout.weights import Transport, check_transport
+from megatron_a3po.errors import RunFailure
 
 log = logging.getLogger("megatron_a3po.rollout.sync")
 
 
-class WeightUpdateError(RuntimeError):
+class WeightUpdateError(RunFailure, RuntimeError):
     pass
 
 

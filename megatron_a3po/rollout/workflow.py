@@ -28,11 +28,12 @@ from collections.abc import Awaitable, Callable
 from megatron_a3po.rollout.fleet import Fleet
 from megatron_a3po.rollout.rewards import RewardScorer
 from megatron_a3po.rollout.types import Sample, group_advantages
+from megatron_a3po.errors import RunFailure
 
 log = logging.getLogger("megatron_a3po.rollout.workflow")
 
 
-class RolloutError(RuntimeError):
+class RolloutError(RunFailure, RuntimeError):
     pass
 
 

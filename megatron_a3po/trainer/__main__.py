@@ -108,39 +108,23 @@ def main(argv=None) -> int:
                         stream=sys.stdout)
     for noisy in ("httpx", "httpcore", "megatron", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from megatron_a3po.config import RecipeError, load_recipe
+    from megatron_a3po.config import load_recipe
+    from megatron_a3po.errors import A3POError
+    from megatron_a3po.trainer.preflight import preflight
 
     try:
         recipe = load_recipe(args.recipe, args.overrides)
-    except RecipeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    from megatron_a3po.trainer.preflight import PreflightError, preflight
-
-    try:
         preflight(recipe)
-    except PreflightError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    from megatron_a3po.rollout import RolloutError, WeightUpdateError
-
-    try:
         return _train(recipe, args)
-    except (RolloutError, WeightUpdateError) as e:  # e.g. every engine gone: the message says what to do; no traceback wall
+    except A3POError as e:  # the message says what is wrong and what to do: no traceback wall
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return e.exit_code  # 2: a recipe, file or checkpoint to fix; 1: the run failed (every engine gone, ...)
 
 
 def _train(recipe, args) -> int:
-    from megatron_a3po.convert.distckpt import CheckpointError
-
     run_dir = args.run_dir or recipe.trainer.log_dir
     world = recipe.parallel.tp * recipe.parallel.pp * (recipe.parallel.dp or 1)
-    try:
-        check_resume(recipe, run_dir)
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    check_resume(recipe, run_dir)  # a CheckpointError: exit 2, naming the file
     if "WORLD_SIZE" in os.environ:  # torchrun / srun
         from megatron_a3po.trainer.loop import run
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from megatron_a3po.errors import A3POError
 
 
-class PreflightError(ValueError):
+class PreflightError(A3POError, ValueError):
     pass
 
 

@@ -18,9 +18,10 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from megatron_a3po.errors import A3POError
 
 
-class CliError(Exception):
+class CliError(A3POError):
     pass
 
 
@@ -234,13 +235,10 @@ def build_parser():
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from megatron_a3po.convert import CheckpointError
-    from megatron_a3po.models import UnsupportedModel
-
     try:
         (hf_to_mcore if args.cmd == "hf-to-mcore" else mcore_to_hf)(args)
-    except (CliError, CheckpointError, UnsupportedModel) as e:
+    except A3POError as e:  # CliError, CheckpointError, UnsupportedModel, ...
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     return 0
 

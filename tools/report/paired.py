@@ -32,6 +32,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from megatron_a3po.errors import A3POError
 from tools.report.report import ReportError, load_sweep, pyplot
 
 METRICS = ("final reward", "mean reward")
@@ -157,9 +158,9 @@ def main(argv=None) -> int:
     try:
         a, b = _sel(args.a), _sel(args.b)
         res = analyse(load_sweep(args.sweep), a, b)
-    except ReportError as e:
+    except A3POError as e:  # a ReportError, or any other error of ours on the way
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".paired-", dir=out.parent))

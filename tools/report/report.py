@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from megatron_a3po import metrics as M
+from megatron_a3po.errors import A3POError
 
 
 def _t(name: str) -> str:
@@ -95,7 +96,7 @@ HEADLINES = {
 }
 
 
-class ReportError(ValueError):
+class ReportError(A3POError, ValueError):
     pass
 
 
@@ -454,9 +455,9 @@ def main(argv=None) -> int:
         for d in args.sweep:
             runs += load_sweep(d)
         written = build_report(runs, args.out)
-    except ReportError as e:
+    except A3POError as e:  # a ReportError, or any other error of ours on the way
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     for w in written:
         print(w)
     return 0

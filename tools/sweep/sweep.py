@@ -75,6 +75,7 @@ from megatron_a3po import metrics as M
 from megatron_a3po.config import recipe_yaml
 from megatron_a3po.io import atomic_write_text, write_json_atomic
 from tools.report import COMPARISONS, HEADLINES, SUMMARY_FILE, SUMMARY_SCHEMA, RunData
+from megatron_a3po.errors import A3POError
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE_FILE = "recipe.yaml"  # the run's validated recipe in its directory: the trainer's --recipe
@@ -88,7 +89,7 @@ CONFIG_KEYS = {"mode": "trainer.mode", "eps_clip": "loss.eps_clip", "max_stalene
                "replay_schedule": "replay.schedule"}
 
 
-class SweepError(ValueError):
+class SweepError(A3POError, ValueError):
     pass
 
 
@@ -500,9 +501,9 @@ def main(argv=None) -> int:
             return 130
         if args.export:
             print(f"exported {export(runs, out, Path(args.export))} run summaries to {args.export}")
-    except SweepError as e:
+    except A3POError as e:  # a SweepError, or any other error of ours on the way
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     failed = [r for r in results if r["status"] == "failed"]
     for r in failed:
         print(f"FAILED {r['run']} (rc {r.get('rc')}): {r.get('error') or r.get('log_tail', '')[-600:]}",
