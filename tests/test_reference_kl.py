@@ -58,7 +58,11 @@ def _train_and_swap(d, placement):
     with actor.reference.swapped_in():
         actor.recompute_logprobs(mbs, attr="ref_logp")
     after = {n: t.clone() for b in actor.export_hf_weights(64 << 20) for n, t in b}
-    rows = [([share.positions[i] for i in mb.sample_index], mb.ref_logp, mb.cur_logp, mb.loss_mask) for mb in mbs]
+    # numpy: tensors would cross the result queue through shared memory that dies with the process
+    # (FileNotFoundError in the parent, seen once under load)
+    rows = [([share.positions[i] for i in mb.sample_index], *(t.detach().double().numpy().copy()
+                                                              for t in (mb.ref_logp, mb.cur_logp, mb.loss_mask)))
+            for mb in mbs]
     return dict(stats=stats, same=all(torch.equal(before[n], after[n]) for n in before), rows=rows,
                 nbytes=actor.reference.nbytes)
 
@@ -83,7 +87,8 @@ def _check_against_initial_model(d, out, placement):
     hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float64)
     samples = random_samples(2, 2, 3, lambda k: (3 + k % 2, 2 + k))
     moved = 0.0
-    for idx, ref, cur, mask in out["rows"]:
+    for idx, *arrays in out["rows"]:
+        ref, cur, mask = (torch.from_numpy(a) for a in arrays)
         for row, i in enumerate(idx):
             s = samples[i]
             seq = torch.tensor([s.prompt_ids + s.response_ids])
